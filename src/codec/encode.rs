@@ -1,0 +1,165 @@
+use std::borrow::Cow;
+
+use prost::Message as _;
+
+use super::proto;
+use crate::engine::ClosedSession;
+use crate::model::{turn_id, ClosedBy, Turn, TurnMessage};
+
+/// How turns are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputFormat {
+    Json,
+    Protobuf,
+}
+
+impl OutputFormat {
+    /// The `content-type` a broker record carries.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Json => "application/json",
+            OutputFormat::Protobuf => "application/x-protobuf",
+        }
+    }
+}
+
+/// The turn of a closed session, borrowing its texts.
+pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
+    let first = session.messages[0].message_id();
+    let text_len: usize = session.messages.iter().map(|m| m.text().len() + 1).sum();
+    let mut text = String::with_capacity(text_len);
+    for (i, m) in session.messages.iter().enumerate() {
+        if i > 0 {
+            text.push('\n');
+        }
+        text.push_str(m.text());
+    }
+    Turn {
+        turn_id: turn_id(&session.user_id, session.conversation_id.as_deref(), first),
+        user_id: Cow::Borrowed(&session.user_id),
+        conversation_id: session.conversation_id.as_deref().map(Cow::Borrowed),
+        start_time: session.start_time,
+        end_time: session.end_time,
+        closed_by: session.closed_by,
+        late: session.late,
+        message_count: session.messages.len() as u32,
+        text,
+        messages: session
+            .messages
+            .iter()
+            .map(|m| TurnMessage {
+                message_id: Cow::Borrowed(m.message_id()),
+                event_time: m.event_time,
+                text: Cow::Borrowed(m.text()),
+                attributes: m.attributes.as_deref().map(Cow::Borrowed),
+            })
+            .collect(),
+    }
+}
+
+/// Appends the session's turn, encoded, to `buf` (JSON without a trailing
+/// newline).
+pub fn encode_turn(session: &ClosedSession, format: OutputFormat, buf: &mut Vec<u8>) {
+    match format {
+        OutputFormat::Json => super::json_writer::write_turn(session, buf),
+        OutputFormat::Protobuf => to_proto(&turn_from_session(session))
+            .encode(buf)
+            .expect("a Vec grows as needed"),
+    }
+}
+
+fn to_proto(turn: &Turn<'_>) -> proto::Turn {
+    let closed_by = match turn.closed_by {
+        ClosedBy::Gap => proto::ClosedBy::Gap,
+        ClosedBy::EndOfTurn => proto::ClosedBy::EndOfTurn,
+        ClosedBy::MaxDuration => proto::ClosedBy::MaxDuration,
+        ClosedBy::MaxMessages => proto::ClosedBy::MaxMessages,
+        ClosedBy::MaxBytes => proto::ClosedBy::MaxBytes,
+    };
+    proto::Turn {
+        turn_id: turn.turn_id.clone(),
+        user_id: turn.user_id.to_string(),
+        conversation_id: turn.conversation_id.as_ref().map(|c| c.to_string()),
+        start_time: turn.start_time,
+        end_time: turn.end_time,
+        closed_by: closed_by as i32,
+        late: turn.late,
+        message_count: turn.message_count,
+        text: turn.text.clone(),
+        messages: turn
+            .messages
+            .iter()
+            .map(|m| proto::TurnMessage {
+                message_id: m.message_id.to_string(),
+                event_time: m.event_time,
+                text: m.text.to_string(),
+                attributes: m.attributes.as_deref().cloned().unwrap_or_default(),
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{LatePolicy, Resolution, SessionEngine, WindowConfig};
+    use crate::model::{ChatEvent, EventKind};
+
+    fn closed() -> ClosedSession {
+        let mut engine = SessionEngine::new(WindowConfig {
+            gap_ms: 3000,
+            max_out_of_orderness_ms: 0,
+            max_duration_ms: 60_000,
+            max_messages: 10,
+            max_bytes: 1000,
+            late: LatePolicy::NewTurn,
+        });
+        let mut out = Vec::new();
+        for (seq, (id, t, text)) in [("b", 2000, "world"), ("a", 1000, "hello")]
+            .into_iter()
+            .enumerate()
+        {
+            let event = ChatEvent {
+                message_id: id.into(),
+                user_id: "u1".into(),
+                conversation_id: Some("c1".into()),
+                kind: EventKind::Message,
+                text: text.into(),
+                event_time: t,
+                attributes: None,
+            };
+            engine.on_event(event, seq as u64, &mut out);
+        }
+        engine.flush(&mut out);
+        match out.pop() {
+            Some(Resolution::Turn(session)) => session,
+            other => panic!("expected a turn, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn json_turn_has_the_contract_fields_in_event_time_order() {
+        let session = closed();
+        let mut buf = Vec::new();
+        encode_turn(&session, OutputFormat::Json, &mut buf);
+        let turn: Turn<'static> = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(turn.turn_id, turn_id("u1", Some("c1"), "a"));
+        assert_eq!(turn.text, "hello\nworld");
+        assert_eq!(turn.message_count, 2);
+        assert_eq!((turn.start_time, turn.end_time), (1000, 2000));
+        assert_eq!(turn.closed_by, ClosedBy::Gap);
+        assert_eq!(turn.messages[0].message_id, "a");
+    }
+
+    #[test]
+    fn protobuf_turn_round_trips() {
+        let session = closed();
+        let mut buf = Vec::new();
+        encode_turn(&session, OutputFormat::Protobuf, &mut buf);
+        let turn = proto::Turn::decode(&buf[..]).unwrap();
+        assert_eq!(turn.text, "hello\nworld");
+        assert_eq!(turn.conversation_id.as_deref(), Some("c1"));
+        assert_eq!(turn.messages.len(), 2);
+        assert_eq!(turn.closed_by, proto::ClosedBy::Gap as i32);
+    }
+}

@@ -1,0 +1,856 @@
+//! The typed configuration tree: TOML, unknown keys rejected, every key
+//! overridable from the environment, defaults in one place (the `Default`
+//! impls below), and a check that names the key and the reason before
+//! anything is read.
+//!
+//! Environment overrides: `SESSIONIZER__` followed by the key path with `__`
+//! between the parts, case-insensitive: `SESSIONIZER__WINDOW__GAP=5s` sets
+//! `[window] gap`, `SESSIONIZER__SOURCE=file` sets `source`. A value from the
+//! environment is taken as a string; numbers, booleans and comma-separated
+//! lists parse from it. Under `[kafka.properties]` underscores become dots:
+//! `SESSIONIZER__KAFKA__PROPERTIES__SSL_CA_LOCATION` sets `ssl.ca.location`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::codec::{DecodeLimits, InputFormat, OutputFormat};
+use crate::engine::{LatePolicy, WindowConfig};
+
+/// The prefix of environment overrides.
+pub const ENV_PREFIX: &str = "SESSIONIZER__";
+
+/// A configuration problem: the key and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where chat events come from: `"file"` (JSON lines from a file or
+    /// stdin) or `"kafka"`.
+    pub source: SourceKind,
+    #[serde(default)]
+    pub window: WindowSection,
+    #[serde(default)]
+    pub input: InputSection,
+    #[serde(default)]
+    pub output: OutputSection,
+    /// Required when `source = "file"`.
+    #[serde(default)]
+    pub file: Option<FileSection>,
+    /// Required when `source = "kafka"`.
+    #[serde(default)]
+    pub kafka: Option<KafkaSection>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SourceKind {
+    File,
+    Kafka,
+}
+
+/// `[kafka]`: a consumer group between the chat-events topics, the turns topic
+/// and the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSection {
+    /// Bootstrap servers, `host:port[,host:port…]`.
+    pub brokers: String,
+    /// The consumer group every worker of this deployment joins.
+    pub group_id: String,
+    /// Chat-event topics (from the environment: comma-separated). Producers
+    /// must key records by user id.
+    #[serde(deserialize_with = "list")]
+    pub input_topics: Vec<String>,
+    /// Where turns go, keyed by session key.
+    pub output_topic: String,
+    /// Where dead letters go: original key, value and headers plus
+    /// `sessionizer.dlq.*` headers.
+    pub dlq_topic: String,
+    /// Producer acks for turns: `"0"`, `"1"` or `"all"` (idempotent producer).
+    /// With `"0"` a turn counts as durable once handed to the producer: less
+    /// latency, and turns can be lost if a broker fails.
+    #[serde(default)]
+    pub output_acks: Acks,
+    /// Producer acks for dead letters, as `output_acks`.
+    #[serde(default)]
+    pub dlq_acks: Acks,
+    /// One transaction per commit interval holds the turns, the dead letters
+    /// and the consumed offsets; `read_committed` readers never see a
+    /// duplicate turn. Needs acks `"all"` and brokers with transactions.
+    #[serde(default, deserialize_with = "boolean")]
+    pub exactly_once: bool,
+    /// With `exactly_once`: this worker's `transactional.id`, unique per
+    /// worker and stable across its restarts, so a restarted worker fences
+    /// its predecessor's open transaction at once. Default
+    /// `<group_id>-<hostname>`; set it when several workers share a host.
+    #[serde(default)]
+    pub transactional_id: Option<String>,
+    /// How often resolved offsets are committed (and, with `exactly_once`,
+    /// how long a transaction stays open).
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: Millis,
+    /// Passed to librdkafka verbatim, for consumer and producers alike: TLS
+    /// (`security.protocol`, `ssl.ca.location`, …), SASL, timeouts.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+fn default_commit_interval() -> Millis {
+    Millis(1_000)
+}
+
+/// Producer acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Acks {
+    /// Fire and forget.
+    Zero,
+    /// The partition leader has it.
+    One,
+    /// Every in-sync replica has it; turns on the idempotent producer.
+    #[default]
+    All,
+}
+
+impl Acks {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Acks::Zero => "0",
+            Acks::One => "1",
+            Acks::All => "all",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Acks {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(i64),
+            Str(String),
+        }
+        let raw = Raw::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("expected \"0\", \"1\" or \"all\""))?;
+        match raw {
+            Raw::Int(0) => Ok(Acks::Zero),
+            Raw::Int(1) => Ok(Acks::One),
+            Raw::Str(s) if s == "0" => Ok(Acks::Zero),
+            Raw::Str(s) if s == "1" => Ok(Acks::One),
+            Raw::Str(s) if s == "all" || s == "-1" => Ok(Acks::All),
+            Raw::Int(-1) => Ok(Acks::All),
+            Raw::Int(n) => Err(serde::de::Error::custom(format!(
+                "expected \"0\", \"1\" or \"all\", got {n}"
+            ))),
+            Raw::Str(s) => Err(serde::de::Error::custom(format!(
+                "expected \"0\", \"1\" or \"all\", got {s:?}"
+            ))),
+        }
+    }
+}
+
+impl Serialize for Acks {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+/// librdkafka properties sessionizer sets itself; setting them in
+/// `[kafka.properties]` would break its guarantees.
+const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("group.id", "kafka.group_id"),
+    (
+        "enable.auto.commit",
+        "offsets are committed after durable output",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are committed after durable output",
+    ),
+    ("acks", "kafka.output_acks / kafka.dlq_acks"),
+    (
+        "request.required.acks",
+        "kafka.output_acks / kafka.dlq_acks",
+    ),
+    ("enable.idempotence", "implied by acks \"all\""),
+    ("transactional.id", "kafka.exactly_once"),
+    ("isolation.level", "always read_committed"),
+    (
+        "partition.assignment.strategy",
+        "cooperative-sticky, so a rebalance only moves the partitions it must",
+    ),
+    ("enable.partition.eof", "drives the caught-up idle advance"),
+];
+
+/// `[window]`: the session rules, in event time.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WindowSection {
+    /// Inactivity that ends a session; events exactly `gap` apart still merge.
+    pub gap: Millis,
+    /// How much arrival disorder is expected: `W = max event time − this`.
+    pub max_out_of_orderness: Millis,
+    /// How long a caught-up partition must stay quiet before its watermark
+    /// follows the wall clock (brokers only; file mode uses event time only).
+    pub idle_timeout: Millis,
+    /// A session longer than this closes early (`closed_by = max_duration`).
+    pub max_duration: Millis,
+    /// A session never holds more messages than this.
+    #[serde(deserialize_with = "number")]
+    pub max_messages: u32,
+    /// A session's texts never add up to more bytes than this.
+    #[serde(deserialize_with = "number")]
+    pub max_bytes: u32,
+    /// What happens to a late message: `new-turn`, `dlq` or `drop`.
+    pub late: LateSetting,
+}
+
+impl Default for WindowSection {
+    fn default() -> Self {
+        WindowSection {
+            gap: Millis(3_000),
+            max_out_of_orderness: Millis(500),
+            idle_timeout: Millis(1_000),
+            max_duration: Millis(120_000),
+            max_messages: 200,
+            max_bytes: 65_536,
+            late: LateSetting::NewTurn,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LateSetting {
+    NewTurn,
+    Dlq,
+    Drop,
+}
+
+/// `[input]`: how records are decoded and what they may hold.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputSection {
+    /// `json`, `protobuf` or `auto` (JSON when the record starts with `{`).
+    pub format: InputFormatSetting,
+    /// A larger record is dead-lettered as `oversize` unparsed.
+    #[serde(deserialize_with = "number")]
+    pub max_record_bytes: usize,
+    /// A message text over this is dead-lettered as `oversize`.
+    #[serde(deserialize_with = "number")]
+    pub max_text_bytes: usize,
+    /// An event time further ahead of the worker's clock is `invalid`.
+    pub max_future_skew: Millis,
+}
+
+impl Default for InputSection {
+    fn default() -> Self {
+        InputSection {
+            format: InputFormatSetting::Auto,
+            max_record_bytes: 1 << 20,
+            max_text_bytes: 16 << 10,
+            max_future_skew: Millis(300_000),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputFormatSetting {
+    Json,
+    Protobuf,
+    Auto,
+}
+
+/// `[output]`: how turns are written.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// `json` (default) or `protobuf` (length-delimited in files).
+    pub format: OutputFormatSetting,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormatSetting {
+    #[default]
+    Json,
+    Protobuf,
+}
+
+/// `[file]`: file mode.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSection {
+    /// JSON lines to read; `-` is stdin.
+    #[serde(default = "dash")]
+    pub input: String,
+    /// Where turns go; `-` is stdout.
+    #[serde(default = "dash")]
+    pub output: String,
+    /// Where dead letters go (JSON lines); `-` is stderr. Required: dead
+    /// letters are never discarded silently.
+    pub dlq: String,
+}
+
+fn dash() -> String {
+    "-".to_owned()
+}
+
+impl Config {
+    /// Reads a TOML file, applies the environment overrides and checks the
+    /// result.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::from_toml(&text, std::env::vars())
+    }
+
+    /// Parses TOML text with the given environment (only `SESSIONIZER__…`
+    /// variables are looked at).
+    pub fn from_toml(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigError::new("(file)", e.to_string().trim_end().to_owned())
+        })?;
+        let mut from_env = BTreeMap::new();
+        for (name, value) in env {
+            let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let mut parts: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            // librdkafka property names are dotted, which an environment
+            // variable name cannot be: `…__KAFKA__PROPERTIES__SSL_CA_LOCATION`
+            // sets `ssl.ca.location`.
+            if parts.len() >= 3 && parts[0] == "kafka" && parts[1] == "properties" {
+                let property = parts[2..].join("_").replace('_', ".");
+                parts.truncate(2);
+                parts.push(property);
+            }
+            if parts.iter().any(String::is_empty) {
+                return Err(ConfigError::new(name, "malformed override name"));
+            }
+            set_path(&mut table, &parts, value)
+                .map_err(|reason| ConfigError::new(&name, reason))?;
+            from_env.insert(parts.join("."), name);
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                let key = e.path().to_string();
+                let origin = from_env
+                    .iter()
+                    .find(|(k, _)| key.starts_with(k.as_str()) || k.starts_with(&key))
+                    .map(|(_, name)| format!(" (set by {name})"))
+                    .unwrap_or_default();
+                ConfigError::new(key, format!("{}{origin}", e.inner()))
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The checks that span keys or bound values.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let w = &self.window;
+        if w.gap.0 <= 0 {
+            return Err(ConfigError::new("window.gap", "must be greater than 0"));
+        }
+        if w.max_duration.0 <= 0 {
+            return Err(ConfigError::new(
+                "window.max_duration",
+                "must be greater than 0",
+            ));
+        }
+        if w.max_messages == 0 {
+            return Err(ConfigError::new(
+                "window.max_messages",
+                "must be at least 1",
+            ));
+        }
+        if (w.max_bytes as usize) < self.input.max_text_bytes {
+            return Err(ConfigError::new(
+                "window.max_bytes",
+                format!(
+                    "must be at least input.max_text_bytes ({}), or a valid message could not fit in a turn",
+                    self.input.max_text_bytes
+                ),
+            ));
+        }
+        if self.input.max_record_bytes == 0 {
+            return Err(ConfigError::new(
+                "input.max_record_bytes",
+                "must be at least 1",
+            ));
+        }
+        if self.input.max_text_bytes == 0 {
+            return Err(ConfigError::new(
+                "input.max_text_bytes",
+                "must be at least 1",
+            ));
+        }
+        match self.source {
+            SourceKind::Kafka => {
+                let Some(k) = &self.kafka else {
+                    return Err(ConfigError::new(
+                        "kafka",
+                        "a [kafka] section is required when source = \"kafka\"",
+                    ));
+                };
+                k.validate()?;
+            }
+            SourceKind::File => {
+                let file = self.file_section()?;
+                for (key, value) in [
+                    ("file.input", &file.input),
+                    ("file.output", &file.output),
+                    ("file.dlq", &file.dlq),
+                ] {
+                    if value.is_empty() {
+                        return Err(ConfigError::new(key, "must be a path or \"-\""));
+                    }
+                }
+                if file.output != "-" && file.output == file.dlq {
+                    return Err(ConfigError::new("file.dlq", "must differ from file.output"));
+                }
+                if file.input != "-" && (file.input == file.output || file.input == file.dlq) {
+                    return Err(ConfigError::new(
+                        "file.input",
+                        "must differ from file.output and file.dlq",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The `[file]` section, required when `source = "file"`.
+    pub fn file_section(&self) -> Result<&FileSection, ConfigError> {
+        self.file.as_ref().ok_or_else(|| {
+            ConfigError::new(
+                "file",
+                "a [file] section is required when source = \"file\"",
+            )
+        })
+    }
+
+    pub fn window_config(&self) -> WindowConfig {
+        let w = &self.window;
+        WindowConfig {
+            gap_ms: w.gap.0,
+            max_out_of_orderness_ms: w.max_out_of_orderness.0,
+            max_duration_ms: w.max_duration.0,
+            max_messages: w.max_messages,
+            max_bytes: w.max_bytes,
+            late: match w.late {
+                LateSetting::NewTurn => LatePolicy::NewTurn,
+                LateSetting::Dlq => LatePolicy::Dlq,
+                LateSetting::Drop => LatePolicy::Drop,
+            },
+        }
+    }
+
+    pub fn decode_limits(&self) -> DecodeLimits {
+        DecodeLimits {
+            max_record_bytes: self.input.max_record_bytes,
+            max_text_bytes: self.input.max_text_bytes,
+            max_future_skew_ms: self.input.max_future_skew.0,
+        }
+    }
+
+    pub fn input_format(&self) -> InputFormat {
+        match self.input.format {
+            InputFormatSetting::Json => InputFormat::Json,
+            InputFormatSetting::Protobuf => InputFormat::Protobuf,
+            InputFormatSetting::Auto => InputFormat::Auto,
+        }
+    }
+
+    pub fn output_format(&self) -> OutputFormat {
+        match self.output.format {
+            OutputFormatSetting::Json => OutputFormat::Json,
+            OutputFormatSetting::Protobuf => OutputFormat::Protobuf,
+        }
+    }
+
+    /// The effective configuration (defaults filled in) as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("the config serializes")
+    }
+}
+
+impl KafkaSection {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, value) in [
+            ("kafka.brokers", &self.brokers),
+            ("kafka.group_id", &self.group_id),
+            ("kafka.output_topic", &self.output_topic),
+            ("kafka.dlq_topic", &self.dlq_topic),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::new(key, "must not be empty"));
+            }
+        }
+        if self.input_topics.is_empty() || self.input_topics.iter().any(|t| t.trim().is_empty()) {
+            return Err(ConfigError::new(
+                "kafka.input_topics",
+                "must name at least one topic, none empty",
+            ));
+        }
+        for (key, topic) in [
+            ("kafka.output_topic", &self.output_topic),
+            ("kafka.dlq_topic", &self.dlq_topic),
+        ] {
+            if self.input_topics.contains(topic) {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{topic:?} is also an input topic: the worker would read its own output"
+                    ),
+                ));
+            }
+        }
+        if self.output_topic == self.dlq_topic {
+            return Err(ConfigError::new(
+                "kafka.dlq_topic",
+                "must differ from kafka.output_topic",
+            ));
+        }
+        if self.exactly_once {
+            for (key, acks) in [
+                ("kafka.output_acks", self.output_acks),
+                ("kafka.dlq_acks", self.dlq_acks),
+            ] {
+                if acks != Acks::All {
+                    return Err(ConfigError::new(
+                        key,
+                        format!(
+                            "is {:?} but exactly_once = true needs \"all\"",
+                            acks.as_str()
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.commit_interval.0 <= 0 {
+            return Err(ConfigError::new(
+                "kafka.commit_interval",
+                "must be greater than 0",
+            ));
+        }
+        for key in self.properties.keys() {
+            if let Some((_, instead)) = MANAGED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == key) {
+                return Err(ConfigError::new(
+                    format!("kafka.properties.{key}"),
+                    format!("is managed by sessionizer ({instead})"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_path(table: &mut toml::Table, parts: &[String], value: String) -> Result<(), String> {
+    let (last, sections) = parts.split_last().expect("at least one part");
+    let mut current = table;
+    for part in sections {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{part}` is not a section"))?;
+    }
+    current.insert(last.clone(), toml::Value::String(value));
+    Ok(())
+}
+
+/// A duration in whole milliseconds, written as a string: "3s", "500ms", "2m".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Millis(pub i64);
+
+impl Millis {
+    pub fn as_duration(self) -> Duration {
+        Duration::from_millis(self.0.max(0) as u64)
+    }
+}
+
+impl<'de> Deserialize<'de> for Millis {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer).map_err(|_| {
+            serde::de::Error::custom("expected a duration string such as \"3s\" or \"500ms\"")
+        })?;
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (use e.g. \"3s\", \"500ms\", \"2m\")"
+            ))
+        })?;
+        i64::try_from(duration.as_millis())
+            .map(Millis)
+            .map_err(|_| serde::de::Error::custom(format!("duration {text:?} is too long")))
+    }
+}
+
+impl Serialize for Millis {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(self.as_duration()).to_string())
+    }
+}
+
+impl fmt::Display for Millis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.as_duration()))
+    }
+}
+
+/// A list written as a TOML array, or as a comma-separated string
+/// (environment overrides are strings).
+fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Csv(String),
+    }
+    match Raw::deserialize(deserializer)
+        .map_err(|_| serde::de::Error::custom("expected a list of strings"))?
+    {
+        Raw::List(items) => Ok(items),
+        Raw::Csv(s) => Ok(s
+            .split(',')
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty())
+            .collect()),
+    }
+}
+
+/// A boolean written as a TOML boolean or as "true"/"false".
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    native_or_string(deserializer, "true or false")
+}
+
+/// An unsigned number written as a TOML integer, or as a string.
+fn number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+{
+    native_or_string(deserializer, "a non-negative integer")
+}
+
+/// A value in its TOML type, or as a string to parse (environment overrides
+/// are strings); `what` names the expected value in errors.
+fn native_or_string<'de, D, T>(deserializer: D, what: &str) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + std::str::FromStr,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw<T> {
+        Native(T),
+        Str(String),
+    }
+    match Raw::<T>::deserialize(deserializer)
+        .map_err(|_| serde::de::Error::custom(format!("expected {what}")))?
+    {
+        Raw::Native(value) => Ok(value),
+        Raw::Str(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| serde::de::Error::custom(format!("expected {what}, got {s:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "source = \"file\"\n[file]\ndlq = \"dlq.jsonl\"\n";
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Vec::new())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = load(MINIMAL).unwrap();
+        assert_eq!(c.window, WindowSection::default());
+        assert_eq!(c.window.gap, Millis(3000));
+        assert_eq!(c.window.max_out_of_orderness, Millis(500));
+        assert_eq!(c.window.idle_timeout, Millis(1000));
+        assert_eq!(c.window.max_duration, Millis(120_000));
+        assert_eq!((c.window.max_messages, c.window.max_bytes), (200, 65536));
+        assert_eq!(c.window.late, LateSetting::NewTurn);
+        assert_eq!(c.input.max_record_bytes, 1 << 20);
+        assert_eq!(c.input.max_text_bytes, 16 << 10);
+        assert_eq!(c.input.max_future_skew, Millis(300_000));
+        assert_eq!(c.input.format, InputFormatSetting::Auto);
+        assert_eq!(c.output.format, OutputFormatSetting::Json);
+        let file = c.file.unwrap();
+        assert_eq!((file.input.as_str(), file.output.as_str()), ("-", "-"));
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        let e = load(&format!("{MINIMAL}[window]\ngapp = \"3s\"\n")).unwrap_err();
+        assert!(e.to_string().contains("gapp"), "{e}");
+        let e = load(&format!("colour = 1\n{MINIMAL}")).unwrap_err();
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_the_reason() {
+        let cases = [
+            (
+                "[window]\ngap = \"3 parsecs\"\n",
+                "window.gap",
+                "invalid duration",
+            ),
+            ("[window]\ngap = 3\n", "window.gap", "duration string"),
+            ("[window]\ngap = \"0s\"\n", "window.gap", "greater than 0"),
+            (
+                "[window]\nlate = \"ignore\"\n",
+                "window.late",
+                "unknown variant",
+            ),
+            (
+                "[window]\nmax_messages = -1\n",
+                "window.max_messages",
+                "non-negative integer",
+            ),
+            (
+                "[window]\nmax_bytes = 100\n",
+                "window.max_bytes",
+                "input.max_text_bytes",
+            ),
+            (
+                "[input]\nformat = \"xml\"\n",
+                "input.format",
+                "unknown variant",
+            ),
+        ];
+        for (extra, key, reason) in cases {
+            let e = load(&format!("{MINIMAL}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{extra}: {e}");
+            assert!(e.reason.contains(reason), "{extra}: {e}");
+        }
+        let e = load("source = \"file\"\n").unwrap_err();
+        assert_eq!(e.key, "file");
+        let e = load("source = \"file\"\n[file]\noutput = \"x\"\n").unwrap_err();
+        assert!(e.reason.contains("dlq"), "{e}");
+        let e = load("source = \"file\"\n[file]\noutput = \"x\"\ndlq = \"x\"\n").unwrap_err();
+        assert_eq!(e.key, "file.dlq");
+    }
+
+    #[test]
+    fn environment_overrides_every_key() {
+        let env = [
+            ("SESSIONIZER__WINDOW__GAP", "5s"),
+            ("SESSIONIZER__WINDOW__MAX_MESSAGES", "7"),
+            ("SESSIONIZER__window__late", "drop"),
+            ("SESSIONIZER__FILE__OUTPUT", "turns.jsonl"),
+            ("UNRELATED", "x"),
+            ("SESSIONIZER_CONFIG", "not an override"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let c = Config::from_toml(MINIMAL, env).unwrap();
+        assert_eq!(c.window.gap, Millis(5000));
+        assert_eq!(c.window.max_messages, 7);
+        assert_eq!(c.window.late, LateSetting::Drop);
+        assert_eq!(c.file.unwrap().output, "turns.jsonl");
+
+        let env = [("SESSIONIZER__WINDOW__GAPP".to_owned(), "5s".to_owned())];
+        let e = Config::from_toml(MINIMAL, env).unwrap_err();
+        assert!(
+            e.to_string().contains("gapp") && e.to_string().contains("SESSIONIZER__WINDOW__GAPP"),
+            "{e}"
+        );
+        let env = [(
+            "SESSIONIZER__WINDOW__MAX_BYTES".to_owned(),
+            "lots".to_owned(),
+        )];
+        let e = Config::from_toml(MINIMAL, env).unwrap_err();
+        assert_eq!(e.key, "window.max_bytes", "{e}");
+    }
+
+    const KAFKA: &str = "source = \"kafka\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\ninput_topics = [\"chat\"]\noutput_topic = \"turns\"\ndlq_topic = \"dlq\"\n";
+
+    #[test]
+    fn kafka_section_defaults_and_contradictions() {
+        let c = load(KAFKA).unwrap();
+        let k = c.kafka.unwrap();
+        assert_eq!(
+            (k.output_acks, k.dlq_acks, k.exactly_once, k.commit_interval),
+            (Acks::All, Acks::All, false, Millis(1000))
+        );
+        let c = load(&format!("{KAFKA}output_acks = 1\ndlq_acks = \"0\"\n"))
+            .unwrap()
+            .kafka
+            .unwrap();
+        assert_eq!((c.output_acks, c.dlq_acks), (Acks::One, Acks::Zero));
+        let cases = [
+            (
+                "exactly_once = true\noutput_acks = \"1\"\n",
+                "kafka.output_acks",
+                "exactly_once",
+            ),
+            ("output_acks = \"2\"\n", "kafka.output_acks", "expected"),
+            (
+                "[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n",
+                "kafka.properties.enable.auto.commit",
+                "managed",
+            ),
+        ];
+        for (extra, key, reason) in cases {
+            let e = load(&format!("{KAFKA}{extra}")).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
+            assert!(e.reason.contains(reason), "{e}");
+        }
+        let e = load(&KAFKA.replace("dlq_topic = \"dlq\"", "dlq_topic = \"chat\"")).unwrap_err();
+        assert_eq!(e.key, "kafka.dlq_topic", "{e}");
+        let e = load("source = \"kafka\"\n").unwrap_err();
+        assert_eq!(e.key, "kafka");
+        let env = [
+            (
+                "SESSIONIZER__KAFKA__INPUT_TOPICS".to_owned(),
+                "a, b".to_owned(),
+            ),
+            (
+                "SESSIONIZER__KAFKA__EXACTLY_ONCE".to_owned(),
+                "true".to_owned(),
+            ),
+        ];
+        let k = Config::from_toml(KAFKA, env).unwrap().kafka.unwrap();
+        assert_eq!(k.input_topics, ["a", "b"]);
+        assert!(k.exactly_once);
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = load(MINIMAL).unwrap();
+        let again = load(&c.to_toml()).unwrap();
+        assert_eq!(c, again);
+    }
+}

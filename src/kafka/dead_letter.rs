@@ -1,0 +1,62 @@
+//! A Kafka dead letter keeps the original key, value and headers unchanged and
+//! adds provenance as headers, so `dlq inspect` and `dlq replay` need nothing
+//! but the record itself.
+
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+
+use crate::model::DeadLetterReason;
+
+pub const REASON: &str = "sessionizer.dlq.reason";
+pub const ERROR: &str = "sessionizer.dlq.error";
+pub const SOURCE_TOPIC: &str = "sessionizer.dlq.source.topic";
+pub const SOURCE_PARTITION: &str = "sessionizer.dlq.source.partition";
+pub const SOURCE_OFFSET: &str = "sessionizer.dlq.source.offset";
+/// The original record's timestamp, epoch ms (absent when it had none).
+pub const SOURCE_TIMESTAMP: &str = "sessionizer.dlq.source.timestamp";
+/// RFC 3339, UTC.
+pub const FAILED_AT: &str = "sessionizer.dlq.failed_at";
+pub const WORKER: &str = "sessionizer.dlq.worker";
+
+/// The provenance of one dead letter.
+#[derive(Debug, Clone)]
+pub struct Provenance<'a> {
+    pub reason: DeadLetterReason,
+    pub error: &'a str,
+    pub failed_at: &'a str,
+    pub worker: &'a str,
+}
+
+/// The headers of a dead letter for `message`: its own headers first, in
+/// order, then the provenance.
+pub fn headers(message: &BorrowedMessage<'_>, provenance: &Provenance<'_>) -> OwnedHeaders {
+    let capacity = message.headers().map_or(0, |h| h.count()) + 8;
+    let mut out = OwnedHeaders::new_with_capacity(capacity);
+    if let Some(original) = message.headers() {
+        for h in original.iter() {
+            out = out.insert(Header {
+                key: h.key,
+                value: h.value,
+            });
+        }
+    }
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    let timestamp = message.timestamp().to_millis().map(|t| t.to_string());
+    let mut add = |key: &str, value: &str| {
+        out = std::mem::replace(&mut out, OwnedHeaders::new()).insert(Header {
+            key,
+            value: Some(value),
+        });
+    };
+    add(REASON, provenance.reason.as_str());
+    add(ERROR, provenance.error);
+    add(SOURCE_TOPIC, message.topic());
+    add(SOURCE_PARTITION, &partition);
+    add(SOURCE_OFFSET, &offset);
+    if let Some(t) = &timestamp {
+        add(SOURCE_TIMESTAMP, t);
+    }
+    add(FAILED_AT, provenance.failed_at);
+    add(WORKER, provenance.worker);
+    out
+}

@@ -1,0 +1,877 @@
+//! The Kafka worker loop.
+//!
+//! One task owns everything: the consumer, the per-partition pipelines, the
+//! in-flight deliveries. Each partition has its own session engine, its own
+//! [`CompletionTracker`] of offsets and its own [`IdleClock`]. An offset is
+//! resolved when its turn or dead letter is acknowledged at the configured
+//! acks (or it was a counted drop), and each partition commits the contiguous
+//! prefix of resolved offsets every `commit_interval`. Nothing is committed
+//! before its outcome is durable, so a crash replays from the last commit and
+//! rebuilds the open sessions: at-least-once, and a replayed turn carries the
+//! same `turn_id`.
+//!
+//! With `exactly_once`, the turns, dead letters and consumed offsets of one
+//! commit interval go into one transaction instead; a record is resolved once
+//! it is in the open transaction.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+
+use super::client::{consumer_config, producer_config};
+use super::dead_letter::{self, Provenance};
+use super::offsets;
+use crate::codec::{encode_turn, Decoder, OutputFormat};
+use crate::config::{Config, KafkaSection};
+use crate::engine::{ClosedSession, CompletionTracker, IdleClock};
+use crate::model::DeadLetterReason;
+use crate::pipeline::{Outcome, PartitionPipeline, Stats};
+use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
+
+/// Why the worker stopped. Every variant is fatal for this process: the
+/// records it had not committed are replayed by the next owner.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the configuration has no [kafka] section")]
+    NoKafkaSection,
+    #[error("creating the Kafka {what}: {source}")]
+    Client {
+        what: &'static str,
+        source: KafkaError,
+    },
+    #[error("subscribing to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        source: KafkaError,
+    },
+    #[error("exactly-once transaction failed ({step}): {source}; restart to replay from the last committed offsets")]
+    Transaction {
+        step: &'static str,
+        source: KafkaError,
+    },
+}
+
+/// A topic-partition.
+type Tp = (Arc<str>, i32);
+
+/// What the rebalance callbacks tell the loop.
+#[derive(Debug)]
+enum Rebalanced {
+    Assigned(Vec<Tp>),
+    Revoked(Vec<Tp>),
+}
+
+/// Which offsets of a partition are resolved. Lives in [`Shared`] because a
+/// revoke must commit exactly what is resolved at that moment.
+struct Tracked {
+    /// This incarnation of the partition (see [`PartitionState::epoch`]).
+    epoch: u64,
+    tracker: CompletionTracker<i64>,
+    /// The first offset read: the commit position while nothing is resolved.
+    start_offset: i64,
+    /// What was last committed, to skip commits that change nothing.
+    last_commit: Option<(i64, String)>,
+}
+
+impl Tracked {
+    /// The offset to commit and its metadata (the resolved offsets past it).
+    fn commit_point(&self) -> (i64, String) {
+        let offset = self
+            .tracker
+            .peek_committable()
+            .map_or(self.start_offset, |last| last + 1);
+        (
+            offset,
+            offsets::encode(offset, self.tracker.resolved_beyond_prefix()),
+        )
+    }
+}
+
+/// State shared between the loop and the consumer's rebalance callbacks.
+/// librdkafka runs the callbacks inside `recv`, on the loop's own task, so the
+/// locks are never contended; they only make the sharing explicit.
+#[derive(Default)]
+struct Shared {
+    tracked: Mutex<HashMap<Tp, Tracked>>,
+    events: Mutex<Vec<Rebalanced>>,
+    /// The transactional producer, in exactly-once mode: a revoke commits the
+    /// open transaction before the partitions go.
+    transactional: Mutex<Option<(FutureProducer, Arc<Mutex<bool>>)>>,
+}
+
+impl Shared {
+    /// The commit points of `which` partitions (all when `None`) that changed
+    /// since the last commit; marks them committed.
+    fn take_commit_points(&self, which: Option<&[Tp]>) -> TopicPartitionList {
+        let mut list = TopicPartitionList::new();
+        let mut tracked = self.tracked.lock().expect("not poisoned");
+        for (tp, t) in tracked.iter_mut() {
+            if which.is_some_and(|w| !w.contains(tp)) {
+                continue;
+            }
+            let point = t.commit_point();
+            if t.last_commit.as_ref() == Some(&point) {
+                continue;
+            }
+            tracing::debug!(topic = %tp.0, partition = tp.1, offset = point.0, in_flight = t.tracker.in_flight(), "commit point");
+            let mut elem = list.add_partition(&tp.0, tp.1);
+            elem.set_offset(Offset::Offset(point.0))
+                .expect("a concrete offset");
+            elem.set_metadata(&point.1);
+            t.last_commit = Some(point);
+        }
+        list
+    }
+}
+
+struct WorkerContext {
+    shared: Arc<Shared>,
+}
+
+impl ClientContext for WorkerContext {
+    /// librdkafka reports a partition's end as an error event too; it is the
+    /// normal signal of a caught-up partition, handled in the loop.
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF) {
+            tracing::trace!(reason, "partition end");
+        } else {
+            tracing::warn!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+fn tps(list: &TopicPartitionList) -> Vec<Tp> {
+    list.elements()
+        .iter()
+        .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for WorkerContext {
+    /// Before partitions go, commit what is resolved for them, so the next
+    /// owner replays as little as possible (it replays from the last commit,
+    /// and re-emits open sessions with the same turn ids).
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(list) = rebalance else {
+            return;
+        };
+        let revoked = tps(list);
+        let transactional = self
+            .shared
+            .transactional
+            .lock()
+            .expect("not poisoned")
+            .clone();
+        if let Some((producer, in_txn)) = transactional {
+            // Exactly-once: the open transaction holds output of these
+            // partitions; commit it with every partition's offsets now.
+            let offsets = self.shared.take_commit_points(None);
+            if let Err(e) = commit_transaction(&producer, consumer, &offsets, &in_txn) {
+                tracing::error!(error = %e, "committing the transaction on revoke failed");
+            }
+        } else {
+            let offsets = self.shared.take_commit_points(Some(&revoked));
+            if offsets.count() > 0 {
+                if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+                    tracing::warn!(error = %e, "committing revoked partitions failed; the next owner replays more");
+                }
+            }
+        }
+        tracing::info!(partitions = ?revoked, "partitions revoked");
+        self.shared
+            .events
+            .lock()
+            .expect("not poisoned")
+            .push(Rebalanced::Revoked(revoked));
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(list) = rebalance {
+            let assigned = tps(list);
+            tracing::info!(partitions = ?assigned, "partitions assigned");
+            self.shared
+                .events
+                .lock()
+                .expect("not poisoned")
+                .push(Rebalanced::Assigned(assigned));
+        }
+    }
+}
+
+/// Sends the transaction's offsets, commits it and opens the next one.
+fn commit_transaction<X: ConsumerContext, K: Consumer<X>>(
+    producer: &FutureProducer,
+    consumer: &K,
+    offsets: &TopicPartitionList,
+    in_txn: &Mutex<bool>,
+) -> Result<(), WorkerError> {
+    let timeout = Duration::from_secs(30);
+    let mut open = in_txn.lock().expect("not poisoned");
+    if !*open {
+        return Ok(());
+    }
+    if offsets.count() > 0 {
+        let metadata = consumer.group_metadata().ok_or(WorkerError::Transaction {
+            step: "group metadata",
+            source: KafkaError::Canceled,
+        })?;
+        producer
+            .send_offsets_to_transaction(offsets, &metadata, timeout)
+            .map_err(|source| WorkerError::Transaction {
+                step: "send offsets",
+                source,
+            })?;
+    }
+    producer
+        .commit_transaction(timeout)
+        .map_err(|source| WorkerError::Transaction {
+            step: "commit",
+            source,
+        })?;
+    *open = false;
+    producer
+        .begin_transaction()
+        .map_err(|source| WorkerError::Transaction {
+            step: "begin",
+            source,
+        })?;
+    *open = true;
+    Ok(())
+}
+
+/// One partition's state: its pipeline and its idle clock (its offsets are
+/// in [`Shared::tracked`]).
+struct PartitionState {
+    pipeline: PartitionPipeline,
+    idle: IdleClock,
+    /// Offsets after the committed one that an earlier owner already resolved
+    /// (from the commit metadata).
+    skip: Vec<(i64, i64)>,
+    /// An offset gap already re-read once (see `on_message`).
+    gap_checked: Option<i64>,
+    /// Sequence numbers of records in `skip` whose outcome is still to come.
+    replayed: std::collections::HashSet<u64>,
+    /// Distinguishes this incarnation from an earlier one of the same
+    /// partition (revoked, then assigned again), so a late delivery of the
+    /// earlier one resolves nothing here.
+    epoch: u64,
+    next_offset: i64,
+}
+
+/// A record on its way to a broker, with what it resolves once delivered.
+struct Outgoing {
+    tp: Tp,
+    epoch: u64,
+    seqs: Vec<u64>,
+    topic: Arc<str>,
+    key: Vec<u8>,
+    payload: Vec<u8>,
+    headers: OwnedHeaders,
+    dead_letter: bool,
+}
+
+type Delivery = Pin<Box<dyn Future<Output = (Outgoing, Result<(), KafkaError>)> + Send>>;
+
+fn send(producer: FutureProducer, outgoing: Outgoing, backoff: Duration) -> Delivery {
+    Box::pin(async move {
+        if !backoff.is_zero() {
+            tokio::time::sleep(backoff).await;
+        }
+        let record = FutureRecord::to(&outgoing.topic)
+            .key(&outgoing.key)
+            .payload(&outgoing.payload)
+            .headers(outgoing.headers.clone());
+        let result = producer
+            .send(record, Timeout::Never)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e);
+        (outgoing, result)
+    })
+}
+
+/// The session key as the output record key: `user_id`, or
+/// `user_id` + 0x1f + `conversation_id`.
+fn output_key(session: &ClosedSession) -> Vec<u8> {
+    let mut key = session.user_id.as_bytes().to_vec();
+    if let Some(c) = &session.conversation_id {
+        key.push(0x1f);
+        key.extend_from_slice(c.as_bytes());
+    }
+    key
+}
+
+/// Runs the Kafka worker until `shutdown` resolves, then stops fetching, waits
+/// for in-flight deliveries (bounded), commits and leaves the group.
+pub async fn run(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stats, WorkerError> {
+    let kafka = config.kafka.as_ref().ok_or(WorkerError::NoKafkaSection)?;
+    let shared = Arc::new(Shared::default());
+    let consumer: StreamConsumer<WorkerContext> = consumer_config(kafka)
+        .create_with_context(WorkerContext {
+            shared: shared.clone(),
+        })
+        .map_err(|source| WorkerError::Client {
+            what: "consumer",
+            source,
+        })?;
+    let worker = worker_id();
+    let transactional_id = kafka.exactly_once.then(|| {
+        kafka
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", kafka.group_id, crate::wall_clock::hostname()))
+    });
+    let output_producer: FutureProducer =
+        producer_config(kafka, kafka.output_acks, transactional_id.as_deref())
+            .create()
+            .map_err(|source| WorkerError::Client {
+                what: "producer",
+                source,
+            })?;
+    let dlq_producer: FutureProducer = if kafka.exactly_once || kafka.dlq_acks == kafka.output_acks
+    {
+        output_producer.clone()
+    } else {
+        producer_config(kafka, kafka.dlq_acks, None)
+            .create()
+            .map_err(|source| WorkerError::Client {
+                what: "dead-letter producer",
+                source,
+            })?
+    };
+    let in_txn = Arc::new(Mutex::new(false));
+    if kafka.exactly_once {
+        output_producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(|source| WorkerError::Transaction {
+                step: "init",
+                source,
+            })?;
+        output_producer
+            .begin_transaction()
+            .map_err(|source| WorkerError::Transaction {
+                step: "begin",
+                source,
+            })?;
+        *in_txn.lock().expect("not poisoned") = true;
+        *shared.transactional.lock().expect("not poisoned") =
+            Some((output_producer.clone(), in_txn.clone()));
+    }
+    let topics: Vec<&str> = kafka.input_topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(|source| WorkerError::Subscribe {
+            topics: kafka.input_topics.clone(),
+            source,
+        })?;
+    tracing::info!(group = %kafka.group_id, topics = ?kafka.input_topics, worker = %worker, exactly_once = kafka.exactly_once, "kafka worker started");
+
+    let mut w = Worker {
+        kafka: kafka.clone(),
+        decoder: Decoder::new(config.input_format(), config.decode_limits()),
+        window: config.window_config(),
+        idle_timeout_ms: config.window.idle_timeout.0,
+        format: config.output_format(),
+        input_topics: kafka
+            .input_topics
+            .iter()
+            .map(|t| Arc::from(t.as_str()))
+            .collect(),
+        output_topic: Arc::from(kafka.output_topic.as_str()),
+        dlq_topic: Arc::from(kafka.dlq_topic.as_str()),
+        output_producer,
+        dlq_producer,
+        shared,
+        in_txn,
+        worker,
+        assigned: Default::default(),
+        partitions: HashMap::new(),
+        next_epoch: 0,
+        deliveries: FuturesUnordered::new(),
+        stats: Stats::default(),
+        outcomes: Vec::new(),
+    };
+    let result = w.run_loop(&consumer, shutdown).await;
+    w.shutdown(&consumer).await;
+    result.map(|()| w.stats)
+}
+
+struct Worker {
+    kafka: KafkaSection,
+    decoder: Decoder,
+    window: crate::engine::WindowConfig,
+    idle_timeout_ms: i64,
+    format: OutputFormat,
+    /// The subscribed topics' names, shared by every record's key into the
+    /// partition maps (no allocation per record).
+    input_topics: Vec<Arc<str>>,
+    output_topic: Arc<str>,
+    dlq_topic: Arc<str>,
+    output_producer: FutureProducer,
+    dlq_producer: FutureProducer,
+    shared: Arc<Shared>,
+    in_txn: Arc<Mutex<bool>>,
+    worker: String,
+    /// Partitions this worker owns now.
+    assigned: std::collections::HashSet<Tp>,
+    partitions: HashMap<Tp, PartitionState>,
+    next_epoch: u64,
+    deliveries: FuturesUnordered<Delivery>,
+    /// Counts of partitions no longer owned, plus totals at the end.
+    stats: Stats,
+    outcomes: Vec<Outcome>,
+}
+
+impl Worker {
+    async fn run_loop(
+        &mut self,
+        consumer: &StreamConsumer<WorkerContext>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), WorkerError> {
+        tokio::pin!(shutdown);
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_commit = now_ms();
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut shutdown => return Ok(()),
+                Some((outgoing, result)) = self.deliveries.next(), if !self.deliveries.is_empty() => {
+                    self.on_delivered(outgoing, result);
+                }
+                message = consumer.recv() => {
+                    self.apply_rebalance_events();
+                    match message {
+                        Ok(m) => self.on_message(consumer, &m),
+                        Err(KafkaError::PartitionEOF(partition)) => self.mark_caught_up(consumer, now_ms(), Some(partition)),
+                        Err(e) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
+                    }
+                }
+                // Rebalance callbacks only run inside `recv`, so their events
+                // are applied there, before the record it returns.
+                _ = tick.tick() => {
+                    let now = now_ms();
+                    self.mark_caught_up(consumer, now, None);
+                    self.advance_idle(now);
+                    if now - last_commit >= self.kafka.commit_interval.0 {
+                        self.commit(consumer)?;
+                        last_commit = now;
+                    }
+                }
+            }
+        }
+    }
+
+    fn topic(&self, name: &str) -> Arc<str> {
+        self.input_topics
+            .iter()
+            .find(|t| &***t == name)
+            .cloned()
+            .unwrap_or_else(|| Arc::from(name))
+    }
+
+    fn apply_rebalance_events(&mut self) {
+        let events = std::mem::take(&mut *self.shared.events.lock().expect("not poisoned"));
+        for event in events {
+            match event {
+                // Pipeline state is created on a partition's first record.
+                Rebalanced::Assigned(assigned) => self.assigned.extend(assigned),
+                Rebalanced::Revoked(revoked) => {
+                    let mut tracked = self.shared.tracked.lock().expect("not poisoned");
+                    for tp in revoked {
+                        tracked.remove(&tp);
+                        self.assigned.remove(&tp);
+                        if let Some(state) = self.partitions.remove(&tp) {
+                            // Its open sessions go: the next owner replays them.
+                            self.stats.add(state.pipeline.stats());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_message(&mut self, consumer: &StreamConsumer<WorkerContext>, m: &BorrowedMessage<'_>) {
+        let tp: Tp = (self.topic(m.topic()), m.partition());
+        if !self.assigned.contains(&tp) {
+            // Fetched before a revoke: the new owner processes it.
+            return;
+        }
+        let now = now_ms();
+        if !self.partitions.contains_key(&tp) {
+            self.next_epoch += 1;
+            let skip = resolved_by_earlier_owner(consumer, &tp);
+            tracing::debug!(topic = %tp.0, partition = tp.1, first_offset = m.offset(), skip = ?skip, "partition state created");
+            self.partitions.insert(
+                tp.clone(),
+                PartitionState {
+                    pipeline: PartitionPipeline::new(self.decoder.clone(), self.window),
+                    idle: IdleClock::new(self.idle_timeout_ms),
+                    skip,
+                    replayed: Default::default(),
+                    gap_checked: None,
+                    epoch: self.next_epoch,
+                    next_offset: m.offset(),
+                },
+            );
+            self.shared.tracked.lock().expect("not poisoned").insert(
+                tp.clone(),
+                Tracked {
+                    epoch: self.next_epoch,
+                    tracker: CompletionTracker::new(),
+                    start_offset: m.offset(),
+                    last_commit: None,
+                },
+            );
+        }
+        let state = self.partitions.get_mut(&tp).expect("inserted above");
+        if m.offset() < state.next_offset {
+            return; // already seen in this incarnation
+        }
+        if m.offset() > state.next_offset && state.gap_checked != Some(m.offset()) {
+            // Offsets can legitimately jump (compaction, transaction
+            // markers), but a rebalance can also drop fetched records on the
+            // way to us. Read again from where we are: if the same record
+            // comes back first, the gap is real.
+            tracing::debug!(topic = %tp.0, partition = tp.1, expected = state.next_offset, got = m.offset(), "offset gap; re-reading to check it");
+            state.gap_checked = Some(m.offset());
+            if let Err(e) = consumer.seek(
+                &tp.0,
+                tp.1,
+                Offset::Offset(state.next_offset),
+                Duration::from_secs(5),
+            ) {
+                tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "seek to re-read a gap failed; accepting the gap");
+            } else {
+                return;
+            }
+        }
+        state.next_offset = m.offset() + 1;
+        state.idle.on_record();
+        let epoch = state.epoch;
+        let seq = {
+            let mut tracked = self.shared.tracked.lock().expect("not poisoned");
+            let t = tracked.get_mut(&tp).expect("tracked with its state");
+            t.tracker.register(m.offset())
+        };
+        if state
+            .skip
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&m.offset()))
+        {
+            // Processed all the same, so the sessions and the watermark come
+            // out as they did for the earlier owner; only what is made of
+            // such records alone is not sent again (see `dispatch`).
+            state.replayed.insert(seq);
+        }
+        let payload = m.payload().unwrap_or(&[]);
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        let processed = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            state.pipeline.process(payload, seq, now, &mut outcomes);
+        }));
+        if let Err(panic) = processed {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_owned());
+            tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %what, "processing a record panicked; dead-lettering it");
+            outcomes.push(Outcome::DeadLetter {
+                seq,
+                reason: DeadLetterReason::Panic,
+                error: format!("processing the record panicked: {what}"),
+            });
+        }
+        self.dispatch(&tp, epoch, &mut outcomes, Some(m));
+        self.outcomes = outcomes;
+    }
+
+    /// Sends turns and dead letters, resolves drops. `message` is the record
+    /// just processed, the only one a dead letter can be about.
+    fn dispatch(
+        &mut self,
+        tp: &Tp,
+        epoch: u64,
+        outcomes: &mut Vec<Outcome>,
+        message: Option<&BorrowedMessage<'_>>,
+    ) {
+        for outcome in outcomes.drain(..) {
+            // An outcome made only of records an earlier owner already
+            // resolved was delivered by it: resolve, do not send again. A turn
+            // with any other record is sent whole (same turn_id, same
+            // messages), so nothing is re-emitted in part.
+            let replayed = self
+                .partitions
+                .get_mut(tp)
+                .filter(|s| s.epoch == epoch)
+                .map(|s| &mut s.replayed);
+            if let Some(replayed) = replayed.filter(|r| !r.is_empty()) {
+                let seqs: &[u64] = match &outcome {
+                    Outcome::Turn(session) => &session.seqs,
+                    Outcome::DeadLetter { seq, .. } | Outcome::Dropped { seq, .. } => {
+                        std::slice::from_ref(seq)
+                    }
+                };
+                let all_replayed = seqs.iter().all(|s| replayed.contains(s));
+                for s in seqs {
+                    replayed.remove(s);
+                }
+                if all_replayed {
+                    let seqs = seqs.to_vec();
+                    self.resolve(tp, epoch, &seqs);
+                    continue;
+                }
+            }
+            match outcome {
+                Outcome::Turn(session) => {
+                    let mut payload = Vec::with_capacity(512);
+                    encode_turn(&session, self.format, &mut payload);
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: "content-type",
+                        value: Some(self.format.content_type()),
+                    });
+                    self.enqueue(Outgoing {
+                        tp: tp.clone(),
+                        epoch,
+                        key: output_key(&session),
+                        seqs: session.seqs,
+                        topic: self.output_topic.clone(),
+                        payload,
+                        headers,
+                        dead_letter: false,
+                    });
+                }
+                Outcome::DeadLetter { seq, reason, error } => {
+                    let m = message.expect("dead letters are about the record just processed");
+                    let failed_at = rfc3339_ms(now_ms());
+                    let headers = dead_letter::headers(
+                        m,
+                        &Provenance {
+                            reason,
+                            error: &error,
+                            failed_at: &failed_at,
+                            worker: &self.worker,
+                        },
+                    );
+                    self.enqueue(Outgoing {
+                        tp: tp.clone(),
+                        epoch,
+                        seqs: vec![seq],
+                        topic: self.dlq_topic.clone(),
+                        key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        headers,
+                        dead_letter: true,
+                    });
+                }
+                Outcome::Dropped { seq, .. } => self.resolve(tp, epoch, &[seq]),
+            }
+        }
+    }
+
+    /// The producer with the acks configured for this kind of record.
+    fn producer_for(&self, outgoing: &Outgoing) -> FutureProducer {
+        if outgoing.dead_letter {
+            &self.dlq_producer
+        } else {
+            &self.output_producer
+        }
+        .clone()
+    }
+
+    fn enqueue(&mut self, outgoing: Outgoing) {
+        let producer = self.producer_for(&outgoing);
+        if self.kafka.exactly_once {
+            // In the open transaction: resolved now, committed with it.
+            self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs);
+        }
+        self.deliveries
+            .push(send(producer, outgoing, Duration::ZERO));
+    }
+
+    fn on_delivered(&mut self, outgoing: Outgoing, result: Result<(), KafkaError>) {
+        match result {
+            Ok(()) => {
+                if !self.kafka.exactly_once {
+                    self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs);
+                }
+            }
+            Err(e) => {
+                // Not durable: the offsets stay unresolved, so nothing past
+                // them is committed. Send again after a pause.
+                tracing::warn!(error = %e, topic = %outgoing.topic, "delivery failed; retrying");
+                let producer = self.producer_for(&outgoing);
+                self.deliveries
+                    .push(send(producer, outgoing, Duration::from_millis(500)));
+            }
+        }
+    }
+
+    fn resolve(&mut self, tp: &Tp, epoch: u64, seqs: &[u64]) {
+        let mut tracked = self.shared.tracked.lock().expect("not poisoned");
+        let Some(t) = tracked.get_mut(tp).filter(|t| t.epoch == epoch) else {
+            return; // revoked since: the next owner replays it
+        };
+        for &seq in seqs {
+            t.tracker.resolve(seq);
+        }
+    }
+
+    /// Marks partitions caught up that have been read to librdkafka's cached
+    /// high watermark (kept fresh by the fetches that go on at the end of a
+    /// partition). Runs on every tick, because an EOF event is only sent once
+    /// per end reached and not always after a reassignment, and on each EOF
+    /// event (`only` = its partition: the event does not name the topic).
+    fn mark_caught_up(
+        &mut self,
+        consumer: &StreamConsumer<WorkerContext>,
+        now: i64,
+        only: Option<i32>,
+    ) {
+        for ((topic, partition), state) in self.partitions.iter_mut() {
+            if only.is_none_or(|p| p == *partition)
+                && state.pipeline.engine().open_sessions() > 0
+                && cached_high_watermark(consumer, topic, *partition) == Some(state.next_offset)
+            {
+                state.idle.on_caught_up(now);
+            }
+        }
+    }
+
+    fn advance_idle(&mut self, now: i64) {
+        let idle: Vec<(Tp, u64)> = self
+            .partitions
+            .iter()
+            .filter(|(_, s)| s.idle.is_idle(now) && s.pipeline.engine().open_sessions() > 0)
+            .map(|(tp, s)| (tp.clone(), s.epoch))
+            .collect();
+        for (tp, epoch) in idle {
+            let mut outcomes = std::mem::take(&mut self.outcomes);
+            if let Some(state) = self.partitions.get_mut(&tp) {
+                state.pipeline.advance_idle(now, &mut outcomes);
+            }
+            self.dispatch(&tp, epoch, &mut outcomes, None);
+            self.outcomes = outcomes;
+        }
+    }
+
+    fn commit(&mut self, consumer: &StreamConsumer<WorkerContext>) -> Result<(), WorkerError> {
+        let offsets = self.shared.take_commit_points(None);
+        if self.kafka.exactly_once {
+            return commit_transaction(&self.output_producer, consumer, &offsets, &self.in_txn);
+        }
+        if offsets.count() > 0 {
+            if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+                tracing::warn!(error = %e, "offset commit failed; retried at the next interval");
+            }
+        }
+        Ok(())
+    }
+
+    /// Graceful stop: no more fetching; wait (bounded) for in-flight
+    /// deliveries, commit what they resolved, leave the group.
+    async fn shutdown(&mut self, consumer: &StreamConsumer<WorkerContext>) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !self.deliveries.is_empty() {
+            match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
+                Ok(Some((outgoing, Ok(())))) => self.on_delivered(outgoing, Ok(())),
+                Ok(Some((_, Err(e)))) => {
+                    tracing::warn!(error = %e, "a delivery failed during shutdown; its records are replayed")
+                }
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        in_flight = self.deliveries.len(),
+                        "deliveries still in flight at shutdown; their records are replayed"
+                    );
+                    break;
+                }
+            }
+        }
+        let offsets = self.shared.take_commit_points(None);
+        if self.kafka.exactly_once {
+            if let Err(e) =
+                commit_transaction(&self.output_producer, consumer, &offsets, &self.in_txn)
+            {
+                tracing::warn!(error = %e, "final transaction failed; its records are replayed");
+            }
+        } else if offsets.count() > 0 {
+            if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
+                tracing::warn!(error = %e, "final commit failed; records since the last commit are replayed");
+            }
+        }
+        for state in self.partitions.values() {
+            self.stats.add(state.pipeline.stats());
+        }
+        self.partitions.clear();
+        consumer.unsubscribe();
+        tracing::info!(
+            records = self.stats.records,
+            turns = self.stats.total_turns(),
+            dead_letters = self.stats.total_dead_letters(),
+            "kafka worker stopped"
+        );
+    }
+}
+
+/// The offsets after the group's committed offset that an earlier owner
+/// already resolved, from the commit metadata (see [`offsets`]).
+fn resolved_by_earlier_owner(consumer: &StreamConsumer<WorkerContext>, tp: &Tp) -> Vec<(i64, i64)> {
+    let mut list = TopicPartitionList::new();
+    list.add_partition(&tp.0, tp.1);
+    match consumer.committed_offsets(list, Duration::from_secs(10)) {
+        Ok(committed) => committed
+            .find_partition(&tp.0, tp.1)
+            .and_then(|e| match e.offset() {
+                Offset::Offset(offset) => Some(offsets::decode(offset, e.metadata())),
+                _ => None,
+            })
+            .unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the commit metadata; resolved records past the commit are replayed");
+            Vec::new()
+        }
+    }
+}
+
+/// librdkafka's cached high watermark of a partition (no network round trip).
+fn cached_high_watermark(
+    consumer: &StreamConsumer<WorkerContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives, `topic` is
+    // a NUL-terminated string that outlives the call, and the call only
+    // writes the two out-parameters.
+    #[allow(unsafe_code)]
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
+}

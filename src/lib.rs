@@ -1,0 +1,36 @@
+//! sessionizer groups each chat user's burst of short messages into one
+//! **turn** (an event-time session window per user and conversation), so an AI
+//! agent answers each burst once instead of each message.
+//!
+//! Layout, from the inside out (`DESIGN.md` fixes the semantics):
+//!
+//! - [`engine`]: the pure core. [`engine::SessionEngine`] keeps one partition's
+//!   open sessions and watermark; [`engine::WatermarkTracker`] and
+//!   [`engine::IdleClock`] decide when sessions may close;
+//!   [`engine::CompletionTracker`] says how far a partition may be committed.
+//!   No I/O, no clock reads, no async: time is an argument.
+//! - [`model`]: the wire contract's records (ChatEvent, Turn, DeadLetter).
+//! - [`codec`]: bytes ⇄ records (JSON and protobuf, prost types generated from
+//!   `proto/`), with validation that turns poison into a typed reason.
+//! - [`pipeline`]: decode → engine → outcomes for one partition; shared by
+//!   every source.
+//! - [`file`]: file mode (JSON lines in, turns and dead letters out).
+//! - [`kafka`]: the Kafka worker (consumer group, commits after durable
+//!   output, dead letters with provenance headers, optional exactly-once).
+//! - [`shutdown`]: the signal future the workers stop on.
+//! - [`config`]: the typed TOML configuration with environment overrides.
+//! - [`wall_clock`]: the one place the wall clock is read.
+//! - [`workload`]: a deterministic generator of bursty chat traffic for
+//!   benchmarks, tests and load generation.
+//! - `main.rs`: the `sessionizer` command line.
+
+pub mod codec;
+pub mod config;
+pub mod engine;
+pub mod file;
+pub mod kafka;
+pub mod model;
+pub mod pipeline;
+pub mod shutdown;
+pub mod wall_clock;
+pub mod workload;

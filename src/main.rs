@@ -1,0 +1,144 @@
+//! The `sessionizer` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use sessionizer::config::{Config, SourceKind};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Groups each chat user's burst of messages into one turn"
+)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(
+        long,
+        global = true,
+        env = "SESSIONIZER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the worker with the given configuration.
+    Run {
+        /// The TOML configuration file.
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the whole pipeline with nothing installed: an in-process mock
+    /// Kafka cluster, two workers, a synthetic producer; prints each turn.
+    Demo {
+        /// How long to run ("20s", "2m").
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// How many chatting users to simulate.
+        #[arg(long, default_value_t = 40)]
+        users: u32,
+        /// The fraction of records that are poison (they go to the DLQ).
+        #[arg(long, default_value_t = 0.03)]
+        poison_fraction: f64,
+    },
+    /// Check a configuration (with environment overrides) and print the
+    /// effective values, defaults included.
+    CheckConfig {
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Demo {
+            duration,
+            users,
+            poison_fraction,
+        } => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?;
+            let options = sessionizer::kafka::demo::DemoOptions {
+                duration,
+                users,
+                poison_fraction,
+            };
+            runtime.block_on(sessionizer::kafka::demo::run(
+                options,
+                sessionizer::shutdown::signal(),
+                &mut std::io::stdout(),
+            ))?;
+            Ok(())
+        }
+        Command::CheckConfig { config } => {
+            let config = Config::load(&config)?;
+            print!("{}", config.to_toml());
+            Ok(())
+        }
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            match config.source {
+                SourceKind::Kafka => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting the async runtime")?;
+                    runtime.block_on(sessionizer::kafka::run(
+                        &config,
+                        sessionizer::shutdown::signal(),
+                    ))?;
+                    Ok(())
+                }
+                SourceKind::File => {
+                    let stats = sessionizer::file::run(&config).context("file mode")?;
+                    tracing::info!(
+                        records = stats.records,
+                        turns = stats.total_turns(),
+                        dead_letters = stats.total_dead_letters(),
+                        duplicates = stats.dropped[0],
+                        late_dropped = stats.dropped[1],
+                        "input done"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SESSIONIZER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,12 @@
+//! The records of the wire contract: what producers send ([`ChatEvent`]), what
+//! downstream AI consumers read ([`Turn`]) and what operators inspect
+//! ([`DeadLetter`]). Their JSON form is described by `schemas/`, their protobuf
+//! form by `proto/`; both are encoded in [`crate::codec`].
+
+mod dead_letter;
+mod event;
+mod turn;
+
+pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSource};
+pub use event::{Attributes, ChatEvent, EventKind};
+pub use turn::{turn_id, ClosedBy, Turn, TurnMessage};

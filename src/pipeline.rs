@@ -1,0 +1,194 @@
+//! The broker-independent step every source shares: record bytes in, decode and
+//! validate, feed the partition's session engine, and say what became of each
+//! record. The file runner and the broker loops only move bytes and positions.
+
+use crate::codec::{Decoder, Poison};
+use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, WindowConfig};
+use crate::model::{ClosedBy, DeadLetterReason, EventKind};
+
+/// What became of records (see `DESIGN.md`: every record ends in exactly one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Publish as a turn; its `seqs` resolve once the turn is durable.
+    Turn(ClosedSession),
+    /// Dead-letter the record with this sequence number (always the record
+    /// just handed in: the caller still holds its bytes).
+    DeadLetter {
+        seq: u64,
+        reason: DeadLetterReason,
+        error: String,
+    },
+    /// Resolved without output, counted.
+    Dropped { seq: u64, reason: DropReason },
+}
+
+/// Counts of what one partition's pipeline did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub records: u64,
+    /// Valid events by kind: message, typing, end_of_turn.
+    pub events: [u64; 3],
+    /// Turns by `closed_by`, in [`ClosedBy::ALL`] order.
+    pub turns: [u64; 5],
+    pub late_turns: u64,
+    /// Dead letters by reason, in [`DeadLetterReason::ALL`] order.
+    pub dead_letters: [u64; 6],
+    /// Drops by reason, in [`DropReason::ALL`] order.
+    pub dropped: [u64; 3],
+}
+
+impl Stats {
+    pub fn add(&mut self, other: &Stats) {
+        self.records += other.records;
+        self.late_turns += other.late_turns;
+        for (a, b) in self.events.iter_mut().zip(other.events) {
+            *a += b;
+        }
+        for (a, b) in self.turns.iter_mut().zip(other.turns) {
+            *a += b;
+        }
+        for (a, b) in self.dead_letters.iter_mut().zip(other.dead_letters) {
+            *a += b;
+        }
+        for (a, b) in self.dropped.iter_mut().zip(other.dropped) {
+            *a += b;
+        }
+    }
+
+    pub fn total_turns(&self) -> u64 {
+        self.turns.iter().sum()
+    }
+
+    pub fn total_dead_letters(&self) -> u64 {
+        self.dead_letters.iter().sum()
+    }
+
+    fn count(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Turn(s) => {
+                self.turns[ClosedBy::ALL
+                    .iter()
+                    .position(|c| *c == s.closed_by)
+                    .unwrap_or(0)] += 1;
+                self.late_turns += u64::from(s.late);
+            }
+            Outcome::DeadLetter { reason, .. } => {
+                self.dead_letters[DeadLetterReason::ALL
+                    .iter()
+                    .position(|r| r == reason)
+                    .unwrap_or(0)] += 1;
+            }
+            Outcome::Dropped { reason, .. } => {
+                self.dropped[DropReason::ALL
+                    .iter()
+                    .position(|r| r == reason)
+                    .unwrap_or(0)] += 1;
+            }
+        }
+    }
+}
+
+/// One source partition's pipeline: decoder, session engine and counts.
+#[derive(Debug)]
+pub struct PartitionPipeline {
+    decoder: Decoder,
+    engine: SessionEngine,
+    stats: Stats,
+    scratch: Vec<Resolution>,
+}
+
+impl PartitionPipeline {
+    pub fn new(decoder: Decoder, window: WindowConfig) -> Self {
+        PartitionPipeline {
+            decoder,
+            engine: SessionEngine::new(window),
+            stats: Stats::default(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn engine(&self) -> &SessionEngine {
+        &self.engine
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Processes the partition's next record. `now_ms` is the wall clock (for
+    /// the future-skew check only).
+    pub fn process(&mut self, payload: &[u8], seq: u64, now_ms: i64, out: &mut Vec<Outcome>) {
+        self.stats.records += 1;
+        match self.decoder.decode(payload, now_ms) {
+            Err(Poison { reason, message }) => self.push(
+                Outcome::DeadLetter {
+                    seq,
+                    reason,
+                    error: message,
+                },
+                out,
+            ),
+            Ok(event) => {
+                let kind = match event.kind {
+                    EventKind::Message => 0,
+                    EventKind::Typing => 1,
+                    EventKind::EndOfTurn => 2,
+                };
+                self.stats.events[kind] += 1;
+                let event_time = event.event_time;
+                let mut resolutions = std::mem::take(&mut self.scratch);
+                self.engine.on_event(event, seq, &mut resolutions);
+                for r in resolutions.drain(..) {
+                    let outcome = self.outcome(r, event_time);
+                    self.push(outcome, out);
+                }
+                self.scratch = resolutions;
+            }
+        }
+    }
+
+    /// The caught-up idle advance (see [`SessionEngine::advance_idle`]).
+    pub fn advance_idle(&mut self, now_ms: i64, out: &mut Vec<Outcome>) {
+        let mut resolutions = std::mem::take(&mut self.scratch);
+        self.engine.advance_idle(now_ms, &mut resolutions);
+        self.drain(resolutions, out);
+    }
+
+    /// End of input: closes every session.
+    pub fn flush(&mut self, out: &mut Vec<Outcome>) {
+        let mut resolutions = std::mem::take(&mut self.scratch);
+        self.engine.flush(&mut resolutions);
+        self.drain(resolutions, out);
+    }
+
+    fn drain(&mut self, mut resolutions: Vec<Resolution>, out: &mut Vec<Outcome>) {
+        for r in resolutions.drain(..) {
+            // Only on_event yields LateDeadLetter, so the time is never read here.
+            let outcome = self.outcome(r, 0);
+            self.push(outcome, out);
+        }
+        self.scratch = resolutions;
+    }
+
+    fn outcome(&self, resolution: Resolution, event_time: i64) -> Outcome {
+        match resolution {
+            Resolution::Turn(session) => Outcome::Turn(session),
+            Resolution::Dropped { seq, reason } => Outcome::Dropped { seq, reason },
+            Resolution::LateDeadLetter { seq } => Outcome::DeadLetter {
+                seq,
+                reason: DeadLetterReason::Late,
+                error: format!(
+                    "late event: event_time {event_time} plus window.gap ({} ms) is before the \
+                     partition's watermark ({}) and the event reaches no open session",
+                    self.engine.config().gap_ms,
+                    self.engine.watermark()
+                ),
+            },
+        }
+    }
+
+    fn push(&mut self, outcome: Outcome, out: &mut Vec<Outcome>) {
+        self.stats.count(&outcome);
+        out.push(outcome);
+    }
+}

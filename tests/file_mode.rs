@@ -1,0 +1,367 @@
+//! Golden end-to-end tests of `sessionizer run` in file mode, run as the real
+//! binary: the turns and dead letters must equal the files under
+//! `tests/golden/<case>/`, and everything written must validate against the
+//! JSON Schemas in `schemas/`.
+//!
+//! To accept a deliberate change of output, run with `UPDATE_GOLDEN=1` and
+//! review the diff of `tests/golden/`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionizer"));
+    // Overrides from the caller's environment must not leak into a test.
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SESSIONIZER") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+fn golden_dir(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(case)
+}
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas")
+        .join(name);
+    let schema: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{name} is not a valid schema: {e}"))
+}
+
+fn assert_valid(validator: &jsonschema::Validator, what: &str, value: &Value) {
+    let errors: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| format!("{} at {}", e, e.instance_path))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} does not validate: {errors:?}\n{value}"
+    );
+}
+
+/// Runs a golden case; returns (turns, dead letters) as parsed JSON lines.
+fn run_case(case: &str) -> (Vec<Value>, Vec<Value>) {
+    let dir = golden_dir(case);
+    let tmp = tempfile::tempdir().unwrap();
+    let (turns_path, dlq_path) = (tmp.path().join("turns.jsonl"), tmp.path().join("dlq.jsonl"));
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(dir.join("config.toml"))
+        .env("SESSIONIZER__FILE__INPUT", dir.join("input.jsonl"))
+        .env("SESSIONIZER__FILE__OUTPUT", &turns_path)
+        .env("SESSIONIZER__FILE__DLQ", &dlq_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (read_lines(&turns_path), read_lines(&dlq_path))
+}
+
+fn read_lines(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display())))
+        .collect()
+}
+
+/// Drops what differs from run to run (time of failure, worker, temp paths).
+fn normalize_dead_letter(mut letter: Value) -> Value {
+    let obj = letter.as_object_mut().unwrap();
+    assert!(obj.remove("failed_at").is_some(), "failed_at present");
+    assert!(obj.remove("worker").is_some(), "worker present");
+    let name = obj["source"]["name"].as_str().unwrap();
+    let base = Path::new(name)
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    obj["source"]["name"] = Value::String(base);
+    letter
+}
+
+fn check_golden(case: &str, file: &str, got: &[Value]) {
+    let path = golden_dir(case).join(file);
+    let text: String = got.iter().map(|v| format!("{v}\n")).collect();
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, &text).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with UPDATE_GOLDEN=1 to create it)",
+            path.display()
+        )
+    });
+    let want: Vec<Value> = want
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got, &want[..], "{case}/{file} differs from the golden file");
+}
+
+fn golden(case: &str) -> (Vec<Value>, Vec<Value>) {
+    let (turns, dlq) = run_case(case);
+    let (turn_schema, dlq_schema) = (
+        schema("turn.schema.json"),
+        schema("dead_letter.schema.json"),
+    );
+    for t in &turns {
+        assert_valid(&turn_schema, "a turn", t);
+    }
+    for d in &dlq {
+        assert_valid(&dlq_schema, "a dead letter", d);
+    }
+    let dlq: Vec<Value> = dlq.into_iter().map(normalize_dead_letter).collect();
+    check_golden(case, "turns.jsonl", &turns);
+    check_golden(case, "dlq.jsonl", &dlq);
+    (turns, dlq)
+}
+
+#[test]
+fn golden_conversation() {
+    let (turns, dlq) = golden("conversation");
+    assert!(dlq.is_empty());
+    let summary: Vec<(&str, &str, bool)> = turns
+        .iter()
+        .map(|t| {
+            (
+                t["user_id"].as_str().unwrap(),
+                t["closed_by"].as_str().unwrap(),
+                t["late"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("alice", "gap", false),
+            ("carol", "end_of_turn", false),
+            ("alice", "gap", true),
+            ("bob", "gap", false),
+            ("dave", "gap", false)
+        ]
+    );
+    assert_eq!(
+        turns[0]["text"], "hi\nquick question\nmy order #123 never arrived",
+        "duplicate a2 dropped"
+    );
+    assert_eq!(
+        turns[3]["text"], "arrived out of order\nhello\nare you there?",
+        "event-time order, typing bridged the gap"
+    );
+    assert_eq!(turns[3]["conversation_id"], "support");
+}
+
+#[test]
+fn golden_every_poison_kind() {
+    let (turns, dlq) = golden("poison");
+    let reasons: Vec<(&str, u64)> = dlq
+        .iter()
+        .map(|d| {
+            (
+                d["reason"].as_str().unwrap(),
+                d["source"]["position"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("decode", 1),
+            ("invalid", 2),
+            ("invalid", 3),
+            ("invalid", 4),
+            ("invalid", 5),
+            ("oversize", 6),
+            ("oversize", 7),
+            ("decode", 8),
+            ("invalid", 9),
+            ("invalid", 10),
+            ("late", 13)
+        ]
+    );
+    // The original line, byte for byte.
+    let input = std::fs::read(golden_dir("poison").join("input.jsonl")).unwrap();
+    let lines: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
+    for d in &dlq {
+        let line = lines[d["source"]["position"].as_u64().unwrap() as usize - 1];
+        let original = match (d.get("payload"), d.get("payload_base64")) {
+            (Some(p), None) => p.as_str().unwrap().as_bytes().to_vec(),
+            (None, Some(b)) => {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.as_str().unwrap())
+                    .unwrap()
+            }
+            other => panic!("exactly one payload form expected: {other:?}"),
+        };
+        assert_eq!(original, line);
+    }
+    assert_eq!(turns.len(), 2, "ok1 and x1 become turns");
+}
+
+#[test]
+fn golden_caps() {
+    let (turns, _) = golden("caps");
+    let closed: Vec<(&str, &str, u64)> = turns
+        .iter()
+        .map(|t| {
+            (
+                t["user_id"].as_str().unwrap(),
+                t["closed_by"].as_str().unwrap(),
+                t["message_count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for want in [
+        ("chatty", "max_messages", 3),
+        ("wordy", "max_bytes", 2),
+        ("slow", "max_duration", 2),
+    ] {
+        assert!(closed.contains(&want), "{want:?} in {closed:?}");
+    }
+}
+
+#[test]
+fn golden_inputs_are_valid_chat_events() {
+    let validator = schema("chat_event.schema.json");
+    for case in ["conversation", "caps"] {
+        for line in std::fs::read_to_string(golden_dir(case).join("input.jsonl"))
+            .unwrap()
+            .lines()
+        {
+            if !line.trim().is_empty() {
+                assert_valid(
+                    &validator,
+                    "a golden input event",
+                    &serde_json::from_str(line).unwrap(),
+                );
+            }
+        }
+    }
+    // And the schema rejects what the decoder rejects for being invalid.
+    let bad = serde_json::json!({"message_id": "m", "user_id": "u", "event_time": 5});
+    assert!(!validator.is_valid(&bad), "a message without text");
+}
+
+#[test]
+fn stdin_to_stdout_and_protobuf_output() {
+    let dir = golden_dir("conversation");
+    let input = std::fs::read(dir.join("input.jsonl")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "source = \"file\"\n[file]\ninput = \"-\"\noutput = \"-\"\ndlq = {:?}\n",
+            tmp.path().join("dlq").display()
+        ),
+    )
+    .unwrap();
+
+    let run = |format: &str| -> Output {
+        let mut child = bin()
+            .args(["run", "--config"])
+            .arg(&config)
+            .env("SESSIONIZER__OUTPUT__FORMAT", format)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(&input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let json = run("json");
+    assert!(json.status.success());
+    let want: Vec<Value> = read_lines(&dir.join("turns.jsonl"));
+    let got: Vec<Value> = String::from_utf8(json.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got, want);
+
+    // Protobuf: length-delimited Turn messages, the same turns.
+    let pb = run("protobuf");
+    assert!(pb.status.success());
+    let mut buf = &pb.stdout[..];
+    let mut ids = Vec::new();
+    while !buf.is_empty() {
+        use prost::Message;
+        let turn = sessionizer::codec::proto::Turn::decode_length_delimited(&mut buf).unwrap();
+        ids.push(turn.turn_id);
+    }
+    let want_ids: Vec<&str> = want
+        .iter()
+        .map(|t| t["turn_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, want_ids);
+}
+
+#[test]
+fn bad_config_fails_before_reading_with_the_key_and_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    let output = tmp.path().join("turns.jsonl");
+    std::fs::write(
+        &config,
+        format!("source = \"file\"\n[window]\ngap = \"soon\"\n[file]\ninput = \"-\"\noutput = {:?}\ndlq = \"d\"\n", output.display()),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("window.gap") && stderr.contains("invalid duration"),
+        "{stderr}"
+    );
+    assert!(!output.exists(), "nothing was opened or written");
+
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&config)
+        .env("SESSIONIZER__WINDOW__GAP", "4s")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let effective = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        effective.contains("gap = \"4s\"") && effective.contains("max_messages = 200"),
+        "{effective}"
+    );
+
+    let missing = bin()
+        .args(["run", "--config"])
+        .arg(tmp.path().join("nope.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.toml"));
+}

@@ -1,0 +1,547 @@
+//! The Kafka worker against a real Kafka-protocol broker (`tansu`, started by
+//! the harness on a free loopback port), run as the real binary.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use sessionizer::codec::{encode_turn, DecodeLimits, Decoder, InputFormat, OutputFormat};
+use sessionizer::config::Config;
+use sessionizer::pipeline::{Outcome, PartitionPipeline};
+use sessionizer::workload::{Workload, WorkloadSpec};
+use support::{committed, produce, read_until, wait_for, Broker, Read, Worker};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Topics {
+    input: String,
+    output: String,
+    dlq: String,
+    group: String,
+}
+
+async fn topics(broker: &Broker, name: &str, partitions: i32) -> Topics {
+    let t = Topics {
+        input: format!("{name}-chat"),
+        output: format!("{name}-turns"),
+        dlq: format!("{name}-dlq"),
+        group: format!("{name}-workers"),
+    };
+    broker.create_topic(&t.input, partitions).await;
+    broker.create_topic(&t.output, 2).await;
+    broker.create_topic(&t.dlq, 1).await;
+    t
+}
+
+/// A worker config: defaults for the window, fast idle advance and commits,
+/// short session timeouts so group changes settle quickly.
+fn worker_config(broker: &Broker, t: &Topics, extra_kafka: &str) -> String {
+    format!(
+        r#"source = "kafka"
+[window]
+idle_timeout = "200ms"
+[kafka]
+brokers = "{}"
+group_id = "{}"
+input_topics = ["{}"]
+output_topic = "{}"
+dlq_topic = "{}"
+commit_interval = "200ms"
+{extra_kafka}
+[kafka.properties]
+"session.timeout.ms" = "6000"
+"heartbeat.interval.ms" = "500"
+"topic.metadata.refresh.interval.ms" = "1000"
+"#,
+        broker.bootstrap(),
+        t.group,
+        t.input,
+        t.output,
+        t.dlq
+    )
+}
+
+/// Bursty traffic from a few users, with duplicates and every poison kind,
+/// keyed by user id.
+fn workload(users: u32, count: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let spec = WorkloadSpec {
+        users,
+        duplicate_fraction: 0.05,
+        poison_fraction: 0.05,
+        seed,
+        ..WorkloadSpec::default()
+    };
+    Workload::new(spec)
+        .take(count)
+        .map(|r| (format!("user-{}", r.user).into_bytes(), r.payload))
+        .collect()
+}
+
+/// What the worker must produce: each partition's records, in offset order,
+/// through the pipeline, then every session closed (the idle advance closes
+/// every open session once a partition is quiet).
+fn reference(
+    config: &Config,
+    input: &[Read],
+) -> (Vec<serde_json::Value>, BTreeSet<(i32, i64, String)>) {
+    let mut by_partition: BTreeMap<i32, Vec<&Read>> = BTreeMap::new();
+    for r in input {
+        by_partition.entry(r.partition).or_default().push(r);
+    }
+    let decoder = Decoder::new(
+        InputFormat::Auto,
+        DecodeLimits {
+            ..config.decode_limits()
+        },
+    );
+    let mut turns = Vec::new();
+    let mut dead = BTreeSet::new();
+    for (partition, mut records) in by_partition {
+        records.sort_by_key(|r| r.offset);
+        let mut pipeline = PartitionPipeline::new(decoder.clone(), config.window_config());
+        let mut out = Vec::new();
+        let mut offsets = BTreeMap::new();
+        for (seq, r) in records.iter().enumerate() {
+            offsets.insert(seq as u64, r.offset);
+            pipeline.process(
+                &r.payload,
+                seq as u64,
+                sessionizer::wall_clock::now_ms(),
+                &mut out,
+            );
+        }
+        pipeline.flush(&mut out);
+        for o in out {
+            match o {
+                Outcome::Turn(s) => {
+                    let mut buf = Vec::new();
+                    encode_turn(&s, OutputFormat::Json, &mut buf);
+                    turns.push(serde_json::from_slice(&buf).unwrap());
+                }
+                Outcome::DeadLetter { seq, reason, .. } => {
+                    dead.insert((partition, offsets[&seq], reason.as_str().to_owned()));
+                }
+                Outcome::Dropped { .. } => {}
+            }
+        }
+    }
+    turns.sort_by(|a: &serde_json::Value, b| a["turn_id"].as_str().cmp(&b["turn_id"].as_str()));
+    (turns, dead)
+}
+
+fn sorted_turns(records: &[Read]) -> Vec<serde_json::Value> {
+    let mut turns: Vec<serde_json::Value> = records.iter().map(Read::json).collect();
+    turns.sort_by(|a, b| a["turn_id"].as_str().cmp(&b["turn_id"].as_str()));
+    turns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_to_end_turns_equal_the_reference_and_poison_goes_to_the_dlq() {
+    let broker = Broker::start();
+    let t = topics(&broker, "e2e", 4).await;
+    let records = workload(40, 800, 7);
+    produce(broker.client_config(), &t.input, &records).await;
+    let config_text = worker_config(&broker, &t, "");
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let (want_turns, want_dead) = reference(&config, &input);
+    assert!(
+        want_dead.len() > 10 && want_turns.len() > 50,
+        "the workload exercises both paths"
+    );
+
+    let mut worker = Worker::start(&config_text);
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= want_turns.len()
+    });
+    let dead = read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        r.len() >= want_dead.len()
+    });
+
+    assert_eq!(
+        sorted_turns(&turns),
+        want_turns,
+        "the turns equal the reference model's"
+    );
+    for turn in &turns {
+        assert_eq!(
+            turn.key,
+            turn.json()["user_id"].as_str().unwrap().as_bytes(),
+            "keyed by session key"
+        );
+        assert_eq!(turn.header("content-type"), Some("application/json"));
+    }
+    let by_offset: BTreeMap<(i32, i64), &Read> =
+        input.iter().map(|r| ((r.partition, r.offset), r)).collect();
+    let mut got_dead = BTreeSet::new();
+    for d in &dead {
+        let partition: i32 = d
+            .header("sessionizer.dlq.source.partition")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let offset: i64 = d
+            .header("sessionizer.dlq.source.offset")
+            .unwrap()
+            .parse()
+            .unwrap();
+        let original = by_offset[&(partition, offset)];
+        assert_eq!(
+            (&d.key, &d.payload),
+            (&original.key, &original.payload),
+            "original key and value, byte for byte"
+        );
+        assert_eq!(
+            d.header("sessionizer.dlq.source.topic"),
+            Some(t.input.as_str())
+        );
+        assert!(!d.header("sessionizer.dlq.error").unwrap().is_empty());
+        assert!(d
+            .header("sessionizer.dlq.source.timestamp")
+            .unwrap()
+            .parse::<i64>()
+            .is_ok());
+        assert!(d
+            .header("sessionizer.dlq.failed_at")
+            .unwrap()
+            .ends_with('Z'));
+        assert!(d.header("sessionizer.dlq.worker").is_some());
+        got_dead.insert((
+            partition,
+            offset,
+            d.header("sessionizer.dlq.reason").unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        got_dead, want_dead,
+        "exactly the poison records, with their reasons"
+    );
+
+    // Graceful shutdown: exit 0, and everything resolved is committed.
+    let status = worker.terminate();
+    assert!(status.success(), "exit status {status:?}");
+    let mut ends = [0i64; 4];
+    for r in &input {
+        ends[r.partition as usize] = ends[r.partition as usize].max(r.offset + 1);
+    }
+    assert_eq!(
+        committed(broker.client_config(), &t.group, &t.input, 4),
+        ends
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_users_turn_is_emitted_without_further_traffic() {
+    let broker = Broker::start();
+    let t = topics(&broker, "idle", 1).await;
+    let mut worker = Worker::start(&worker_config(&broker, &t, ""));
+    let now = sessionizer::wall_clock::now_ms();
+    let event =
+        format!(r#"{{"message_id":"m1","user_id":"lonely","text":"anyone?","event_time":{now}}}"#);
+    produce(
+        broker.client_config(),
+        &t.input,
+        &[(b"lonely".to_vec(), event.into_bytes())],
+    )
+    .await;
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        !r.is_empty()
+    });
+    assert_eq!(turns[0].json()["text"], "anyone?");
+    assert_eq!(turns[0].json()["closed_by"], "gap");
+    assert!(worker.terminate().success());
+}
+
+/// The message ids a complete run must deliver: every valid message, once.
+fn valid_message_ids(config: &Config, input: &[Read]) -> BTreeSet<String> {
+    let (turns, _) = reference(config, input);
+    turns
+        .iter()
+        .flat_map(|t| {
+            t["messages"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        })
+        .collect()
+}
+
+fn message_ids(turn: &serde_json::Value) -> Vec<String> {
+    turn["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Nothing lost, and duplicates only as re-emissions of the same turn: every
+/// valid message is in a turn, a `turn_id` seen twice carries the same
+/// messages, and no message is in two different turns.
+fn assert_complete_without_partial_duplicates(want: &BTreeSet<String>, turns: &[Read]) {
+    let mut by_turn: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut duplicates = 0;
+    for t in turns {
+        let json = t.json();
+        let ids = message_ids(&json);
+        let turn_id = json["turn_id"].as_str().unwrap().to_owned();
+        if let Some(previous) = by_turn.get(&turn_id) {
+            assert_eq!(
+                previous, &ids,
+                "turn {turn_id} re-emitted with other messages"
+            );
+            duplicates += 1;
+        } else {
+            by_turn.insert(turn_id, ids);
+        }
+    }
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for (turn_id, ids) in &by_turn {
+        for id in ids {
+            if let Some(other) = owner.insert(id, turn_id) {
+                panic!("message {id} is in turns {other} and {turn_id}");
+            }
+        }
+    }
+    let seen: BTreeSet<String> = owner.keys().map(|k| k.to_string()).collect();
+    assert_eq!(&seen, want, "every valid message in exactly one turn");
+    eprintln!("{} turns, {duplicates} re-emitted", by_turn.len());
+}
+
+fn covers(want: &BTreeSet<String>) -> impl Fn(&[Read]) -> bool + '_ {
+    move |records| {
+        let seen: BTreeSet<String> = records
+            .iter()
+            .flat_map(|r| message_ids(&r.json()))
+            .collect();
+        let missing: Vec<&String> = want.difference(&seen).take(300).collect();
+        if !missing.is_empty() && std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
+            eprintln!(
+                "{} of {} messages not in a turn yet, e.g. {missing:?}",
+                want.difference(&seen).count(),
+                want.len()
+            );
+        }
+        missing.is_empty()
+    }
+}
+
+/// A backlog big enough that group changes happen while it is processed.
+async fn backlog(broker: &Broker, t: &Topics, count: usize) -> (Config, String, BTreeSet<String>) {
+    let (config, text, want, _) = backlog_with_input(broker, t, count).await;
+    (config, text, want)
+}
+
+async fn backlog_with_input(
+    broker: &Broker,
+    t: &Topics,
+    count: usize,
+) -> (Config, String, BTreeSet<String>, Vec<Read>) {
+    let records = workload(300, count, 11);
+    produce(broker.client_config(), &t.input, &records).await;
+    let config_text = worker_config(broker, t, "");
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let want = valid_message_ids(&config, &input);
+    (config, config_text, want, input)
+}
+
+fn wait_for_turns(broker: &Broker, topic: &str, at_least: usize) {
+    read_until(broker.client_config(), topic, false, TIMEOUT, |r| {
+        r.len() >= at_least
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "against tansu 0.6 a cooperative rebalance mid-stream loses fetched records (the worker logs an offset gap that \
+            re-reading does not fill) and a reassigned partition is sometimes never fetched; see the issue #3 note"]
+async fn workers_joining_and_leaving_lose_nothing() {
+    let broker = Broker::start();
+    let t = topics(&broker, "rebalance", 6).await;
+    let (_, config_text, want, input) = backlog_with_input(&broker, &t, 40_000).await;
+    if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
+        for r in &input {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) {
+                eprintln!("input {} p{} o{}", v["message_id"], r.partition, r.offset);
+            }
+        }
+    }
+    let mut first = Worker::start(&config_text);
+    let _second = Worker::start(&config_text);
+    wait_for_turns(&broker, &t.output, 100);
+    let _third = Worker::start(&config_text); // joins mid-stream
+    wait_for_turns(&broker, &t.output, 2_000);
+    assert!(
+        first.terminate().success(),
+        "leaves the group cleanly mid-stream"
+    );
+    let turns = read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
+    assert_complete_without_partial_duplicates(&want, &turns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
+    let broker = Broker::start();
+    let t = topics(&broker, "kill", 4).await;
+    let (_, config_text, want) = backlog(&broker, &t, 40_000).await;
+    let mut worker = Worker::start(&config_text);
+    wait_for_turns(&broker, &t.output, 1_000);
+    worker.kill9();
+    let _restarted = Worker::start(&config_text);
+    let turns = read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
+    assert_complete_without_partial_duplicates(&want, &turns);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_recovers_from_a_broker_restart() {
+    let mut broker = Broker::start_persistent();
+    let t = topics(&broker, "restart", 2).await;
+    let records = workload(100, 4_000, 13);
+    let (first, second) = records.split_at(2_000);
+    produce(broker.client_config(), &t.input, first).await;
+    let config_text = worker_config(&broker, &t, "");
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let _worker = Worker::start(&config_text);
+    wait_for_turns(&broker, &t.output, 10);
+    broker.restart();
+    produce(broker.client_config(), &t.input, second).await;
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    // The pause between the halves lets the idle advance close sessions, so
+    // turns may split differently from one uninterrupted run; what must hold
+    // is that every valid message arrives.
+    let want = valid_message_ids(&config, &input);
+    let turns = read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
+    let seen: BTreeSet<String> = turns.iter().flat_map(|r| message_ids(&r.json())).collect();
+    assert!(want.is_subset(&seen));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acks_setting_delivers_and_commits() {
+    let broker = Broker::start();
+    for acks in ["0", "1", "all"] {
+        let t = topics(&broker, &format!("acks-{acks}"), 2).await;
+        let records = workload(20, 300, 17);
+        produce(broker.client_config(), &t.input, &records).await;
+        let config_text = worker_config(
+            &broker,
+            &t,
+            &format!("output_acks = \"{acks}\"\ndlq_acks = \"{acks}\""),
+        );
+        let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+        let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+            r.len() == records.len()
+        });
+        let (want_turns, want_dead) = reference(&config, &input);
+        let mut worker = Worker::start(&config_text);
+        let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+            r.len() >= want_turns.len()
+        });
+        read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+            r.len() >= want_dead.len()
+        });
+        assert_eq!(sorted_turns(&turns), want_turns, "acks {acks}");
+        let mut ends = [0i64; 2];
+        for r in &input {
+            ends[r.partition as usize] = ends[r.partition as usize].max(r.offset + 1);
+        }
+        wait_for(
+            &format!("acks {acks}: offsets committed to the end"),
+            TIMEOUT,
+            || (committed(broker.client_config(), &t.group, &t.input, 2) == ends).then_some(()),
+        );
+        assert!(worker.terminate().success());
+    }
+}
+
+/// Exactly-once on librdkafka's mock cluster (tansu has no transactions): a
+/// worker killed with SIGKILL while its transaction is open, then restarted
+/// with the same transactional id. A `read_committed` reader sees every valid
+/// message in a turn and no turn twice, although the killed worker had already
+/// sent turns (visible to `read_uncommitted`). The mock cluster does not store
+/// offsets committed in a transaction (its TxnOffsetCommit is a stub), so the
+/// restarted worker replays from the start: what is tested is that aborted
+/// output never becomes visible.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fails: on librdkafka's mock cluster a read_committed reader still sees turns of the killed worker's \
+            transaction after the restarted worker (same transactional.id) took over; not yet known whether the mock \
+            or the worker is at fault; see the issue #3 note"]
+async fn exactly_once_shows_no_duplicate_after_sigkill() {
+    let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
+    let t = Topics {
+        input: "eos-chat".into(),
+        output: "eos-turns".into(),
+        dlq: "eos-dlq".into(),
+        group: "eos-workers".into(),
+    };
+    for (topic, partitions) in [(&t.input, 2), (&t.output, 2), (&t.dlq, 1)] {
+        cluster.create_topic(topic, partitions, 1).unwrap();
+    }
+    let bootstrap = cluster.bootstrap_servers();
+    let client = || {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &bootstrap);
+        c
+    };
+    let records = workload(30, 1_500, 23);
+    produce(client(), &t.input, &records).await;
+    let config_text = format!(
+        "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\nexactly_once = true\ntransactional_id = \"eos-test-worker\"\ncommit_interval = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
+        t.group, t.input, t.output, t.dlq
+    );
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let input = read_until(client(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let want = valid_message_ids(&config, &input);
+
+    let (want_turns, _) = reference(&config, &input);
+
+    let mut worker = Worker::start(&config_text);
+    // Turns in the open transaction: sent, not committed.
+    read_until(client(), &t.output, false, TIMEOUT, |r| r.len() >= 20);
+    worker.kill9();
+    let sent_by_the_killed = read_until(client(), &t.output, false, TIMEOUT, |_| true).len();
+    let _restarted = Worker::start(&config_text);
+    // The restarted worker has re-sent every turn once all of them are in the
+    // log after the killed worker's.
+    read_until(client(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= sent_by_the_killed + want_turns.len()
+    });
+    let turns = read_until(client(), &t.output, true, TIMEOUT, covers(&want));
+    let mut seen = BTreeSet::new();
+    for turn in &turns {
+        let id = turn.json()["turn_id"].as_str().unwrap().to_owned();
+        assert!(
+            seen.insert(id.clone()),
+            "turn {id} seen twice by a read_committed reader"
+        );
+    }
+    assert_complete_without_partial_duplicates(&want, &turns);
+}

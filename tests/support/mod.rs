@@ -1,0 +1,393 @@
+//! Shared harness of the broker tests: a real Kafka-protocol broker (`tansu`)
+//! on a free loopback port with its own storage, the real `sessionizer`
+//! binary as a child process, and helpers that wait on conditions with a
+//! deadline (never on fixed sleeps).
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// A free TCP port on loopback (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
+fn tansu_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("TANSU_BIN") {
+        return path.into();
+    }
+    let candidates = std::env::var_os("PATH")
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("tansu"))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu")));
+    for candidate in candidates {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("the Kafka-protocol broker `tansu` is missing: run scripts/install-test-deps (or set TANSU_BIN)");
+}
+
+/// A tansu broker on a free loopback port; killed when dropped.
+pub struct Broker {
+    pub port: u16,
+    storage: Option<PathBuf>,
+    child: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl Broker {
+    /// A broker keeping its data in memory.
+    pub fn start() -> Broker {
+        Self::start_with(None)
+    }
+
+    /// A broker keeping its data in an SQLite file, so it survives a restart.
+    pub fn start_persistent() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("tansu.db");
+        let mut broker = Self::start_with(Some(db));
+        broker._dir = dir;
+        broker
+    }
+
+    fn start_with(storage: Option<PathBuf>) -> Broker {
+        let mut broker = Broker {
+            port: free_port(),
+            storage,
+            child: None,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        broker.spawn();
+        broker
+    }
+
+    fn spawn(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let mut cmd = Command::new(tansu_binary());
+        cmd.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ]);
+        if let Some(db) = &self.storage {
+            // tansu resolves a sqlite path against its working directory
+            // (even an absolute one), so run it in the database's folder.
+            cmd.current_dir(db.parent().unwrap());
+            let name = db.file_name().unwrap().to_str().unwrap();
+            cmd.args(["--storage-engine", &format!("sqlite://{name}")]);
+        }
+        let log = std::fs::File::create(self._dir.path().join(format!("tansu-{}.log", self.port)))
+            .unwrap();
+        cmd.stdout(Stdio::null()).stderr(log);
+        self.child = Some(cmd.spawn().expect("start tansu"));
+        let bootstrap = self.bootstrap();
+        wait_for(
+            "the broker to answer metadata requests",
+            Duration::from_secs(60),
+            || {
+                let consumer: BaseConsumer = ClientConfig::new()
+                    .set("bootstrap.servers", &bootstrap)
+                    .create()
+                    .ok()?;
+                consumer
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .ok()
+                    .filter(|m| !m.brokers().is_empty())
+            },
+        );
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the broker (SIGKILL) and starts it again on the same port and
+    /// storage.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", self.bootstrap());
+        c
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        create_topic(self.client_config(), name, partitions).await;
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn create_topic(config: ClientConfig, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = config.create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics([&topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    for r in results {
+        r.unwrap_or_else(|(t, e)| panic!("creating topic {t}: {e}"));
+    }
+}
+
+/// Produces keyed records (acks all) and waits for every delivery.
+pub async fn produce(config: ClientConfig, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
+    let mut config = config;
+    let producer: FutureProducer = config
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap();
+    let sends = records.iter().map(|(key, payload)| {
+        let producer = producer.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(topic).key(key).payload(payload),
+                    Timeout::Never,
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+    });
+    futures::future::join_all(sends).await;
+}
+
+/// A record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Read {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Vec<u8>,
+    pub payload: Vec<u8>,
+    pub headers: BTreeMap<String, Vec<u8>>,
+}
+
+impl Read {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.payload)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.payload)))
+    }
+
+    pub fn header(&self, key: &str) -> Option<&str> {
+        self.headers
+            .get(key)
+            .map(|v| std::str::from_utf8(v).unwrap())
+    }
+}
+
+/// Reads a whole topic from the beginning, again and again, until `done`
+/// holds for what was read, or panics after `timeout`.
+pub fn read_until(
+    config: ClientConfig,
+    topic: &str,
+    read_committed: bool,
+    timeout: Duration,
+    done: impl Fn(&[Read]) -> bool,
+) -> Vec<Read> {
+    let mut config = config;
+    let consumer: BaseConsumer = config
+        .set("group.id", format!("reader-{}", free_port()))
+        .set("enable.auto.commit", "false")
+        .set(
+            "isolation.level",
+            if read_committed {
+                "read_committed"
+            } else {
+                "read_uncommitted"
+            },
+        )
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let partitions = metadata.topics()[0].partitions().len() as i32;
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + timeout;
+    let mut records = Vec::new();
+    // `done` may be costly (it can parse every record): ask it when the
+    // reader has caught up, not after every record.
+    let mut caught_up = false;
+    loop {
+        if caught_up && done(&records) {
+            return records;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "timed out after {timeout:?} reading {topic}: {} records so far",
+                records.len()
+            );
+        }
+        let polled = consumer.poll(Duration::from_millis(100));
+        caught_up = polled.is_none();
+        if let Some(Ok(m)) = polled {
+            let headers = m
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            records.push(Read {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                headers,
+            });
+        }
+    }
+}
+
+/// The group's committed offsets of a topic's partitions (no group join).
+pub fn committed(config: ClientConfig, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    let mut config = config;
+    let consumer: BaseConsumer = config.set("group.id", group).create().unwrap();
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(
+            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(Offset::Offset(o)) => o,
+                _ => -1,
+            },
+        )
+        .collect()
+}
+
+/// The real `sessionizer` binary running a config, killed when dropped.
+pub struct Worker {
+    pub child: Child,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Worker {
+    pub fn start(config: &str) -> Worker {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionizer"));
+        for (name, _) in std::env::vars() {
+            if name.starts_with("SESSIONIZER") {
+                cmd.env_remove(name);
+            }
+        }
+        // The worker's logs only with SESSIONIZER_TEST_LOGS=1: they would
+        // bypass the test harness's output capture.
+        let logs = if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        let child = cmd
+            .args(["run", "--config"])
+            .arg(file.path())
+            .env(
+                "SESSIONIZER_LOG",
+                std::env::var("SESSIONIZER_TEST_LOG_FILTER")
+                    .unwrap_or_else(|_| "info,rdkafka=warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(logs)
+            .spawn()
+            .unwrap();
+        Worker {
+            child,
+            _config: file,
+        }
+    }
+
+    /// SIGKILL: no chance to commit or flush.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status (bounded).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        wait_for(
+            "the worker to exit after SIGTERM",
+            Duration::from_secs(30),
+            || self.child.try_wait().unwrap(),
+        )
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
