@@ -17,6 +17,10 @@
 //! - [`file`]: file mode (JSON lines in, turns and dead letters out).
 //! - [`kafka`]: the Kafka worker (consumer group, commits after durable
 //!   output, dead letters with provenance headers, optional exactly-once).
+//! - [`redis`]: the Redis Streams worker (shard streams owned through
+//!   fenced leases, turns and dead letters written with their acks in one
+//!   step, pending-entry recovery).
+//! - [`fault`]: the crash-test hook (off unless its variable is set).
 //! - [`shutdown`]: the signal future the workers stop on.
 //! - [`config`]: the typed TOML configuration with environment overrides.
 //! - [`wall_clock`]: the one place the wall clock is read.
@@ -27,10 +31,12 @@
 pub mod codec;
 pub mod config;
 pub mod engine;
+pub mod fault;
 pub mod file;
 pub mod kafka;
 pub mod model;
 pub mod pipeline;
+pub mod redis;
 pub mod shutdown;
 pub mod wall_clock;
 pub mod workload;

@@ -114,6 +114,17 @@ fn run(command: Command) -> anyhow::Result<()> {
                     ))?;
                     Ok(())
                 }
+                SourceKind::Redis => {
+                    let runtime = tokio::runtime::Builder::new_multi_thread()
+                        .enable_all()
+                        .build()
+                        .context("starting the async runtime")?;
+                    runtime.block_on(sessionizer::redis::run(
+                        &config,
+                        sessionizer::shutdown::signal(),
+                    ))?;
+                    Ok(())
+                }
                 SourceKind::File => {
                     let stats = sessionizer::file::run(&config).context("file mode")?;
                     tracing::info!(

@@ -187,6 +187,37 @@ impl PartitionPipeline {
         }
     }
 
+    /// [`Self::process`], but a panic while processing becomes a dead letter
+    /// with reason `panic` (and an error log) instead of ending the worker:
+    /// one record that trips a bug must not stop a partition. Returns the
+    /// panic message when there was one.
+    pub fn process_guarded(
+        &mut self,
+        payload: &[u8],
+        seq: u64,
+        now_ms: i64,
+        out: &mut Vec<Outcome>,
+    ) -> Option<String> {
+        let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.process(payload, seq, now_ms, out);
+        }));
+        let panic = processed.err()?;
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        self.push(
+            Outcome::DeadLetter {
+                seq,
+                reason: DeadLetterReason::Panic,
+                error: format!("processing the record panicked: {what}"),
+            },
+            out,
+        );
+        Some(what)
+    }
+
     fn push(&mut self, outcome: Outcome, out: &mut Vec<Outcome>) {
         self.stats.count(&outcome);
         out.push(outcome);

@@ -17,7 +17,6 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -39,7 +38,6 @@ use super::offsets;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock};
-use crate::model::DeadLetterReason;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
@@ -584,21 +582,11 @@ impl Worker {
         }
         let payload = m.payload().unwrap_or(&[]);
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        let processed = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            state.pipeline.process(payload, seq, now, &mut outcomes);
-        }));
-        if let Err(panic) = processed {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
-            tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %what, "processing a record panicked; dead-lettering it");
-            outcomes.push(Outcome::DeadLetter {
-                seq,
-                reason: DeadLetterReason::Panic,
-                error: format!("processing the record panicked: {what}"),
-            });
+        if let Some(panic) = state
+            .pipeline
+            .process_guarded(payload, seq, now, &mut outcomes)
+        {
+            tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it");
         }
         self.dispatch(&tp, epoch, &mut outcomes, Some(m));
         self.outcomes = outcomes;

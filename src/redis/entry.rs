@@ -1,0 +1,204 @@
+//! Stream entries as the pipeline sees them.
+//!
+//! An input entry carries the event either as one field `payload` (JSON or
+//! protobuf bytes, exactly what a Kafka record value would hold) or as flat
+//! fields named like the ChatEvent's (`message_id`, `user_id`,
+//! `conversation_id`, `kind`, `text`, `event_time`, `attributes` as a JSON
+//! object), the usual Redis idiom. Flat fields are turned into the JSON event
+//! so both forms go through the one decoder with the same validation.
+
+use redis::Value;
+use serde_json::{Map, Value as Json};
+
+/// One entry read from a shard stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub id: String,
+    /// `None` when the entry was deleted (trimmed) while pending.
+    pub fields: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+}
+
+/// Whether the entry held a `payload` field or flat event fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    Payload,
+    Fields,
+}
+
+impl Form {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Form::Payload => "payload",
+            Form::Fields => "fields",
+        }
+    }
+}
+
+impl Entry {
+    /// The bytes to decode, and the form they came in. For flat fields that
+    /// is a JSON object of every field (values as strings, `event_time` as a
+    /// number when it is one, `attributes` parsed when it is a JSON object),
+    /// which is also what a dead letter keeps as `payload`.
+    pub fn payload(&self) -> (Vec<u8>, Form) {
+        let fields = self.fields.as_deref().unwrap_or_default();
+        if let Some((_, v)) = fields.iter().find(|(k, _)| k == b"payload") {
+            return (v.clone(), Form::Payload);
+        }
+        let mut object = Map::new();
+        for (k, v) in fields {
+            let key = String::from_utf8_lossy(k).into_owned();
+            let text = String::from_utf8_lossy(v).into_owned();
+            let value = match key.as_str() {
+                "event_time" => text
+                    .parse::<i64>()
+                    .map(Json::from)
+                    .unwrap_or(Json::String(text)),
+                "attributes" => match serde_json::from_str::<Json>(&text) {
+                    Ok(parsed @ Json::Object(_)) => parsed,
+                    _ => Json::String(text),
+                },
+                _ => Json::String(text),
+            };
+            object.insert(key, value);
+        }
+        (
+            serde_json::to_vec(&Json::Object(object)).expect("a JSON object serializes"),
+            Form::Fields,
+        )
+    }
+}
+
+/// Parses the entries of a stream reply (`[[id, [field, value, …]], …]`).
+pub fn parse_entries(value: Value) -> Result<Vec<Entry>, String> {
+    let Value::Array(items) = value else {
+        return match value {
+            Value::Nil => Ok(Vec::new()),
+            other => Err(format!("expected an array of entries, got {other:?}")),
+        };
+    };
+    items
+        .into_iter()
+        .map(|item| {
+            let Value::Array(mut parts) = item else {
+                return Err(format!("expected an entry, got {item:?}"));
+            };
+            if parts.len() != 2 {
+                return Err(format!("expected [id, fields], got {parts:?}"));
+            }
+            let fields = parts.pop().expect("two parts");
+            let id = bulk_string(parts.pop().expect("two parts"))?;
+            let fields = match fields {
+                Value::Nil => None,
+                Value::Array(flat) => {
+                    let mut pairs = Vec::with_capacity(flat.len() / 2);
+                    let mut flat = flat.into_iter();
+                    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                        pairs.push((bytes(k)?, bytes(v)?));
+                    }
+                    Some(pairs)
+                }
+                other => return Err(format!("expected entry fields, got {other:?}")),
+            };
+            Ok(Entry { id, fields })
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP`/`XREAD` reply for one stream (nil when
+/// nothing was read).
+pub fn parse_read_reply(value: Value) -> Result<Vec<Entry>, String> {
+    match value {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(mut streams) => match streams.pop() {
+            None => Ok(Vec::new()),
+            Some(Value::Array(mut stream)) if stream.len() == 2 => {
+                parse_entries(stream.pop().expect("two parts"))
+            }
+            Some(other) => Err(format!("expected [stream, entries], got {other:?}")),
+        },
+        Value::Map(mut streams) => match streams.pop() {
+            None => Ok(Vec::new()),
+            Some((_, entries)) => parse_entries(entries),
+        },
+        other => Err(format!("expected a stream read reply, got {other:?}")),
+    }
+}
+
+pub fn bytes(value: Value) -> Result<Vec<u8>, String> {
+    match value {
+        Value::BulkString(b) => Ok(b),
+        Value::SimpleString(s) => Ok(s.into_bytes()),
+        Value::Int(i) => Ok(i.to_string().into_bytes()),
+        other => Err(format!("expected a string, got {other:?}")),
+    }
+}
+
+pub fn bulk_string(value: Value) -> Result<String, String> {
+    String::from_utf8(bytes(value)?).map_err(|e| format!("expected UTF-8: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(fields: &[(&str, &str)]) -> Entry {
+        Entry {
+            id: "1-0".into(),
+            fields: Some(
+                fields
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                    .collect(),
+            ),
+        }
+    }
+
+    #[test]
+    fn a_payload_field_is_taken_byte_for_byte() {
+        let (bytes, form) = entry(&[("payload", "{\"a\": 1}"), ("x", "y")]).payload();
+        assert_eq!(bytes, b"{\"a\": 1}");
+        assert_eq!(form, Form::Payload);
+    }
+
+    #[test]
+    fn flat_fields_become_the_json_event() {
+        let (bytes, form) = entry(&[
+            ("message_id", "m1"),
+            ("user_id", "u"),
+            ("text", "hi"),
+            ("event_time", "1700000000000"),
+            ("attributes", "{\"lang\":\"en\"}"),
+        ])
+        .payload();
+        assert_eq!(form, Form::Fields);
+        let json: Json = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["event_time"], 1_700_000_000_000i64);
+        assert_eq!(json["attributes"]["lang"], "en");
+        assert_eq!(json["text"], "hi");
+        let (bytes, _) = entry(&[("event_time", "2026-01-01T00:00:00Z")]).payload();
+        let json: Json = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["event_time"], "2026-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn replies_parse_and_deleted_entries_have_no_fields() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"s".to_vec()),
+            Value::Array(vec![
+                Value::Array(vec![
+                    Value::BulkString(b"1-0".to_vec()),
+                    Value::Array(vec![
+                        Value::BulkString(b"payload".to_vec()),
+                        Value::BulkString(b"x".to_vec()),
+                    ]),
+                ]),
+                Value::Array(vec![Value::BulkString(b"2-0".to_vec()), Value::Nil]),
+            ]),
+        ])]);
+        let entries = parse_read_reply(reply).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].payload().0, b"x");
+        assert_eq!(entries[1].fields, None);
+        assert_eq!(parse_read_reply(Value::Nil).unwrap(), vec![]);
+    }
+}

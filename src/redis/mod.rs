@@ -1,0 +1,19 @@
+//! The Redis Streams worker.
+//!
+//! Redis consumer groups deal entries out round-robin, which would split one
+//! user's burst across workers; so the input is split into shard streams by a
+//! stable hash of the session key ([`keys::shard_of`]), and each shard is
+//! owned by one worker at a time through a lease with a fencing epoch
+//! ([`worker`]). The consumer name inside the group is the shard's name, so a
+//! new owner replays its predecessor's pending entries and rebuilds the open
+//! sessions ([`shard`]). A turn or dead letter is written and its entries
+//! acked in one script that checks the lease first ([`scripts`]): a stale
+//! owner can neither emit nor ack.
+
+pub mod entry;
+pub mod keys;
+pub mod scripts;
+pub mod shard;
+pub mod worker;
+
+pub use worker::{run, WorkerError};

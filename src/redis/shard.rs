@@ -1,0 +1,493 @@
+//! One owned shard: read, process, emit and ack in fenced steps.
+//!
+//! A shard task lives as long as its lease. It first replays the shard
+//! consumer's pending entries (a predecessor's unacked work: the open
+//! sessions it had), dead-lettering any entry already delivered
+//! `max_deliveries` times, then reads new entries. After every read it emits
+//! what closed: the turns, the dead letters and the acks of every entry they
+//! resolve go in one [`scripts::EMIT`] call that checks the lease first. An
+//! entry is acked exactly when its outcome is written, so a crash replays
+//! precisely the unresolved entries.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{RedisError, Value};
+use tokio::sync::watch;
+
+use super::entry::{parse_entries, parse_read_reply, Entry};
+use super::keys::ShardKeys;
+use super::scripts::{self, is_fenced};
+use crate::codec::{encode_turn, Decoder, OutputFormat};
+use crate::engine::{IdleClock, WindowConfig};
+use crate::model::{turn_id, DeadLetterReason};
+use crate::pipeline::{Outcome, PartitionPipeline, Stats};
+use crate::wall_clock::{now_ms, rfc3339_ms};
+
+/// What every shard task of a worker shares.
+#[derive(Debug)]
+pub struct Settings {
+    pub group: String,
+    pub batch: u32,
+    pub block: Duration,
+    pub max_deliveries: u32,
+    pub output_maxlen: Option<u64>,
+    pub dlq_maxlen: Option<u64>,
+    pub decoder: Decoder,
+    pub window: WindowConfig,
+    pub idle_timeout_ms: i64,
+    pub format: OutputFormat,
+    pub worker: String,
+}
+
+/// Why a shard task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShardExit {
+    /// Asked to stop (shutdown, rebalance): the lease is still ours to release.
+    Stopped,
+    /// The lease was lost: another worker owns the shard now.
+    Fenced,
+}
+
+/// Runs a call until it succeeds (`Ok(value)`), the task is fenced or
+/// stopped (`Err(Failure)`); see [`ShardTask::after_error`].
+macro_rules! retry {
+    ($task:ident, $stop:ident, $call:expr) => {
+        loop {
+            match $call.await {
+                Ok(value) => break Ok(value),
+                Err(e) => {
+                    if let Err(failure) = $task.after_error(e, $stop).await {
+                        break Err(failure);
+                    }
+                }
+            }
+        }
+    };
+}
+
+/// Entries per fenced emit at most, so one script never blocks Redis long
+/// (an idle advance can close many sessions at once).
+const ACKS_PER_EMIT: usize = 1_000;
+
+/// How long to wait before retrying after a connection error.
+const RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+pub struct ShardTask {
+    keys: ShardKeys,
+    token: String,
+    conn: ConnectionManager,
+    settings: Arc<Settings>,
+    pipeline: PartitionPipeline,
+    idle: IdleClock,
+    /// Entry ids of records handed to the pipeline and not yet resolved.
+    unresolved: HashMap<u64, String>,
+    next_seq: u64,
+    outcomes: Vec<Outcome>,
+    /// Fenced steps waiting to be written, in order.
+    batch: Vec<EmitArgs>,
+}
+
+impl std::fmt::Debug for ShardTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardTask")
+            .field("shard", &self.keys.stream)
+            .field("token", &self.token)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The turns, dead letters and acks of one fenced emit. An outcome and the
+/// acks of the entries it resolves always share one.
+#[derive(Debug, Default)]
+struct EmitArgs {
+    turns: Vec<(Vec<u8>, String, String)>,
+    dead_letters: Vec<Vec<(&'static str, Vec<u8>)>>,
+    acks: Vec<String>,
+}
+
+/// Why a loop of the task ends early.
+enum Failure {
+    Fenced,
+    Stopped,
+}
+
+impl ShardTask {
+    pub fn new(
+        keys: ShardKeys,
+        token: String,
+        conn: ConnectionManager,
+        settings: Arc<Settings>,
+    ) -> Self {
+        ShardTask {
+            pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window),
+            idle: IdleClock::new(settings.idle_timeout_ms),
+            keys,
+            token,
+            conn,
+            settings,
+            unresolved: HashMap::new(),
+            next_seq: 0,
+            outcomes: Vec::new(),
+            batch: Vec::new(),
+        }
+    }
+
+    /// Runs until `stop` turns true or the lease is lost; returns why, with
+    /// the shard's counts. Open sessions are dropped on exit: their entries
+    /// stay pending for the next owner.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> (ShardExit, Stats) {
+        let exit = match self.replay_pending(&mut stop).await {
+            Ok(()) => self.read_new(&mut stop).await,
+            Err(failure) => failure,
+        };
+        let exit = match exit {
+            Failure::Fenced => {
+                tracing::warn!(shard = %self.keys.stream, "lease lost: another worker owns the shard; stopping it here");
+                ShardExit::Fenced
+            }
+            Failure::Stopped => ShardExit::Stopped,
+        };
+        (exit, self.pipeline.stats().clone())
+    }
+
+    /// The shard consumer's pending entries, oldest first, a page at a time.
+    async fn replay_pending(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        let mut cursor = "0".to_owned();
+        let mut replayed = 0usize;
+        loop {
+            let page = retry!(self, stop, self.read_pending(&cursor))?;
+            let Some(last) = page.last() else { break };
+            cursor = last.0.id.clone();
+            replayed += page.len();
+            let now = now_ms();
+            for (entry, deliveries) in page {
+                self.process(entry, deliveries, now);
+            }
+            self.emit(stop).await?;
+        }
+        if replayed > 0 {
+            tracing::info!(shard = %self.keys.stream, entries = replayed, "replayed the pending entries");
+        }
+        Ok(())
+    }
+
+    /// Reads a page of pending entries after `cursor` with their delivery
+    /// counts (this read included).
+    async fn read_pending(&mut self, cursor: &str) -> Result<Vec<(Entry, u64)>, RedisError> {
+        let s = &self.settings;
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&s.group)
+            .arg(&self.keys.consumer)
+            .arg("COUNT")
+            .arg(s.batch)
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(cursor)
+            .query_async(&mut self.conn)
+            .await?;
+        let entries = parse_read_reply(reply).map_err(protocol_error)?;
+        let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
+            return Ok(Vec::new());
+        };
+        let pending: Value = redis::cmd("XPENDING")
+            .arg(&self.keys.stream)
+            .arg(&s.group)
+            .arg(&first.id)
+            .arg(&last.id)
+            .arg(entries.len())
+            .arg(&self.keys.consumer)
+            .query_async(&mut self.conn)
+            .await?;
+        let counts = delivery_counts(pending).map_err(protocol_error)?;
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let n = counts.get(&e.id).copied().unwrap_or(1);
+                (e, n)
+            })
+            .collect())
+    }
+
+    /// New entries, through the fenced read; waits up to `block` for more
+    /// when caught up, and runs the idle advance.
+    async fn read_new(&mut self, stop: &mut watch::Receiver<bool>) -> Failure {
+        loop {
+            if *stop.borrow() {
+                return Failure::Stopped;
+            }
+            let (entries, last_delivered) = match retry!(self, stop, self.read_fenced()) {
+                Ok(read) => read,
+                Err(failure) => return failure,
+            };
+            let now = now_ms();
+            let caught_up = entries.len() < self.settings.batch as usize;
+            for entry in entries {
+                self.process(entry, 1, now);
+            }
+            if caught_up {
+                self.idle.on_caught_up(now);
+            }
+            if self.idle.is_idle(now) && self.pipeline.engine().open_sessions() > 0 {
+                let mut outcomes = std::mem::take(&mut self.outcomes);
+                self.pipeline.advance_idle(now, &mut outcomes);
+                self.collect(&mut outcomes, None);
+                self.outcomes = outcomes;
+            }
+            if let Err(failure) = self.emit(stop).await {
+                return failure;
+            }
+            if let Some(from) = last_delivered {
+                // Nothing new: wait for an entry after the last delivered
+                // one, or for the block time (the idle advance's tick).
+                let mut wait = redis::cmd("XREAD");
+                wait.arg("COUNT")
+                    .arg(1)
+                    .arg("BLOCK")
+                    .arg(self.settings.block.as_millis() as u64)
+                    .arg("STREAMS")
+                    .arg(&self.keys.stream)
+                    .arg(from);
+                let wait = wait.query_async::<Value>(&mut self.conn);
+                tokio::select! {
+                    _ = stop.changed() => return Failure::Stopped,
+                    result = wait => if let Err(e) = result {
+                        tracing::warn!(shard = %self.keys.stream, error = %e, "waiting for entries failed; retrying");
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    },
+                }
+            }
+        }
+    }
+
+    /// One fenced read of new entries; with none, the group's last
+    /// delivered id.
+    async fn read_fenced(&mut self) -> Result<(Vec<Entry>, Option<String>), RedisError> {
+        let s = &self.settings;
+        let reply: Value = scripts::READ_NEW
+            .key(&self.keys.lease)
+            .key(&self.keys.stream)
+            .arg(&self.token)
+            .arg(&s.group)
+            .arg(&self.keys.consumer)
+            .arg(s.batch)
+            .invoke_async(&mut self.conn)
+            .await?;
+        let Value::Array(mut parts) = reply else {
+            return Err(protocol_error(format!("unexpected read reply {reply:?}")));
+        };
+        let last = parts.pop().map(super::entry::bulk_string);
+        let entries = parse_entries(parts.pop().unwrap_or(Value::Nil)).map_err(protocol_error)?;
+        let last = last.transpose().map_err(protocol_error)?;
+        Ok(match last {
+            Some(id) if entries.is_empty() && !id.is_empty() => (entries, Some(id)),
+            _ => (entries, None),
+        })
+    }
+
+    /// Hands one entry to the pipeline and collects what it resolved.
+    fn process(&mut self, entry: Entry, deliveries: u64, now: i64) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.idle.on_record();
+        self.unresolved.insert(seq, entry.id.clone());
+        let mut outcomes = std::mem::take(&mut self.outcomes);
+        let (payload, form) = entry.payload();
+        if entry.fields.is_none() {
+            // Trimmed away while pending: nothing left to process.
+            tracing::warn!(shard = %self.keys.stream, id = %entry.id, "a pending entry was deleted; acking it");
+            self.unresolved.remove(&seq);
+            self.step().acks.push(entry.id);
+            self.outcomes = outcomes;
+            return;
+        }
+        if deliveries > u64::from(self.settings.max_deliveries) {
+            outcomes.push(Outcome::DeadLetter {
+                seq,
+                reason: DeadLetterReason::MaxDeliveries,
+                error: format!(
+                    "delivered {} times without an outcome (redis.max_deliveries = {}); the worker may have crashed on it",
+                    deliveries - 1,
+                    self.settings.max_deliveries
+                ),
+            });
+        } else {
+            crate::fault::abort_if_marked(&payload);
+            if let Some(panic) = self
+                .pipeline
+                .process_guarded(&payload, seq, now, &mut outcomes)
+            {
+                tracing::error!(shard = %self.keys.stream, id = %entry.id, panic = %panic, "processing an entry panicked; dead-lettered it");
+            }
+        }
+        let about = DeadLetterAbout {
+            id: &entry.id,
+            payload: &payload,
+            form: form.as_str(),
+            deliveries: deliveries.min(u64::from(self.settings.max_deliveries)),
+        };
+        self.collect(&mut outcomes, Some(about));
+        self.outcomes = outcomes;
+    }
+
+    /// Moves outcomes into the emit batch: turns encoded, dead letters with
+    /// their fields, and the ids each resolves.
+    fn collect(&mut self, outcomes: &mut Vec<Outcome>, about: Option<DeadLetterAbout<'_>>) {
+        for outcome in outcomes.drain(..) {
+            match outcome {
+                Outcome::Turn(session) => {
+                    let mut turn = Vec::with_capacity(512);
+                    encode_turn(&session, self.settings.format, &mut turn);
+                    let first = session.messages.first().map_or("", |m| m.message_id());
+                    let id = turn_id(&session.user_id, session.conversation_id.as_deref(), first);
+                    let user = session.user_id;
+                    let acks: Vec<String> = session
+                        .seqs
+                        .iter()
+                        .filter_map(|seq| self.unresolved.remove(seq))
+                        .collect();
+                    let step = self.step();
+                    step.turns.push((turn, id, user));
+                    step.acks.extend(acks);
+                }
+                Outcome::DeadLetter { seq, reason, error } => {
+                    let about = about
+                        .as_ref()
+                        .expect("dead letters are about the entry just processed");
+                    let fields = vec![
+                        ("payload", about.payload.to_vec()),
+                        ("reason", reason.as_str().as_bytes().to_vec()),
+                        ("error", error.into_bytes()),
+                        ("source_stream", self.keys.stream.clone().into_bytes()),
+                        ("source_id", about.id.as_bytes().to_vec()),
+                        ("failed_at", rfc3339_ms(now_ms()).into_bytes()),
+                        ("worker", self.settings.worker.clone().into_bytes()),
+                        ("deliveries", about.deliveries.to_string().into_bytes()),
+                        ("form", about.form.as_bytes().to_vec()),
+                    ];
+                    let acks = self.unresolved.remove(&seq);
+                    let step = self.step();
+                    step.dead_letters.push(fields);
+                    step.acks.extend(acks);
+                }
+                Outcome::Dropped { seq, .. } => {
+                    let acks = self.unresolved.remove(&seq);
+                    self.step().acks.extend(acks);
+                }
+            }
+        }
+    }
+
+    /// The step the next outcome goes into: a new one once the last holds
+    /// [`ACKS_PER_EMIT`] acks.
+    fn step(&mut self) -> &mut EmitArgs {
+        if self
+            .batch
+            .last()
+            .is_none_or(|last| last.acks.len() >= ACKS_PER_EMIT)
+        {
+            self.batch.push(EmitArgs::default());
+        }
+        self.batch.last_mut().expect("pushed above")
+    }
+
+    /// Writes the waiting steps in order, retrying connection errors until
+    /// each is written, fenced or stopped.
+    async fn emit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        for args in std::mem::take(&mut self.batch) {
+            retry!(self, stop, self.emit_once(&args))?;
+        }
+        Ok(())
+    }
+
+    async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
+        let s = &self.settings;
+        let mut inv = scripts::EMIT.prepare_invoke();
+        inv.key(&self.keys.lease)
+            .key(&self.keys.stream)
+            .key(&self.keys.output)
+            .key(&self.keys.dlq)
+            .arg(&self.token)
+            .arg(&s.group)
+            .arg(s.output_maxlen.map(|n| n.to_string()).unwrap_or_default())
+            .arg(s.dlq_maxlen.map(|n| n.to_string()).unwrap_or_default())
+            .arg(args.turns.len());
+        for (turn, id, user) in &args.turns {
+            inv.arg(turn).arg(id).arg(user);
+        }
+        inv.arg(args.dead_letters.len());
+        for fields in &args.dead_letters {
+            inv.arg(fields.len());
+            for (k, v) in fields {
+                inv.arg(*k).arg(v);
+            }
+        }
+        for id in &args.acks {
+            inv.arg(id);
+        }
+        inv.invoke_async::<i64>(&mut self.conn).await.map(drop)
+    }
+
+    /// After a failed call: fencing ends the task; any other error (the
+    /// connection, a restarting server) is retried after a pause, unless
+    /// `stop` is set meanwhile.
+    async fn after_error(
+        &self,
+        error: RedisError,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Failure> {
+        if is_fenced(&error) {
+            return Err(Failure::Fenced);
+        }
+        tracing::warn!(shard = %self.keys.stream, error = %error, "Redis call failed; retrying");
+        tokio::select! {
+            _ = stop.changed() => return Err(Failure::Stopped),
+            () = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+        if *stop.borrow() {
+            return Err(Failure::Stopped);
+        }
+        Ok(())
+    }
+}
+
+/// The entry a dead letter is about.
+struct DeadLetterAbout<'a> {
+    id: &'a str,
+    payload: &'a [u8],
+    form: &'static str,
+    deliveries: u64,
+}
+
+/// Delivery counts from an extended `XPENDING` reply
+/// (`[[id, consumer, idle ms, deliveries], …]`).
+fn delivery_counts(reply: Value) -> Result<HashMap<String, u64>, String> {
+    let Value::Array(rows) = reply else {
+        return Err(format!("unexpected XPENDING reply {reply:?}"));
+    };
+    rows.into_iter()
+        .map(|row| match row {
+            Value::Array(mut cols) if cols.len() == 4 => {
+                let count = match cols.pop() {
+                    Some(Value::Int(n)) => n.max(0) as u64,
+                    other => return Err(format!("unexpected delivery count {other:?}")),
+                };
+                cols.truncate(1);
+                let id = super::entry::bulk_string(cols.pop().expect("four columns"))?;
+                Ok((id, count))
+            }
+            other => Err(format!("unexpected XPENDING row {other:?}")),
+        })
+        .collect()
+}
+
+fn protocol_error(message: String) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::TypeError,
+        "unexpected reply",
+        message,
+    ))
+}

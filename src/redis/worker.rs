@@ -1,0 +1,356 @@
+//! The Redis worker: shard leases, fair sharing, graceful release.
+//!
+//! Every `lease_ttl / 3` the worker heartbeats into the members set, renews
+//! the leases it holds, and moves toward its fair share of the shards
+//! (`ceil(shards / live workers)`): it releases shards above it (the task
+//! stops first, so nothing is written after the release) and takes free
+//! shards below it. A dead worker's leases lapse after `lease_ttl` and its
+//! shards are taken by the survivors, who replay its pending entries.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, RedisError};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::keys::{members_key, ShardKeys};
+use super::scripts;
+use super::shard::{Settings, ShardExit, ShardTask};
+use crate::codec::Decoder;
+use crate::config::{Config, RedisSection};
+use crate::pipeline::Stats;
+use crate::wall_clock::{now_ms, worker_id};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the configuration has no [redis] section")]
+    NoRedisSection,
+    #[error("redis.url: {0}")]
+    Url(RedisError),
+    #[error("redis.tls_ca_file: cannot read {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// A shard this worker holds.
+struct Owned {
+    token: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<(ShardExit, Stats)>,
+}
+
+/// Runs the worker until `shutdown` resolves; returns the counts of every
+/// shard it held.
+pub async fn run(
+    config: &Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<Stats, WorkerError> {
+    let section = config.redis.as_ref().ok_or(WorkerError::NoRedisSection)?;
+    let client = client(section)?;
+    let worker = worker_id();
+    let settings = Arc::new(Settings {
+        group: section.group.clone(),
+        batch: section.batch,
+        block: section.block.as_duration(),
+        max_deliveries: section.max_deliveries,
+        output_maxlen: section.output_maxlen,
+        dlq_maxlen: section.dlq_maxlen,
+        decoder: Decoder::new(config.input_format(), config.decode_limits()),
+        window: config.window_config(),
+        idle_timeout_ms: config.window.idle_timeout.0,
+        format: config.output_format(),
+        worker: worker.clone(),
+    });
+    let mut coordinator = Coordinator {
+        section: section.clone(),
+        shards: ShardKeys::all(section),
+        client,
+        conn: None,
+        settings,
+        worker,
+        owned: HashMap::new(),
+        stats: Stats::default(),
+        groups_ready: false,
+    };
+    tracing::info!(worker = %coordinator.worker, shards = section.shards, "redis worker starting");
+    tokio::pin!(shutdown);
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        (section.lease_ttl.0 / 3).max(1) as u64,
+    ));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            _ = tick.tick() => {
+                if let Err(e) = coordinator.rebalance().await {
+                    tracing::warn!(error = %e, "lease round failed; retrying at the next one");
+                }
+            }
+        }
+    }
+    coordinator.shutdown().await;
+    Ok(coordinator.stats)
+}
+
+/// The client for `[redis]`: the URL, with `username` / `password` and a
+/// private CA applied when given.
+pub fn client(section: &RedisSection) -> Result<Client, WorkerError> {
+    use redis::IntoConnectionInfo;
+    let mut info = section
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(WorkerError::Url)?;
+    if let Some(user) = &section.username {
+        info.redis.username = Some(user.clone());
+    }
+    if let Some(password) = &section.password {
+        info.redis.password = Some(password.clone());
+    }
+    match &section.tls_ca_file {
+        None => Client::open(info).map_err(WorkerError::Url),
+        Some(path) => {
+            let root_cert = std::fs::read(path).map_err(|source| WorkerError::CaFile {
+                path: path.clone(),
+                source,
+            })?;
+            Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+            .map_err(WorkerError::Url)
+        }
+    }
+}
+
+/// A connection that reconnects on its own after errors. Replies may take up
+/// to the read block time, plus slack.
+pub async fn connect(client: &Client, block: Duration) -> Result<ConnectionManager, RedisError> {
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Duration::from_secs(5))
+        .set_response_timeout(block + Duration::from_secs(10))
+        .set_number_of_retries(2);
+    ConnectionManager::new_with_config(client.clone(), config).await
+}
+
+struct Coordinator {
+    section: RedisSection,
+    shards: Vec<ShardKeys>,
+    client: Client,
+    conn: Option<ConnectionManager>,
+    settings: Arc<Settings>,
+    worker: String,
+    owned: HashMap<u32, Owned>,
+    stats: Stats,
+    groups_ready: bool,
+}
+
+impl Coordinator {
+    async fn conn(&mut self) -> Result<ConnectionManager, RedisError> {
+        if let Some(conn) = &self.conn {
+            return Ok(conn.clone());
+        }
+        let conn = connect(&self.client, self.settings.block).await?;
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// One lease round: heartbeat, renew, release above the fair share, take
+    /// free shards below it.
+    async fn rebalance(&mut self) -> Result<(), RedisError> {
+        let mut conn = self.conn().await?;
+        if !self.groups_ready {
+            for shard in &self.shards {
+                create_group(&mut conn, &shard.stream, &self.section.group).await?;
+            }
+            self.groups_ready = true;
+        }
+        self.reap().await;
+        let ttl = self.section.lease_ttl.0;
+        let now = now_ms();
+        let members = members_key(&self.section);
+        let (_, _, live): ((), (), u32) = redis::pipe()
+            .zadd(&members, &self.worker, now)
+            .cmd("ZREMRANGEBYSCORE")
+            .arg(&members)
+            .arg("-inf")
+            .arg(now - ttl)
+            .zcard(&members)
+            .query_async(&mut conn)
+            .await?;
+        let mut lost = Vec::new();
+        for (index, owned) in &self.owned {
+            let renewed: i64 = scripts::RENEW
+                .key(&self.shards[*index as usize].lease)
+                .arg(&owned.token)
+                .arg(ttl)
+                .invoke_async(&mut conn)
+                .await?;
+            if renewed == 0 {
+                lost.push(*index);
+            }
+        }
+        for index in lost {
+            tracing::warn!(shard = %self.shards[index as usize].stream, "lease lost before renewal; stopping the shard");
+            self.stop(index, false).await;
+        }
+        let fair = self.section.shards.div_ceil(live.max(1)) as usize;
+        while self.owned.len() > fair {
+            let index = *self.owned.keys().max().expect("not empty");
+            tracing::info!(shard = %self.shards[index as usize].stream, fair, live, "releasing a shard to another worker");
+            self.stop(index, true).await;
+        }
+        if self.owned.len() < fair {
+            // Start at a worker-specific shard so workers starting together
+            // do not all race for shard 0.
+            let n = self.section.shards;
+            let start = crate::redis::keys::shard_of(&self.worker, None, n);
+            for i in (0..n).map(|k| (start + k) % n) {
+                if self.owned.len() >= fair {
+                    break;
+                }
+                if self.owned.contains_key(&i) {
+                    continue;
+                }
+                let keys = &self.shards[i as usize];
+                let token: Option<String> = scripts::ACQUIRE
+                    .key(&keys.lease)
+                    .key(&keys.epoch)
+                    .arg(&self.worker)
+                    .arg(ttl)
+                    .invoke_async(&mut conn)
+                    .await?;
+                if let Some(token) = token {
+                    self.start(i, token).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn start(&mut self, index: u32, token: String) -> Result<(), RedisError> {
+        let keys = self.shards[index as usize].clone();
+        tracing::info!(shard = %keys.stream, token = %token, "lease acquired");
+        let conn = match connect(&self.client, self.settings.block).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.release(index, &token).await;
+                return Err(e);
+            }
+        };
+        let (stop, stopped) = watch::channel(false);
+        let task = ShardTask::new(keys, token.clone(), conn, self.settings.clone());
+        let task = tokio::spawn(task.run(stopped));
+        self.owned.insert(index, Owned { token, stop, task });
+        Ok(())
+    }
+
+    /// Collects tasks that ended on their own (fenced).
+    async fn reap(&mut self) {
+        let done: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.task.is_finished())
+            .map(|(i, _)| *i)
+            .collect();
+        for index in done {
+            self.stop(index, true).await;
+        }
+    }
+
+    /// Stops a shard's task and waits for it; releases the lease when asked
+    /// (and when the task was not fenced).
+    async fn stop(&mut self, index: u32, release: bool) {
+        let Some(owned) = self.owned.remove(&index) else {
+            return;
+        };
+        let _ = owned.stop.send(true);
+        match owned.task.await {
+            Ok((exit, stats)) => {
+                self.stats.add(&stats);
+                if release && exit == ShardExit::Stopped {
+                    self.release(index, &owned.token).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "a shard task failed"),
+        }
+    }
+
+    async fn release(&mut self, index: u32, token: &str) {
+        let keys = &self.shards[index as usize];
+        let Some(mut conn) = self.conn.clone() else {
+            return;
+        };
+        let released: Result<i64, _> = scripts::RELEASE
+            .key(&keys.lease)
+            .arg(token)
+            .invoke_async(&mut conn)
+            .await;
+        match released {
+            Ok(_) => tracing::info!(shard = %keys.stream, "lease released"),
+            Err(e) => {
+                tracing::warn!(shard = %keys.stream, error = %e, "releasing the lease failed; it lapses after lease_ttl")
+            }
+        }
+    }
+
+    /// Graceful stop: every task finishes its in-flight step, the leases are
+    /// released so other workers take the shards at once, and this worker
+    /// leaves the members set.
+    async fn shutdown(&mut self) {
+        let all: Vec<u32> = self.owned.keys().copied().collect();
+        for owned in self.owned.values() {
+            let _ = owned.stop.send(true);
+        }
+        for index in all {
+            self.stop(index, true).await;
+        }
+        if let Some(mut conn) = self.conn.clone() {
+            let left: Result<i64, _> = redis::cmd("ZREM")
+                .arg(members_key(&self.section))
+                .arg(&self.worker)
+                .query_async(&mut conn)
+                .await;
+            if let Err(e) = left {
+                tracing::warn!(error = %e, "leaving the members set failed");
+            }
+        }
+        tracing::info!(
+            records = self.stats.records,
+            turns = self.stats.total_turns(),
+            dead_letters = self.stats.total_dead_letters(),
+            "redis worker stopped"
+        );
+    }
+}
+
+/// Creates the consumer group at the start of the stream (creating the
+/// stream too), so entries written before the first worker are processed.
+pub async fn create_group(
+    conn: &mut ConnectionManager,
+    stream: &str,
+    group: &str,
+) -> Result<(), RedisError> {
+    let created: Result<(), RedisError> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg(group)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        other => other,
+    }
+}
