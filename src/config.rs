@@ -691,7 +691,9 @@ impl RedisSection {
             if stream == &self.input_stream {
                 return Err(ConfigError::new(
                     key,
-                    format!("{stream:?} is also the input stream: the worker would read its own output"),
+                    format!(
+                        "{stream:?} is also the input stream: the worker would read its own output"
+                    ),
                 ));
             }
         }
@@ -705,7 +707,10 @@ impl RedisSection {
             return Err(ConfigError::new("redis.shards", "must be from 1 to 16384"));
         }
         if self.max_deliveries == 0 {
-            return Err(ConfigError::new("redis.max_deliveries", "must be at least 1"));
+            return Err(ConfigError::new(
+                "redis.max_deliveries",
+                "must be at least 1",
+            ));
         }
         if self.lease_ttl.0 < 300 {
             return Err(ConfigError::new(

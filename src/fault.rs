@@ -19,7 +19,10 @@ pub fn abort_if_marked(payload: &[u8]) {
             .map(|v| v.into_encoded_bytes())
     });
     if let Some(marker) = marker {
-        if payload.windows(marker.len()).any(|w| w == marker.as_slice()) {
+        if payload
+            .windows(marker.len())
+            .any(|w| w == marker.as_slice())
+        {
             eprintln!("{ENV}: the record holds the marker; aborting");
             std::process::abort();
         }

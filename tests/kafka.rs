@@ -10,7 +10,7 @@ use sessionizer::codec::{encode_turn, DecodeLimits, Decoder, InputFormat, Output
 use sessionizer::config::Config;
 use sessionizer::pipeline::{Outcome, PartitionPipeline};
 use sessionizer::workload::{Workload, WorkloadSpec};
-use support::{committed, produce, read_until, wait_for, Broker, Read, Worker};
+use support::{committed, message_ids, produce, read_until, wait_for, Broker, Read, Worker};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -271,46 +271,10 @@ fn valid_message_ids(config: &Config, input: &[Read]) -> BTreeSet<String> {
         .collect()
 }
 
-fn message_ids(turn: &serde_json::Value) -> Vec<String> {
-    turn["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["message_id"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-/// Nothing lost, and duplicates only as re-emissions of the same turn: every
-/// valid message is in a turn, a `turn_id` seen twice carries the same
-/// messages, and no message is in two different turns.
+/// See [`support::assert_complete_without_partial_duplicates`].
 fn assert_complete_without_partial_duplicates(want: &BTreeSet<String>, turns: &[Read]) {
-    let mut by_turn: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    let mut duplicates = 0;
-    for t in turns {
-        let json = t.json();
-        let ids = message_ids(&json);
-        let turn_id = json["turn_id"].as_str().unwrap().to_owned();
-        if let Some(previous) = by_turn.get(&turn_id) {
-            assert_eq!(
-                previous, &ids,
-                "turn {turn_id} re-emitted with other messages"
-            );
-            duplicates += 1;
-        } else {
-            by_turn.insert(turn_id, ids);
-        }
-    }
-    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
-    for (turn_id, ids) in &by_turn {
-        for id in ids {
-            if let Some(other) = owner.insert(id, turn_id) {
-                panic!("message {id} is in turns {other} and {turn_id}");
-            }
-        }
-    }
-    let seen: BTreeSet<String> = owner.keys().map(|k| k.to_string()).collect();
-    assert_eq!(&seen, want, "every valid message in exactly one turn");
-    eprintln!("{} turns, {duplicates} re-emitted", by_turn.len());
+    let turns: Vec<serde_json::Value> = turns.iter().map(Read::json).collect();
+    support::assert_complete_without_partial_duplicates(want, &turns);
 }
 
 fn covers(want: &BTreeSet<String>) -> impl Fn(&[Read]) -> bool + '_ {

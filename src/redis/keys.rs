@@ -2,8 +2,9 @@
 //!
 //! Every key one fenced step touches must live in one hash slot on Redis
 //! Cluster, so a shard's keys share the hash tag `{i}`: the shard stream
-//! `<input_stream>:{i}`, its lease `<input_stream>:{i}:lease` and fencing
-//! epoch `<input_stream>:{i}:epoch`, and (on a cluster) `<output_stream>:{i}`
+//! `<input_stream>:{i}`, its lease `<input_stream>:{i}:lease`, fencing
+//! epoch `<input_stream>:{i}:epoch` and in-flight marker
+//! `<input_stream>:{i}:in-flight`, and (on a cluster) `<output_stream>:{i}`
 //! and `<dlq_stream>:{i}`. One shard on a single node is the plain stream
 //! `<input_stream>`, with `<input_stream>:lease` and `<input_stream>:epoch`.
 
@@ -19,6 +20,9 @@ pub struct ShardKeys {
     pub stream: String,
     pub lease: String,
     pub epoch: String,
+    /// The pending entry being replayed, so the next owner knows which entry
+    /// a worker died on (see `shard::ShardTask::replay_pending`).
+    pub in_flight: String,
     pub output: String,
     pub dlq: String,
 }
@@ -44,6 +48,7 @@ impl ShardKeys {
             consumer: format!("shard-{index}"),
             lease: format!("{stream}:lease"),
             epoch: format!("{stream}:epoch"),
+            in_flight: format!("{stream}:in-flight"),
             stream,
             output,
             dlq,
@@ -52,7 +57,9 @@ impl ShardKeys {
 
     /// Every shard of a deployment.
     pub fn all(config: &RedisSection) -> Vec<ShardKeys> {
-        (0..config.shards).map(|i| ShardKeys::new(config, i)).collect()
+        (0..config.shards)
+            .map(|i| ShardKeys::new(config, i))
+            .collect()
     }
 }
 
@@ -123,7 +130,10 @@ mod tests {
     /// README's Python snippet gives these).
     #[test]
     fn the_shard_hash_is_pinned() {
-        assert_eq!(shard_of("", None, u32::MAX), (0xcbf2_9ce4_8422_2325u64 % u64::from(u32::MAX)) as u32);
+        assert_eq!(
+            shard_of("", None, u32::MAX),
+            (0xcbf2_9ce4_8422_2325u64 % u64::from(u32::MAX)) as u32
+        );
         assert_eq!(shard_of("alice", None, 8), 7);
         assert_eq!(shard_of("alice", Some("c1"), 8), 1);
         assert_eq!(shard_of("bob", None, 8), 4);

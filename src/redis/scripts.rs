@@ -73,8 +73,8 @@ return {{}, '0-0'}
 });
 
 /// KEYS: lease, stream, output, dlq. ARGV: token, group, output maxlen
-/// (empty: none), dlq maxlen, turn count, then per turn `turn turn_id
-/// user_id`, dead-letter count, then per dead letter a field count and its
+/// (empty: none), dlq maxlen, worker id, turn count, then per turn `turn
+/// turn_id user_id`, dead-letter count, then per dead letter a field count and its
 /// field/value pairs, then every entry id to ack. One atomic step: the turns
 /// and dead letters exist if and only if their entries are acked.
 pub static EMIT: LazyLock<Script> = LazyLock::new(|| {
@@ -90,9 +90,9 @@ local function add(key, maxlen, fields)
     redis.call('XADD', key, '*', unpack(fields))
   end
 end
-local i = 5
+local i = 6
 for _ = 1, tonumber(ARGV[i]) do
-  add(KEYS[3], ARGV[3], {'turn', ARGV[i + 1], 'turn_id', ARGV[i + 2], 'user_id', ARGV[i + 3]})
+  add(KEYS[3], ARGV[3], {'turn', ARGV[i + 1], 'turn_id', ARGV[i + 2], 'user_id', ARGV[i + 3], 'worker', ARGV[5]})
   i = i + 3
 end
 i = i + 1

@@ -154,24 +154,68 @@ impl ShardTask {
     }
 
     /// The shard consumer's pending entries, oldest first, a page at a time.
+    ///
+    /// An entry delivered before (count ≥ 2) may be the one that killed the
+    /// previous owner, so before processing such an entry its id is written
+    /// to the shard's in-flight key. The entry named there when a new owner
+    /// starts is the one a worker died on; once it has been delivered more
+    /// than `max_deliveries` times it is dead-lettered instead. Entries that
+    /// were merely pending beside it (open sessions) are replayed however
+    /// often they were delivered, so a crash loop costs only its cause.
     async fn replay_pending(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        let died_on: Option<String> = retry!(self, stop, self.in_flight(None))?;
         let mut cursor = "0".to_owned();
         let mut replayed = 0usize;
+        let mut marked = false;
         loop {
             let page = retry!(self, stop, self.read_pending(&cursor))?;
             let Some(last) = page.last() else { break };
             cursor = last.0.id.clone();
             replayed += page.len();
-            let now = now_ms();
             for (entry, deliveries) in page {
-                self.process(entry, deliveries, now);
+                let exhausted = deliveries > u64::from(self.settings.max_deliveries)
+                    && died_on.as_deref() == Some(entry.id.as_str());
+                if deliveries >= 2 && !exhausted {
+                    let id = entry.id.clone();
+                    retry!(self, stop, self.in_flight(Some(&id)))?;
+                    marked = true;
+                }
+                self.process(entry, deliveries, exhausted, now_ms());
             }
             self.emit(stop).await?;
+        }
+        if marked || died_on.is_some() {
+            retry!(self, stop, self.clear_in_flight())?;
         }
         if replayed > 0 {
             tracing::info!(shard = %self.keys.stream, entries = replayed, "replayed the pending entries");
         }
         Ok(())
+    }
+
+    /// Reads the in-flight key (`None`), or sets it to an entry id.
+    async fn in_flight(&mut self, set: Option<&str>) -> Result<Option<String>, RedisError> {
+        match set {
+            None => {
+                redis::cmd("GET")
+                    .arg(&self.keys.in_flight)
+                    .query_async(&mut self.conn)
+                    .await
+            }
+            Some(id) => redis::cmd("SET")
+                .arg(&self.keys.in_flight)
+                .arg(id)
+                .query_async::<()>(&mut self.conn)
+                .await
+                .map(|()| None),
+        }
+    }
+
+    async fn clear_in_flight(&mut self) -> Result<(), RedisError> {
+        redis::cmd("DEL")
+            .arg(&self.keys.in_flight)
+            .query_async(&mut self.conn)
+            .await
     }
 
     /// Reads a page of pending entries after `cursor` with their delivery
@@ -226,7 +270,7 @@ impl ShardTask {
             let now = now_ms();
             let caught_up = entries.len() < self.settings.batch as usize;
             for entry in entries {
-                self.process(entry, 1, now);
+                self.process(entry, 1, false, now);
             }
             if caught_up {
                 self.idle.on_caught_up(now);
@@ -288,8 +332,9 @@ impl ShardTask {
         })
     }
 
-    /// Hands one entry to the pipeline and collects what it resolved.
-    fn process(&mut self, entry: Entry, deliveries: u64, now: i64) {
+    /// Hands one entry to the pipeline and collects what it resolved;
+    /// `exhausted`: dead-letter it as `max_deliveries` instead.
+    fn process(&mut self, entry: Entry, deliveries: u64, exhausted: bool, now: i64) {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.idle.on_record();
@@ -304,12 +349,12 @@ impl ShardTask {
             self.outcomes = outcomes;
             return;
         }
-        if deliveries > u64::from(self.settings.max_deliveries) {
+        if exhausted {
             outcomes.push(Outcome::DeadLetter {
                 seq,
                 reason: DeadLetterReason::MaxDeliveries,
                 error: format!(
-                    "delivered {} times without an outcome (redis.max_deliveries = {}); the worker may have crashed on it",
+                    "delivered {} times and a worker died processing it each time (redis.max_deliveries = {})",
                     deliveries - 1,
                     self.settings.max_deliveries
                 ),
@@ -327,7 +372,12 @@ impl ShardTask {
             id: &entry.id,
             payload: &payload,
             form: form.as_str(),
-            deliveries: deliveries.min(u64::from(self.settings.max_deliveries)),
+            // The delivery that dead-letters an exhausted entry is not an attempt.
+            deliveries: if exhausted {
+                deliveries - 1
+            } else {
+                deliveries
+            },
         };
         self.collect(&mut outcomes, Some(about));
         self.outcomes = outcomes;
@@ -414,6 +464,7 @@ impl ShardTask {
             .arg(&s.group)
             .arg(s.output_maxlen.map(|n| n.to_string()).unwrap_or_default())
             .arg(s.dlq_maxlen.map(|n| n.to_string()).unwrap_or_default())
+            .arg(&s.worker)
             .arg(args.turns.len());
         for (turn, id, user) in &args.turns {
             inv.arg(turn).arg(id).arg(user);
@@ -485,9 +536,5 @@ fn delivery_counts(reply: Value) -> Result<HashMap<String, u64>, String> {
 }
 
 fn protocol_error(message: String) -> RedisError {
-    RedisError::from((
-        redis::ErrorKind::TypeError,
-        "unexpected reply",
-        message,
-    ))
+    RedisError::from((redis::ErrorKind::TypeError, "unexpected reply", message))
 }

@@ -81,7 +81,7 @@ pub async fn run(
     tracing::info!(worker = %coordinator.worker, shards = section.shards, "redis worker starting");
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(
-        (section.lease_ttl.0 / 3).max(1) as u64,
+        (section.lease_ttl.0 / 3).max(1) as u64
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -114,6 +114,9 @@ pub fn client(section: &RedisSection) -> Result<Client, WorkerError> {
     if let Some(password) = &section.password {
         info.redis.password = Some(password.clone());
     }
+    if section.url.starts_with("rediss://") {
+        install_tls_provider();
+    }
     match &section.tls_ca_file {
         None => Client::open(info).map_err(WorkerError::Url),
         Some(path) => {
@@ -131,6 +134,12 @@ pub fn client(section: &RedisSection) -> Result<Client, WorkerError> {
             .map_err(WorkerError::Url)
         }
     }
+}
+
+/// rustls needs one process-wide crypto provider; ring is the one built in.
+pub fn install_tls_provider() {
+    // An error only says a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 /// A connection that reconnects on its own after errors. Replies may take up

@@ -19,6 +19,8 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+pub mod redis_server;
+
 /// A free TCP port on loopback (bound, then released for the child to take).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -331,6 +333,11 @@ pub struct Worker {
 
 impl Worker {
     pub fn start(config: &str) -> Worker {
+        Self::start_with_env(config, &[])
+    }
+
+    /// Started with extra environment variables (e.g. the fault hook).
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Worker {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionizer"));
@@ -354,6 +361,7 @@ impl Worker {
                 std::env::var("SESSIONIZER_TEST_LOG_FILTER")
                     .unwrap_or_else(|_| "info,rdkafka=warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logs)
             .spawn()
@@ -362,6 +370,19 @@ impl Worker {
             child,
             _config: file,
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`STOP`, `CONT`, …).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{name}");
     }
 
     /// SIGKILL: no chance to commit or flush.
@@ -390,4 +411,49 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The message ids of a turn (JSON).
+pub fn message_ids(turn: &serde_json::Value) -> Vec<String> {
+    turn["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// Nothing lost, and duplicates only as re-emissions of the same turn: every
+/// wanted message is in a turn, a `turn_id` seen twice carries the same
+/// messages, and no message is in two different turns.
+pub fn assert_complete_without_partial_duplicates(
+    want: &std::collections::BTreeSet<String>,
+    turns: &[serde_json::Value],
+) {
+    let mut by_turn: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut duplicates = 0;
+    for json in turns {
+        let ids = message_ids(json);
+        let turn_id = json["turn_id"].as_str().unwrap().to_owned();
+        if let Some(previous) = by_turn.get(&turn_id) {
+            assert_eq!(
+                previous, &ids,
+                "turn {turn_id} re-emitted with other messages"
+            );
+            duplicates += 1;
+        } else {
+            by_turn.insert(turn_id, ids);
+        }
+    }
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for (turn_id, ids) in &by_turn {
+        for id in ids {
+            if let Some(other) = owner.insert(id, turn_id) {
+                panic!("message {id} is in turns {other} and {turn_id}");
+            }
+        }
+    }
+    let seen: std::collections::BTreeSet<String> = owner.keys().map(|k| k.to_string()).collect();
+    assert_eq!(&seen, want, "every wanted message in exactly one turn");
+    eprintln!("{} turns, {duplicates} re-emitted", by_turn.len());
 }

@@ -1,0 +1,562 @@
+//! The Redis worker against a real `redis-server` (started by the harness on
+//! a free loopback port), run as the real binary.
+
+mod support;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use redis::Commands;
+use sessionizer::codec::{encode_turn, OutputFormat};
+use sessionizer::config::Config;
+use sessionizer::pipeline::{Outcome, PartitionPipeline};
+use sessionizer::redis::entry::Entry;
+use sessionizer::redis::keys::{shard_of, ShardKeys};
+use sessionizer::workload::{Workload, WorkloadSpec};
+use support::redis_server::{RedisOptions, RedisServer};
+use support::{wait_for, Worker};
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// One deployment's names and config.
+struct Setup {
+    config_text: String,
+    config: Config,
+}
+
+impl Setup {
+    fn new(
+        server: &RedisServer,
+        name: &str,
+        shards: u32,
+        extra_redis: &str,
+        window: &str,
+    ) -> Setup {
+        let ca = server
+            .ca_file()
+            .map(|f| format!("tls_ca_file = \"{f}\"\n"))
+            .unwrap_or_default();
+        let window = if window.is_empty() {
+            "idle_timeout = \"200ms\""
+        } else {
+            window
+        };
+        let config_text = format!(
+            r#"source = "redis"
+[window]
+{window}
+[redis]
+url = "{}"
+input_stream = "{name}-chat"
+output_stream = "{name}-turns"
+dlq_stream = "{name}-dlq"
+shards = {shards}
+lease_ttl = "1500ms"
+block = "100ms"
+{ca}{extra_redis}
+"#,
+            server.url()
+        );
+        let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+        Setup {
+            config_text,
+            config,
+        }
+    }
+
+    fn section(&self) -> &sessionizer::config::RedisSection {
+        self.config.redis.as_ref().unwrap()
+    }
+
+    fn shards(&self) -> Vec<ShardKeys> {
+        ShardKeys::all(self.section())
+    }
+}
+
+/// Bursty traffic with duplicates and every poison kind; the user id of each.
+fn workload(users: u32, count: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let spec = WorkloadSpec {
+        users,
+        duplicate_fraction: 0.05,
+        poison_fraction: 0.05,
+        seed,
+        ..WorkloadSpec::default()
+    };
+    Workload::new(spec)
+        .take(count)
+        .map(|r| (format!("user-{}", r.user), r.payload))
+        .collect()
+}
+
+/// Adds the records to their shards: most as a `payload` field, every third
+/// valid JSON event as flat fields (both forms producers may use).
+fn produce(conn: &mut redis::Connection, setup: &Setup, records: &[(String, Vec<u8>)]) {
+    let shards = setup.shards();
+    let mut pipe = redis::pipe();
+    for (i, (user, payload)) in records.iter().enumerate() {
+        let shard = &shards[shard_of(user, None, shards.len() as u32) as usize];
+        let flat = (i % 3 == 0)
+            .then(|| {
+                serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(payload).ok()
+            })
+            .flatten()
+            .filter(|o| o.values().all(|v| v.is_string() || v.is_i64()));
+        match flat {
+            Some(object) => {
+                let fields: Vec<(String, String)> = object
+                    .into_iter()
+                    .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), str::to_owned)))
+                    .collect();
+                pipe.xadd(&shard.stream, "*", &fields).ignore();
+            }
+            None => {
+                pipe.xadd(&shard.stream, "*", &[("payload", payload.as_slice())])
+                    .ignore();
+            }
+        }
+        if i % 1_000 == 999 {
+            pipe.query::<()>(conn).unwrap();
+            pipe = redis::pipe();
+        }
+    }
+    pipe.query::<()>(conn).unwrap();
+}
+
+type Fields = BTreeMap<String, Vec<u8>>;
+type RawFields = Vec<(String, Vec<u8>)>;
+
+/// Every entry of a stream, oldest first.
+fn read_stream(conn: &mut redis::Connection, key: &str) -> Vec<(String, Fields)> {
+    let mut out = Vec::new();
+    let mut from = "-".to_owned();
+    loop {
+        let page: Vec<(String, RawFields)> = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&from)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1_000)
+            .query(conn)
+            .unwrap();
+        let Some((last, _)) = page.last() else { break };
+        from = format!("({last}");
+        out.extend(
+            page.into_iter()
+                .map(|(id, f)| (id, f.into_iter().collect())),
+        );
+    }
+    out
+}
+
+fn turns(conn: &mut redis::Connection, key: &str) -> Vec<serde_json::Value> {
+    read_stream(conn, key)
+        .into_iter()
+        .map(|(_, f)| serde_json::from_slice(&f["turn"]).unwrap())
+        .collect()
+}
+
+fn pending(conn: &mut redis::Connection, setup: &Setup) -> usize {
+    setup
+        .shards()
+        .iter()
+        .map(|s| {
+            let summary: redis::Value = redis::cmd("XPENDING")
+                .arg(&s.stream)
+                .arg(&setup.section().group)
+                .query(conn)
+                .unwrap();
+            match summary {
+                redis::Value::Array(parts) => match parts.first() {
+                    Some(redis::Value::Int(n)) => *n as usize,
+                    _ => 0,
+                },
+                _ => 0,
+            }
+        })
+        .sum()
+}
+
+/// What the worker must produce: each shard's entries in id order through
+/// the pipeline, then every session closed.
+fn reference(
+    conn: &mut redis::Connection,
+    setup: &Setup,
+) -> (Vec<serde_json::Value>, BTreeSet<(String, String, String)>) {
+    let decoder =
+        sessionizer::codec::Decoder::new(setup.config.input_format(), setup.config.decode_limits());
+    let mut turns = Vec::new();
+    let mut dead = BTreeSet::new();
+    for shard in setup.shards() {
+        let entries = read_stream(conn, &shard.stream);
+        let mut pipeline = PartitionPipeline::new(decoder.clone(), setup.config.window_config());
+        let mut out = Vec::new();
+        for (seq, (id, fields)) in entries.iter().enumerate() {
+            let entry = Entry {
+                id: id.clone(),
+                fields: Some(
+                    fields
+                        .iter()
+                        .map(|(k, v)| (k.clone().into_bytes(), v.clone()))
+                        .collect(),
+                ),
+            };
+            let (payload, _) = entry.payload();
+            pipeline.process(
+                &payload,
+                seq as u64,
+                sessionizer::wall_clock::now_ms(),
+                &mut out,
+            );
+        }
+        pipeline.flush(&mut out);
+        for o in out {
+            match o {
+                Outcome::Turn(s) => {
+                    let mut buf = Vec::new();
+                    encode_turn(&s, OutputFormat::Json, &mut buf);
+                    turns.push(serde_json::from_slice(&buf).unwrap());
+                }
+                Outcome::DeadLetter { seq, reason, .. } => {
+                    dead.insert((
+                        shard.stream.clone(),
+                        entries[seq as usize].0.clone(),
+                        reason.as_str().to_owned(),
+                    ));
+                }
+                Outcome::Dropped { .. } => {}
+            }
+        }
+    }
+    (sorted(turns), dead)
+}
+
+fn sorted(mut turns: Vec<serde_json::Value>) -> Vec<serde_json::Value> {
+    turns.sort_by(|a, b| a["turn_id"].as_str().cmp(&b["turn_id"].as_str()));
+    turns
+}
+
+fn message_ids(turns: &[serde_json::Value]) -> BTreeSet<String> {
+    turns.iter().flat_map(support::message_ids).collect()
+}
+
+/// Waits until the turns cover every wanted message and nothing is pending.
+fn wait_until_done(
+    conn: &mut redis::Connection,
+    setup: &Setup,
+    want: &BTreeSet<String>,
+) -> Vec<serde_json::Value> {
+    let output = setup.section().output_stream.clone();
+    wait_for(
+        "every message in a turn and nothing pending",
+        TIMEOUT,
+        || {
+            let turns = turns(conn, &output);
+            (message_ids(&turns).is_superset(want) && pending(conn, setup) == 0).then_some(turns)
+        },
+    )
+}
+
+/// The lease holders' pids (a lease value is `<host>-<pid>#<epoch>`).
+fn lease_holders(conn: &mut redis::Connection, setup: &Setup) -> Vec<Option<u32>> {
+    setup
+        .shards()
+        .iter()
+        .map(|s| {
+            let value: Option<String> = conn.get(&s.lease).unwrap();
+            value.map(|v| {
+                let worker = v.split('#').next().unwrap();
+                worker.rsplit('-').next().unwrap().parse().unwrap()
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn end_to_end_turns_equal_the_reference_and_poison_goes_to_the_dlq() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "e2e", 3, "", "");
+    let records = workload(40, 1_200, 7);
+    produce(&mut conn, &setup, &records);
+    let (want_turns, want_dead) = reference(&mut conn, &setup);
+    assert!(!want_dead.is_empty() && want_turns.len() > 50);
+
+    let mut worker = Worker::start(&setup.config_text);
+    let got = wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    assert_eq!(sorted(got), want_turns);
+
+    let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+    let inputs: BTreeMap<(String, String), Fields> = setup
+        .shards()
+        .iter()
+        .flat_map(|s| {
+            read_stream(&mut conn, &s.stream)
+                .into_iter()
+                .map(|(id, f)| ((s.stream.clone(), id), f))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut got_dead = BTreeSet::new();
+    for (_, f) in &dlq {
+        let text = |k: &str| String::from_utf8(f[k].clone()).unwrap();
+        let source = (text("source_stream"), text("source_id"));
+        let original = &inputs[&source];
+        if text("form") == "payload" {
+            assert_eq!(f["payload"], original["payload"], "the original bytes");
+        }
+        assert_eq!(text("deliveries"), "1");
+        assert!(!text("error").is_empty() && !text("worker").is_empty());
+        assert!(chrono::DateTime::parse_from_rfc3339(&text("failed_at")).is_ok());
+        got_dead.insert((source.0, source.1, text("reason")));
+    }
+    assert_eq!(got_dead, want_dead);
+
+    // An output entry names its turn and user for cheap filtering.
+    for (_, f) in read_stream(&mut conn, &setup.section().output_stream) {
+        let turn: serde_json::Value = serde_json::from_slice(&f["turn"]).unwrap();
+        assert_eq!(turn["turn_id"].as_str().unwrap().as_bytes(), f["turn_id"]);
+        assert_eq!(turn["user_id"].as_str().unwrap().as_bytes(), f["user_id"]);
+    }
+
+    assert!(worker.terminate().success(), "exits 0 on SIGTERM");
+    assert_eq!(
+        lease_holders(&mut conn, &setup),
+        vec![None; 3],
+        "leases released at shutdown"
+    );
+}
+
+#[test]
+fn a_killed_workers_shards_are_taken_over_and_nothing_is_lost() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "kill", 4, "", "");
+    produce(&mut conn, &setup, &workload(300, 20_000, 11));
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let want = message_ids(&want_turns);
+
+    let mut first = Worker::start(&setup.config_text);
+    let second = Worker::start(&setup.config_text);
+    let (a, b) = (first.pid(), second.pid());
+    wait_for("the shards split between the two workers", TIMEOUT, || {
+        let holders = lease_holders(&mut conn, &setup);
+        let count = |pid| holders.iter().filter(|h| **h == Some(pid)).count();
+        (count(a) == 2 && count(b) == 2).then_some(())
+    });
+    first.kill9();
+    wait_for("the survivor to take every shard", TIMEOUT, || {
+        (lease_holders(&mut conn, &setup) == vec![Some(b); 4]).then_some(())
+    });
+    let got = wait_until_done(&mut conn, &setup, &want);
+    support::assert_complete_without_partial_duplicates(&want, &got);
+}
+
+#[test]
+fn a_paused_worker_whose_lease_was_taken_writes_nothing_after_it_wakes() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    // No idle advance: only event time closes sessions, so the paused
+    // worker holds open sessions (pending entries) that the next owner must
+    // replay.
+    let setup = Setup::new(&server, "fence", 1, "", "idle_timeout = \"1h\"");
+    let records = workload(50, 2_000, 5);
+    let (first_half, second_half) = records.split_at(1_000);
+    produce(&mut conn, &setup, first_half);
+    let shard = setup.shards().remove(0);
+    let output = setup.section().output_stream.clone();
+
+    let paused = Worker::start(&setup.config_text);
+    wait_for(
+        "the first worker to read everything and emit",
+        TIMEOUT,
+        || {
+            let stream: redis::streams::StreamInfoStreamReply =
+                conn.xinfo_stream(&shard.stream).unwrap();
+            let groups: redis::streams::StreamInfoGroupsReply =
+                conn.xinfo_groups(&shard.stream).unwrap();
+            let caught_up = groups
+                .groups
+                .iter()
+                .any(|g| g.last_delivered_id == stream.last_generated_id);
+            (caught_up && pending(&mut conn, &setup) > 0 && !turns(&mut conn, &output).is_empty())
+                .then_some(())
+        },
+    );
+    paused.signal("STOP");
+    wait_for("the paused worker's lease to lapse", TIMEOUT, || {
+        (lease_holders(&mut conn, &setup) == vec![None]).then_some(())
+    });
+    // Frozen now: whatever it wrote is before this id.
+    let before_wake = read_stream(&mut conn, &output).last().unwrap().0.clone();
+    let taker = Worker::start(&setup.config_text);
+    wait_for("the second worker to take the shard", TIMEOUT, || {
+        (lease_holders(&mut conn, &setup) == vec![Some(taker.pid())]).then_some(())
+    });
+    paused.signal("CONT");
+    produce(&mut conn, &setup, second_half);
+    let (want_turns, _) = reference(&mut conn, &setup);
+    // The last sessions stay open (no idle advance): wait for all but them.
+    let last = want_turns
+        .iter()
+        .map(|t| t["end_time"].as_i64().unwrap())
+        .max()
+        .unwrap();
+    let window = &setup.config.window;
+    let watermark = last - window.max_out_of_orderness.0;
+    let closed: BTreeSet<String> = want_turns
+        .iter()
+        .filter(|t| t["end_time"].as_i64().unwrap() + window.gap.0 + 1_000 < watermark)
+        .flat_map(support::message_ids)
+        .collect();
+    assert!(closed.len() > 100);
+    let got = wait_for("the closed sessions' turns", TIMEOUT, || {
+        let got = turns(&mut conn, &output);
+        message_ids(&got).is_superset(&closed).then_some(got)
+    });
+    support::assert_complete_without_partial_duplicates(&message_ids(&got), &got);
+    let paused_worker = format!("-{}", paused.pid());
+    for (id, f) in read_stream(&mut conn, &output) {
+        let worker = String::from_utf8(f["worker"].clone()).unwrap();
+        if worker.ends_with(&paused_worker) {
+            assert!(
+                compare_ids(&id, &before_wake) != std::cmp::Ordering::Greater,
+                "the paused worker wrote {id} after its lease was taken"
+            );
+        }
+    }
+    assert_eq!(lease_holders(&mut conn, &setup), vec![Some(taker.pid())]);
+}
+
+fn compare_ids(a: &str, b: &str) -> std::cmp::Ordering {
+    let parse = |id: &str| {
+        let (ms, seq) = id.split_once('-').unwrap();
+        (ms.parse::<u64>().unwrap(), seq.parse::<u64>().unwrap())
+    };
+    parse(a).cmp(&parse(b))
+}
+
+#[test]
+fn the_worker_rides_out_a_redis_restart_with_aof() {
+    let mut server = RedisServer::start_with(RedisOptions {
+        aof: true,
+        ..Default::default()
+    });
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "restart", 2, "", "");
+    let records = workload(100, 4_000, 13);
+    let (first, second) = records.split_at(2_000);
+    produce(&mut conn, &setup, first);
+    let _worker = Worker::start(&setup.config_text);
+    let output = setup.section().output_stream.clone();
+    wait_for("some turns before the restart", TIMEOUT, || {
+        (!turns(&mut conn, &output).is_empty()).then_some(())
+    });
+    server.restart();
+    let mut conn = server.conn();
+    produce(&mut conn, &setup, second);
+    // The pause can let the idle advance close sessions early, so turns may
+    // split differently from one uninterrupted run; every valid message must
+    // still arrive, once.
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let want = message_ids(&want_turns);
+    let got = wait_until_done(&mut conn, &setup, &want);
+    support::assert_complete_without_partial_duplicates(&want, &got);
+}
+
+#[test]
+fn a_record_that_kills_the_worker_is_dead_lettered_after_max_deliveries() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "crash", 1, "max_deliveries = 3", "");
+    let mut records = workload(20, 300, 3);
+    let marker = "KILLS-THE-WORKER";
+    let poison = format!(
+        r#"{{"message_id":"{marker}","user_id":"user-0","text":"x","event_time":{}}}"#,
+        sessionizer::wall_clock::now_ms()
+    );
+    records.insert(
+        151, // not a multiple of 3: kept as a payload field
+        ("user-0".to_owned(), poison.clone().into_bytes()),
+    );
+    produce(&mut conn, &setup, &records);
+    let dlq = setup.section().dlq_stream.clone();
+    let mut crashes = 0;
+    let dead = loop {
+        let mut worker = Worker::start_with_env(
+            &setup.config_text,
+            &[("SESSIONIZER_FAULT_ABORT_ON", marker)],
+        );
+        let ended = wait_for(
+            "the worker to crash or dead-letter the record",
+            TIMEOUT,
+            || {
+                if let Some(status) = worker.child.try_wait().unwrap() {
+                    return Some(Some(status));
+                }
+                read_stream(&mut conn, &dlq)
+                    .into_iter()
+                    .find(|(_, f)| f["reason"] == b"max_deliveries")
+                    .map(|_| None)
+            },
+        );
+        match ended {
+            Some(status) => {
+                assert!(!status.success(), "the worker died on the record");
+                crashes += 1;
+                assert!(crashes <= 3, "delivered more than max_deliveries times");
+            }
+            None => break read_stream(&mut conn, &dlq),
+        }
+    };
+    assert_eq!(crashes, 3, "exactly max_deliveries deliveries");
+    let exhausted: Vec<&Fields> = dead
+        .iter()
+        .map(|(_, f)| f)
+        .filter(|f| f["reason"] == b"max_deliveries")
+        .collect();
+    assert_eq!(exhausted.len(), 1, "only the record that killed the worker");
+    assert_eq!(exhausted[0]["payload"], poison.as_bytes());
+    assert_eq!(exhausted[0]["deliveries"], b"3");
+}
+
+/// Runs a small workload through a worker and checks every message arrives.
+fn small_run(server: &RedisServer, setup: &Setup) {
+    let mut conn = server.conn();
+    produce(&mut conn, setup, &workload(10, 200, 21));
+    let (want_turns, _) = reference(&mut conn, setup);
+    let want = message_ids(&want_turns);
+    let _worker = Worker::start(&setup.config_text);
+    let got = wait_until_done(&mut conn, setup, &want);
+    support::assert_complete_without_partial_duplicates(&want, &got);
+}
+
+#[test]
+fn acl_credentials_from_the_config_keys() {
+    let server = RedisServer::start_with(RedisOptions {
+        acl_user: Some(("sessionizer".into(), "s3cret-pass".into())),
+        ..Default::default()
+    });
+    // The URL without credentials, the user and password as keys.
+    let mut setup = Setup::new(
+        &server,
+        "acl",
+        2,
+        "username = \"sessionizer\"\npassword = \"s3cret-pass\"",
+        "",
+    );
+    let bare = format!("redis://127.0.0.1:{}", server.port);
+    setup.config_text = setup.config_text.replace(&server.url(), &bare);
+    setup.config = Config::from_toml(&setup.config_text, Vec::new()).unwrap();
+    small_run(&server, &setup);
+}
+
+#[test]
+fn tls_with_a_private_ca() {
+    let server = RedisServer::start_with(RedisOptions {
+        tls: true,
+        ..Default::default()
+    });
+    let setup = Setup::new(&server, "tls", 1, "", "");
+    assert!(setup.config_text.contains("rediss://"));
+    small_run(&server, &setup);
+}
