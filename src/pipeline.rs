@@ -19,7 +19,12 @@ pub enum Outcome {
         error: String,
     },
     /// Resolved without output, counted.
-    Dropped { seq: u64, reason: DropReason },
+    Dropped {
+        seq: u64,
+        reason: DropReason,
+        /// See [`Resolution::Dropped`].
+        held_by: Option<u64>,
+    },
 }
 
 /// Counts of what one partition's pipeline did.
@@ -173,7 +178,15 @@ impl PartitionPipeline {
     fn outcome(&self, resolution: Resolution, event_time: i64) -> Outcome {
         match resolution {
             Resolution::Turn(session) => Outcome::Turn(session),
-            Resolution::Dropped { seq, reason } => Outcome::Dropped { seq, reason },
+            Resolution::Dropped {
+                seq,
+                reason,
+                held_by,
+            } => Outcome::Dropped {
+                seq,
+                reason,
+                held_by,
+            },
             Resolution::LateDeadLetter { seq } => Outcome::DeadLetter {
                 seq,
                 reason: DeadLetterReason::Late,

@@ -87,7 +87,7 @@ fn summarize(events: &[Ev], resolutions: &[Resolution]) -> Summary {
                     .or_default()
                     .push((ids, seqs, t.closed_by, t.late));
             }
-            Resolution::Dropped { seq, reason } => {
+            Resolution::Dropped { seq, reason, .. } => {
                 s.dropped.insert((*seq, reason.as_str()));
             }
             Resolution::LateDeadLetter { seq } => {

@@ -324,8 +324,6 @@ fn wait_for_turns(broker: &Broker, topic: &str, at_least: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "against tansu 0.6 a cooperative rebalance mid-stream loses fetched records (the worker logs an offset gap that \
-            re-reading does not fill) and a reassigned partition is sometimes never fetched; see the issue #3 note"]
 async fn workers_joining_and_leaving_lose_nothing() {
     let broker = Broker::start();
     let t = topics(&broker, "rebalance", 6).await;

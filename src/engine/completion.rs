@@ -18,6 +18,10 @@ pub struct CompletionTracker<P> {
     pending: VecDeque<(P, bool)>,
     /// The last position of the resolved prefix, if it moved since taken.
     committable: Option<P>,
+    /// Resolved outcomes spanning several records, as (seq of the first
+    /// record, its position, seq of the last), while a restart could still
+    /// land inside them.
+    holds: Vec<(u64, P, u64)>,
 }
 
 impl<P: Copy> Default for CompletionTracker<P> {
@@ -32,6 +36,7 @@ impl<P: Copy> CompletionTracker<P> {
             base_seq: 0,
             pending: VecDeque::new(),
             committable: None,
+            holds: Vec::new(),
         }
     }
 
@@ -70,6 +75,50 @@ impl<P: Copy> CompletionTracker<P> {
         self.committable.take()
     }
 
+    /// Records that one outcome spans the records from `first_seq` to
+    /// `last_seq` (a turn; a duplicate and the session holding its
+    /// original). A restart must not resume strictly inside that span: it
+    /// would re-emit the outcome in part, a turn missing its first messages
+    /// under a new `turn_id`, or a duplicate without its original. Call it
+    /// before resolving the outcome's records.
+    pub fn hold(&mut self, first_seq: u64, last_seq: u64) {
+        if last_seq > first_seq {
+            if let Some(first) = self.position(first_seq) {
+                self.holds.push((first_seq, first, last_seq));
+            }
+        }
+    }
+
+    /// Where a restart must resume, when holds put it before the end of the
+    /// resolved prefix: the first record of the earliest outcome that the
+    /// prefix's end, or an earlier resume point, falls inside (one pulled
+    /// back point can land inside another outcome, so this repeats). The
+    /// replay then re-forms whole outcomes, re-emitted with the same
+    /// `turn_id`. `None`: resume at the prefix's end.
+    pub fn held_from(&mut self) -> Option<P> {
+        let mut resume = self.base_seq;
+        let mut position = None;
+        loop {
+            let inside = self
+                .holds
+                .iter()
+                .filter(|(first, _, last)| *first < resume && resume <= *last)
+                .min_by_key(|(first, _, _)| *first);
+            match inside {
+                Some(&(first, first_position, _)) => {
+                    resume = first;
+                    position = Some(first_position);
+                }
+                None => break,
+            }
+        }
+        // Resume points only move forward (a new hold's records were
+        // unresolved, so it starts at or after this one): older holds that
+        // end before it can never matter again.
+        self.holds.retain(|(_, _, last)| *last >= resume);
+        position
+    }
+
     /// Positions resolved but not yet in the prefix (they wait behind an
     /// unresolved one). A restart from the commit position can skip them if
     /// they are recorded with the commit, so their turns are not re-emitted in
@@ -97,6 +146,55 @@ impl<P: Copy> CompletionTracker<P> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_hold_keeps_the_resume_point_at_the_start_of_its_outcome() {
+        let mut t = CompletionTracker::new();
+        let seqs: Vec<u64> = (100..106_i64).map(|p| t.register(p)).collect();
+        // A turn of records 0, 1 and 3 resolves; 2 is still in an open one.
+        t.hold(seqs[0], seqs[3]);
+        for s in [seqs[0], seqs[1], seqs[3]] {
+            t.resolve(s);
+        }
+        assert_eq!(t.peek_committable(), Some(101));
+        assert_eq!(
+            t.held_from(),
+            Some(100),
+            "resuming at 102 would re-emit record 103 alone"
+        );
+        t.resolve(seqs[2]);
+        assert_eq!(t.peek_committable(), Some(103));
+        assert_eq!(t.held_from(), None, "the whole turn is in the prefix now");
+        // A hold of one record is no hold.
+        t.hold(seqs[4], seqs[4]);
+        assert_eq!(t.held_from(), None);
+    }
+
+    #[test]
+    fn a_pulled_back_resume_point_inside_another_turn_moves_to_its_start() {
+        let mut t = CompletionTracker::new();
+        let s: Vec<u64> = (0..8_i64).map(|p| t.register(p)).collect();
+        // Turn A: records 0 and 3. Turn B: records 2 and 6. Record 7 open.
+        t.hold(s[0], s[3]);
+        t.hold(s[2], s[6]);
+        for i in [0, 1, 3, 4, 5, 2, 6] {
+            t.resolve(s[i]);
+        }
+        assert_eq!(t.peek_committable(), Some(6));
+        // The prefix ends inside nothing, but record 7 is open: resume at 7.
+        assert_eq!(t.held_from(), None);
+        let mut t = CompletionTracker::new();
+        let s: Vec<u64> = (0..8_i64).map(|p| t.register(p)).collect();
+        t.hold(s[0], s[3]);
+        t.hold(s[2], s[6]);
+        for i in [0, 1, 3, 4, 2, 6] {
+            t.resolve(s[i]);
+        }
+        // Record 5 is open: resuming at 5 would split B (2, 6); B's start is
+        // inside A (0, 3), so the replay must start at A's first record.
+        assert_eq!(t.peek_committable(), Some(4));
+        assert_eq!(t.held_from(), Some(0));
+    }
 
     #[test]
     fn prefix_waits_for_the_oldest_unresolved_record() {

@@ -114,6 +114,12 @@ pub enum Resolution {
     Dropped {
         seq: u64,
         reason: DropReason,
+        /// For a duplicate: the first record (lowest seq) of the open
+        /// session that holds the original. A replay that starts after that
+        /// record but at or before this one would see the duplicate without
+        /// its original and emit it again, so a source must not resume
+        /// between them (see `CompletionTracker::hold`).
+        held_by: Option<u64>,
     },
     /// The record just handed in is a late message under `late = "dlq"`: the
     /// caller, which still holds its bytes, dead-letters it with reason `late`.
@@ -265,10 +271,15 @@ impl SessionEngine {
 
         if event.kind == EventKind::Message {
             if let Some(head) = head {
-                if self.chain(head).any(|s| s.has_message(&event.message_id)) {
+                let original = self
+                    .chain(head)
+                    .find(|s| s.has_message(&event.message_id))
+                    .map(|s| s.entries.iter().map(|e| e.seq).min());
+                if let Some(held_by) = original {
                     out.push(Resolution::Dropped {
                         seq,
                         reason: DropReason::Duplicate,
+                        held_by,
                     });
                     self.observe(t, out);
                     return;
@@ -295,6 +306,7 @@ impl SessionEngine {
                 out.push(Resolution::Dropped {
                     seq,
                     reason: DropReason::NoMessage,
+                    held_by: None,
                 });
             } else {
                 self.open_session(hash, head, event, seq);
@@ -310,6 +322,7 @@ impl SessionEngine {
                 out.push(Resolution::Dropped {
                     seq,
                     reason: DropReason::NoMessage,
+                    held_by: None,
                 });
             } else {
                 let head = self.find_head(hash, &event.user_id, event.conversation_id.as_deref());
@@ -402,6 +415,7 @@ impl SessionEngine {
             _ => Resolution::Dropped {
                 seq,
                 reason: DropReason::Late,
+                held_by: None,
             },
         };
         out.push(resolution);
@@ -546,6 +560,7 @@ impl SessionEngine {
                 out.push(Resolution::Dropped {
                     seq: entry.seq,
                     reason: DropReason::NoMessage,
+                    held_by: None,
                 });
             }
             return;

@@ -190,6 +190,7 @@ fn late_policy_new_turn_dlq_and_drop() {
             Some(Resolution::Dropped {
                 seq: 2,
                 reason: DropReason::Late,
+                held_by: None,
             }),
         ),
     ] {
@@ -301,11 +302,13 @@ fn typing_extends_a_session_but_alone_emits_nothing() {
         vec![
             Resolution::Dropped {
                 seq: 0,
-                reason: DropReason::NoMessage
+                reason: DropReason::NoMessage,
+                held_by: None,
             },
             Resolution::Dropped {
                 seq: 1,
-                reason: DropReason::NoMessage
+                reason: DropReason::NoMessage,
+                held_by: None,
             }
         ]
     );
@@ -337,7 +340,8 @@ fn end_of_turn_closes_the_session_on_arrival() {
         h.others(),
         vec![Resolution::Dropped {
             seq: 0,
-            reason: DropReason::NoMessage
+            reason: DropReason::NoMessage,
+            held_by: None,
         }]
     );
 }
@@ -364,7 +368,8 @@ fn duplicates_within_an_open_session_are_dropped() {
         h.others(),
         vec![Resolution::Dropped {
             seq: 1,
-            reason: DropReason::Duplicate
+            reason: DropReason::Duplicate,
+            held_by: Some(0),
         }]
     );
     h.flush();

@@ -87,12 +87,18 @@ struct Tracked {
 }
 
 impl Tracked {
-    /// The offset to commit and its metadata (the resolved offsets past it).
-    fn commit_point(&self) -> (i64, String) {
-        let offset = self
+    /// The offset to commit and its metadata (the resolved offsets past it):
+    /// the end of the resolved prefix, or earlier where an emitted turn
+    /// reaches past it (see [`CompletionTracker::hold`]).
+    fn commit_point(&mut self) -> (i64, String) {
+        let prefix = self
             .tracker
             .peek_committable()
             .map_or(self.start_offset, |last| last + 1);
+        let offset = self
+            .tracker
+            .held_from()
+            .map_or(prefix, |held| held.min(prefix));
         (
             offset,
             offsets::encode(offset, self.tracker.resolved_beyond_prefix()),
@@ -624,7 +630,11 @@ impl Worker {
                 }
                 if all_replayed {
                     let seqs = seqs.to_vec();
-                    self.resolve(tp, epoch, &seqs);
+                    let held_by = match &outcome {
+                        Outcome::Dropped { held_by, .. } => *held_by,
+                        _ => None,
+                    };
+                    self.resolve(tp, epoch, &seqs, held_by);
                     continue;
                 }
             }
@@ -670,7 +680,7 @@ impl Worker {
                         dead_letter: true,
                     });
                 }
-                Outcome::Dropped { seq, .. } => self.resolve(tp, epoch, &[seq]),
+                Outcome::Dropped { seq, held_by, .. } => self.resolve(tp, epoch, &[seq], held_by),
             }
         }
     }
@@ -689,7 +699,7 @@ impl Worker {
         let producer = self.producer_for(&outgoing);
         if self.kafka.exactly_once {
             // In the open transaction: resolved now, committed with it.
-            self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs);
+            self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
         }
         self.deliveries
             .push(send(producer, outgoing, Duration::ZERO));
@@ -699,7 +709,7 @@ impl Worker {
         match result {
             Ok(()) => {
                 if !self.kafka.exactly_once {
-                    self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs);
+                    self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
                 }
             }
             Err(e) => {
@@ -713,11 +723,17 @@ impl Worker {
         }
     }
 
-    fn resolve(&mut self, tp: &Tp, epoch: u64, seqs: &[u64]) {
+    /// Resolves one outcome's records; `held_by` is a duplicate's original
+    /// (see [`CompletionTracker::hold`]).
+    fn resolve(&mut self, tp: &Tp, epoch: u64, seqs: &[u64], held_by: Option<u64>) {
         let mut tracked = self.shared.tracked.lock().expect("not poisoned");
         let Some(t) = tracked.get_mut(tp).filter(|t| t.epoch == epoch) else {
             return; // revoked since: the next owner replays it
         };
+        let first = seqs.iter().chain(&held_by).min();
+        if let (Some(&first), Some(&last)) = (first, seqs.iter().max()) {
+            t.tracker.hold(first, last);
+        }
         for &seq in seqs {
             t.tracker.resolve(seq);
         }

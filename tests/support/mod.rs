@@ -187,11 +187,19 @@ pub async fn create_topic(config: ClientConfig, name: &str, partitions: i32) {
 }
 
 /// Produces keyed records (acks all) and waits for every delivery.
+///
+/// One record per batch: tansu 0.6 answers a fetch from an offset inside a
+/// record batch with the batches after it, skipping the rest of that one
+/// (Kafka returns the whole batch and the client skips ahead). A worker
+/// resuming at a committed offset mid-batch would never see those records,
+/// so the tests keep every offset a batch start. Real Kafka needs nothing
+/// like it; docs/kafka-brokers.md has the details.
 pub async fn produce(config: ClientConfig, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
     let mut config = config;
     let producer: FutureProducer = config
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", "0")
+        .set("batch.num.messages", "1")
         .create()
         .unwrap();
     let sends = records.iter().map(|(key, payload)| {
@@ -449,7 +457,10 @@ pub fn assert_complete_without_partial_duplicates(
     for (turn_id, ids) in &by_turn {
         for id in ids {
             if let Some(other) = owner.insert(id, turn_id) {
-                panic!("message {id} is in turns {other} and {turn_id}");
+                panic!(
+                    "message {id} is in turns {other} {:?} and {turn_id} {:?}",
+                    by_turn[other], ids
+                );
             }
         }
     }
