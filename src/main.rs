@@ -1,6 +1,12 @@
 //! The `sessionizer` command line.
 
 use std::path::PathBuf;
+
+/// Every record allocates (decoded fields, replies, encoded turns) and glibc's
+/// allocator cost the Redis worker a quarter of its CPU; mimalloc is faster
+/// at the many small short-lived blocks.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::process::ExitCode;
 
 use anyhow::Context as _;

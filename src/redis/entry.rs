@@ -7,6 +7,8 @@
 //! object), the usual Redis idiom. Flat fields are turned into the JSON event
 //! so both forms go through the one decoder with the same validation.
 
+use std::borrow::Cow;
+
 use redis::Value;
 use serde_json::{Map, Value as Json};
 
@@ -39,10 +41,10 @@ impl Entry {
     /// is a JSON object of every field (values as strings, `event_time` as a
     /// number when it is one, `attributes` parsed when it is a JSON object),
     /// which is also what a dead letter keeps as `payload`.
-    pub fn payload(&self) -> (Vec<u8>, Form) {
+    pub fn payload(&self) -> (Cow<'_, [u8]>, Form) {
         let fields = self.fields.as_deref().unwrap_or_default();
         if let Some((_, v)) = fields.iter().find(|(k, _)| k == b"payload") {
-            return (v.clone(), Form::Payload);
+            return (Cow::Borrowed(v), Form::Payload);
         }
         let mut object = Map::new();
         for (k, v) in fields {
@@ -62,7 +64,9 @@ impl Entry {
             object.insert(key, value);
         }
         (
-            serde_json::to_vec(&Json::Object(object)).expect("a JSON object serializes"),
+            Cow::Owned(
+                serde_json::to_vec(&Json::Object(object)).expect("a JSON object serializes"),
+            ),
             Form::Fields,
         )
     }
@@ -155,27 +159,29 @@ mod tests {
 
     #[test]
     fn a_payload_field_is_taken_byte_for_byte() {
-        let (bytes, form) = entry(&[("payload", "{\"a\": 1}"), ("x", "y")]).payload();
-        assert_eq!(bytes, b"{\"a\": 1}");
+        let e = entry(&[("payload", "{\"a\": 1}"), ("x", "y")]);
+        let (bytes, form) = e.payload();
+        assert_eq!(&*bytes, b"{\"a\": 1}");
         assert_eq!(form, Form::Payload);
     }
 
     #[test]
     fn flat_fields_become_the_json_event() {
-        let (bytes, form) = entry(&[
+        let e = entry(&[
             ("message_id", "m1"),
             ("user_id", "u"),
             ("text", "hi"),
             ("event_time", "1700000000000"),
             ("attributes", "{\"lang\":\"en\"}"),
-        ])
-        .payload();
+        ]);
+        let (bytes, form) = e.payload();
         assert_eq!(form, Form::Fields);
         let json: Json = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["event_time"], 1_700_000_000_000i64);
         assert_eq!(json["attributes"]["lang"], "en");
         assert_eq!(json["text"], "hi");
-        let (bytes, _) = entry(&[("event_time", "2026-01-01T00:00:00Z")]).payload();
+        let e = entry(&[("event_time", "2026-01-01T00:00:00Z")]);
+        let (bytes, _) = e.payload();
         let json: Json = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["event_time"], "2026-01-01T00:00:00Z");
     }
@@ -197,7 +203,7 @@ mod tests {
         ])]);
         let entries = parse_read_reply(reply).unwrap();
         assert_eq!(entries.len(), 2);
-        assert_eq!(entries[0].payload().0, b"x");
+        assert_eq!(&*entries[0].payload().0, b"x");
         assert_eq!(entries[1].fields, None);
         assert_eq!(parse_read_reply(Value::Nil).unwrap(), vec![]);
     }

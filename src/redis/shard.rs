@@ -9,7 +9,7 @@
 //! entry is acked exactly when its outcome is written, so a crash replays
 //! precisely the unresolved entries.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use tokio::sync::watch;
 
-use super::entry::{parse_entries, parse_read_reply, Entry};
+use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn, Decoder, OutputFormat};
@@ -82,8 +82,10 @@ pub struct ShardTask {
     settings: Arc<Settings>,
     pipeline: PartitionPipeline,
     idle: IdleClock,
-    /// Entry ids of records handed to the pipeline and not yet resolved.
-    unresolved: HashMap<u64, String>,
+    /// Entry ids of records handed to the pipeline and not yet resolved,
+    /// by seq from `unresolved_base` (`None` once resolved).
+    unresolved: VecDeque<Option<String>>,
+    unresolved_base: u64,
     next_seq: u64,
     outcomes: Vec<Outcome>,
     /// Fenced steps waiting to be written, in order.
@@ -128,7 +130,8 @@ impl ShardTask {
             token,
             conn,
             settings,
-            unresolved: HashMap::new(),
+            unresolved: VecDeque::new(),
+            unresolved_base: 0,
             next_seq: 0,
             outcomes: Vec::new(),
             batch: Vec::new(),
@@ -310,26 +313,63 @@ impl ShardTask {
     /// One fenced read of new entries; with none, the group's last
     /// delivered id.
     async fn read_fenced(&mut self) -> Result<(Vec<Entry>, Option<String>), RedisError> {
-        let s = &self.settings;
-        let reply: Value = scripts::READ_NEW
-            .key(&self.keys.lease)
-            .key(&self.keys.stream)
-            .arg(&self.token)
+        let s = self.settings.clone();
+        let mut read = redis::pipe();
+        read.atomic()
+            .cmd("XREADGROUP")
+            .arg("GROUP")
             .arg(&s.group)
             .arg(&self.keys.consumer)
+            .arg("COUNT")
             .arg(s.batch)
-            .invoke_async(&mut self.conn)
-            .await?;
-        let Value::Array(mut parts) = reply else {
-            return Err(protocol_error(format!("unexpected read reply {reply:?}")));
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(">");
+        let Some(reply) = self.fenced(&read).await? else {
+            return Err(retry_error("the lease key changed during the read"));
         };
-        let last = parts.pop().map(super::entry::bulk_string);
-        let entries = parse_entries(parts.pop().unwrap_or(Value::Nil)).map_err(protocol_error)?;
-        let last = last.transpose().map_err(protocol_error)?;
-        Ok(match last {
-            Some(id) if entries.is_empty() && !id.is_empty() => (entries, Some(id)),
-            _ => (entries, None),
-        })
+        let entries = parse_read_reply(first(reply)).map_err(protocol_error)?;
+        if !entries.is_empty() {
+            return Ok((entries, None));
+        }
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.keys.stream)
+            .query_async(&mut self.conn)
+            .await?;
+        let last = groups
+            .groups
+            .into_iter()
+            .find(|g| g.name == s.group)
+            .map(|g| g.last_delivered_id);
+        Ok((entries, last))
+    }
+
+    /// Runs `transaction` (an atomic pipeline) only while this task's token
+    /// is the lease's value: `WATCH` the lease, check it, then `MULTI … EXEC`,
+    /// which Redis refuses (`None`) if the lease key changed meanwhile (taken
+    /// by another worker, or only renewed: then the caller tries again). A
+    /// lease held by another token is the fencing error. Native commands, not
+    /// a script: Lua would copy every entry read and every turn written
+    /// through its own values, which costs Redis more than the commands.
+    async fn fenced(&mut self, transaction: &redis::Pipeline) -> Result<Option<Value>, RedisError> {
+        let (holder,): (Option<String>,) = redis::pipe()
+            .cmd("WATCH")
+            .arg(&self.keys.lease)
+            .ignore()
+            .cmd("GET")
+            .arg(&self.keys.lease)
+            .query_async(&mut self.conn)
+            .await?;
+        if holder.as_deref() != Some(self.token.as_str()) {
+            let _: Result<(), _> = redis::cmd("UNWATCH").query_async(&mut self.conn).await;
+            return Err(RedisError::from((
+                redis::ErrorKind::ExtensionError,
+                scripts::FENCED,
+                "the shard lease is no longer held".to_owned(),
+            )));
+        }
+        transaction.query_async(&mut self.conn).await
     }
 
     /// Hands one entry to the pipeline and collects what it resolved;
@@ -338,13 +378,13 @@ impl ShardTask {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.idle.on_record();
-        self.unresolved.insert(seq, entry.id.clone());
+        self.unresolved.push_back(Some(entry.id.clone()));
         let mut outcomes = std::mem::take(&mut self.outcomes);
         let (payload, form) = entry.payload();
         if entry.fields.is_none() {
             // Trimmed away while pending: nothing left to process.
             tracing::warn!(shard = %self.keys.stream, id = %entry.id, "a pending entry was deleted; acking it");
-            self.unresolved.remove(&seq);
+            self.take_id(seq);
             self.step().acks.push(entry.id);
             self.outcomes = outcomes;
             return;
@@ -397,7 +437,7 @@ impl ShardTask {
                     let acks: Vec<String> = session
                         .seqs
                         .iter()
-                        .filter_map(|seq| self.unresolved.remove(seq))
+                        .filter_map(|seq| self.take_id(*seq))
                         .collect();
                     let step = self.step();
                     step.turns.push((turn, id, user));
@@ -418,17 +458,28 @@ impl ShardTask {
                         ("deliveries", about.deliveries.to_string().into_bytes()),
                         ("form", about.form.as_bytes().to_vec()),
                     ];
-                    let acks = self.unresolved.remove(&seq);
+                    let acks = self.take_id(seq);
                     let step = self.step();
                     step.dead_letters.push(fields);
                     step.acks.extend(acks);
                 }
                 Outcome::Dropped { seq, .. } => {
-                    let acks = self.unresolved.remove(&seq);
+                    let acks = self.take_id(seq);
                     self.step().acks.extend(acks);
                 }
             }
         }
+    }
+
+    /// The entry id of a resolved record (once).
+    fn take_id(&mut self, seq: u64) -> Option<String> {
+        let index = usize::try_from(seq.checked_sub(self.unresolved_base)?).ok()?;
+        let id = self.unresolved.get_mut(index)?.take();
+        while let Some(None) = self.unresolved.front() {
+            self.unresolved.pop_front();
+            self.unresolved_base += 1;
+        }
+        id
     }
 
     /// The step the next outcome goes into: a new one once the last holds
@@ -453,33 +504,50 @@ impl ShardTask {
         Ok(())
     }
 
+    /// Writes one step's turns and dead letters and acks their entries in
+    /// one fenced transaction.
     async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
-        let s = &self.settings;
-        let mut inv = scripts::EMIT.prepare_invoke();
-        inv.key(&self.keys.lease)
-            .key(&self.keys.stream)
-            .key(&self.keys.output)
-            .key(&self.keys.dlq)
-            .arg(&self.token)
-            .arg(&s.group)
-            .arg(s.output_maxlen.map(|n| n.to_string()).unwrap_or_default())
-            .arg(s.dlq_maxlen.map(|n| n.to_string()).unwrap_or_default())
-            .arg(&s.worker)
-            .arg(args.turns.len());
+        let s = self.settings.clone();
+        let mut step = redis::pipe();
+        step.atomic();
         for (turn, id, user) in &args.turns {
-            inv.arg(turn).arg(id).arg(user);
-        }
-        inv.arg(args.dead_letters.len());
-        for fields in &args.dead_letters {
-            inv.arg(fields.len());
-            for (k, v) in fields {
-                inv.arg(*k).arg(v);
+            let add = step.cmd("XADD").arg(&self.keys.output);
+            if let Some(maxlen) = s.output_maxlen {
+                add.arg("MAXLEN").arg("~").arg(maxlen);
             }
+            add.arg("*")
+                .arg("turn")
+                .arg(turn)
+                .arg("turn_id")
+                .arg(id)
+                .arg("user_id")
+                .arg(user)
+                .arg("worker")
+                .arg(&s.worker)
+                .ignore();
         }
-        for id in &args.acks {
-            inv.arg(id);
+        for fields in &args.dead_letters {
+            let add = step.cmd("XADD").arg(&self.keys.dlq);
+            if let Some(maxlen) = s.dlq_maxlen {
+                add.arg("MAXLEN").arg("~").arg(maxlen);
+            }
+            add.arg("*");
+            for (k, v) in fields {
+                add.arg(*k).arg(v);
+            }
+            add.ignore();
         }
-        inv.invoke_async::<i64>(&mut self.conn).await.map(drop)
+        if !args.acks.is_empty() {
+            step.cmd("XACK")
+                .arg(&self.keys.stream)
+                .arg(&s.group)
+                .arg(&args.acks)
+                .ignore();
+        }
+        match self.fenced(&step).await? {
+            Some(_) => Ok(()),
+            None => Err(retry_error("the lease key changed during the emit")),
+        }
     }
 
     /// After a failed call: fencing ends the task; any other error (the
@@ -492,6 +560,10 @@ impl ShardTask {
     ) -> Result<(), Failure> {
         if is_fenced(&error) {
             return Err(Failure::Fenced);
+        }
+        if error.kind() == redis::ErrorKind::TryAgain {
+            tracing::debug!(shard = %self.keys.stream, error = %error, "trying again");
+            return Ok(());
         }
         tracing::warn!(shard = %self.keys.stream, error = %error, "Redis call failed; retrying");
         tokio::select! {
@@ -533,6 +605,24 @@ fn delivery_counts(reply: Value) -> Result<HashMap<String, u64>, String> {
             other => Err(format!("unexpected XPENDING row {other:?}")),
         })
         .collect()
+}
+
+/// The first reply of a transaction's `EXEC`.
+fn first(reply: Value) -> Value {
+    match reply {
+        Value::Array(mut replies) if !replies.is_empty() => replies.swap_remove(0),
+        other => other,
+    }
+}
+
+/// A transaction Redis refused because the lease key was touched (most
+/// often only renewed): retried at once by the caller's loop.
+fn retry_error(what: &str) -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::TryAgain,
+        "transaction aborted",
+        what.to_owned(),
+    ))
 }
 
 fn protocol_error(message: String) -> RedisError {

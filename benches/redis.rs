@@ -1,0 +1,183 @@
+//! The Redis worker against a plain consumer on the same `redis-server`, in
+//! one run: events per second through the real `sessionizer` binary (read,
+//! sessionize, write turns and ack in fenced steps) and through a
+//! consume-and-ack loop that does nothing else, on the same entries.
+//!
+//! `cargo bench --bench redis` (env `EVENTS`, default 1,000,000; `SHARDS`,
+//! default 4). Needs `redis-server` (scripts/install-test-deps).
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sessionizer::redis::keys::shard_of;
+use sessionizer::workload::{Workload, WorkloadSpec};
+use support::redis_server::RedisServer;
+use support::{wait_for, Worker};
+
+fn env(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let events = env("EVENTS", 1_000_000);
+    let shards = env("SHARDS", 4) as u32;
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let streams: Vec<String> = (0..shards).map(|i| format!("chat:{{{i}}}")).collect();
+
+    let started = Instant::now();
+    let spec = WorkloadSpec {
+        users: 20_000,
+        // Recent event times: the future-skew check and the idle advance see
+        // a live stream.
+        start_ms: sessionizer::wall_clock::now_ms() - 3_600_000,
+        ..WorkloadSpec::default()
+    };
+    let mut pipe = redis::pipe();
+    for (i, record) in Workload::new(spec).take(events).enumerate() {
+        let user = format!("user-{}", record.user);
+        let stream = &streams[shard_of(&user, None, shards) as usize];
+        pipe.xadd(stream, "*", &[("payload", record.payload.as_slice())])
+            .ignore();
+        if i % 5_000 == 4_999 {
+            pipe.query::<()>(&mut conn).unwrap();
+            pipe = redis::pipe();
+        }
+    }
+    pipe.query::<()>(&mut conn).unwrap();
+    eprintln!(
+        "produced {events} events into {shards} shards in {:.1?}",
+        started.elapsed()
+    );
+
+    let plain = plain_consumer(&server, &streams, events);
+    let worker = sessionizer_worker(&server, &streams, shards);
+    println!("redis, {events} events, {shards} shards, one redis-server on the same two cores");
+    println!(
+        "  plain consumer (XREADGROUP 500 + XACK): {:>9.0} ev/s ({plain:.2} s)",
+        events as f64 / plain
+    );
+    println!(
+        "  sessionizer worker (release binary):   {:>9.0} ev/s ({worker:.2} s)",
+        events as f64 / worker
+    );
+    println!("  ratio worker / plain: {:.2}", plain / worker);
+    if std::env::var_os("COMMANDSTATS").is_some() {
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut conn)
+            .unwrap();
+        println!("{stats}");
+    }
+}
+
+/// Reads every shard through its own group and acks each batch: the floor
+/// any consumer of these streams pays.
+fn plain_consumer(server: &RedisServer, streams: &[String], events: usize) -> f64 {
+    let mut conn = server.conn();
+    for s in streams {
+        redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(s)
+            .arg("plain")
+            .arg("0")
+            .query::<()>(&mut conn)
+            .unwrap();
+    }
+    let started = Instant::now();
+    let threads: Vec<_> = streams
+        .iter()
+        .cloned()
+        .map(|stream| {
+            let mut conn = server.conn();
+            std::thread::spawn(move || {
+                let mut read = 0usize;
+                loop {
+                    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg("plain")
+                        .arg("c")
+                        .arg("COUNT")
+                        .arg(500)
+                        .arg("STREAMS")
+                        .arg(&stream)
+                        .arg(">")
+                        .query(&mut conn)
+                        .unwrap();
+                    let ids: Vec<String> = reply
+                        .keys
+                        .into_iter()
+                        .flat_map(|k| k.ids.into_iter().map(|e| e.id))
+                        .collect();
+                    if ids.is_empty() {
+                        return read;
+                    }
+                    read += ids.len();
+                    redis::cmd("XACK")
+                        .arg(&stream)
+                        .arg("plain")
+                        .arg(&ids)
+                        .query::<()>(&mut conn)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let read: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert_eq!(read, events);
+    started.elapsed().as_secs_f64()
+}
+
+/// Runs the worker binary until every entry of every shard is acked.
+fn sessionizer_worker(server: &RedisServer, streams: &[String], shards: u32) -> f64 {
+    let config = format!(
+        r#"source = "redis"
+[window]
+idle_timeout = "100ms"
+[redis]
+url = "{}"
+input_stream = "chat"
+shards = {shards}
+output_stream = "turns"
+dlq_stream = "dlq"
+lease_ttl = "3s"
+block = "100ms"
+"#,
+        server.url()
+    );
+    let mut conn = server.conn();
+    let last_ids: Vec<String> = streams
+        .iter()
+        .map(|s| {
+            let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(s)
+                .query(&mut conn)
+                .unwrap();
+            info.last_generated_id
+        })
+        .collect();
+    let started = Instant::now();
+    let _worker = Worker::start(&config);
+    wait_for("every entry acked", Duration::from_secs(600), || {
+        let done = streams.iter().zip(&last_ids).all(|(s, last)| {
+            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(s)
+                .query(&mut conn)
+                .unwrap();
+            groups
+                .groups
+                .iter()
+                .any(|g| g.name == "sessionizer" && g.pending == 0 && &g.last_delivered_id == last)
+        });
+        done.then_some(())
+    });
+    started.elapsed().as_secs_f64()
+}
