@@ -85,10 +85,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             users,
             poison_fraction,
         } => {
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let runtime = runtime()?;
             let options = sessionizer::kafka::demo::DemoOptions {
                 duration,
                 users,
@@ -110,22 +107,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             match config.source {
                 SourceKind::Kafka => {
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting the async runtime")?;
-                    runtime.block_on(sessionizer::kafka::run(
+                    runtime()?.block_on(sessionizer::kafka::run(
                         &config,
                         sessionizer::shutdown::signal(),
                     ))?;
                     Ok(())
                 }
                 SourceKind::Redis => {
-                    let runtime = tokio::runtime::Builder::new_multi_thread()
-                        .enable_all()
-                        .build()
-                        .context("starting the async runtime")?;
-                    runtime.block_on(sessionizer::redis::run(
+                    runtime()?.block_on(sessionizer::redis::run(
                         &config,
                         sessionizer::shutdown::signal(),
                     ))?;
@@ -146,6 +135,14 @@ fn run(command: Command) -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// The async runtime the broker workers run on.
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn init_logging(format: LogFormat) {

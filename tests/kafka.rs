@@ -6,10 +6,7 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use sessionizer::codec::{encode_turn, DecodeLimits, Decoder, InputFormat, OutputFormat};
 use sessionizer::config::Config;
-use sessionizer::pipeline::{Outcome, PartitionPipeline};
-use sessionizer::workload::{Workload, WorkloadSpec};
 use support::{committed, message_ids, produce, read_until, wait_for, Broker, Read, Worker};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -62,19 +59,11 @@ commit_interval = "200ms"
     )
 }
 
-/// Bursty traffic from a few users, with duplicates and every poison kind,
-/// keyed by user id.
+/// [`support::workload`], keyed by user id.
 fn workload(users: u32, count: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let spec = WorkloadSpec {
-        users,
-        duplicate_fraction: 0.05,
-        poison_fraction: 0.05,
-        seed,
-        ..WorkloadSpec::default()
-    };
-    Workload::new(spec)
-        .take(count)
-        .map(|r| (format!("user-{}", r.user).into_bytes(), r.payload))
+    support::workload(users, count, seed)
+        .into_iter()
+        .map(|(user, payload)| (user.into_bytes(), payload))
         .collect()
 }
 
@@ -89,41 +78,14 @@ fn reference(
     for r in input {
         by_partition.entry(r.partition).or_default().push(r);
     }
-    let decoder = Decoder::new(
-        InputFormat::Auto,
-        DecodeLimits {
-            ..config.decode_limits()
-        },
-    );
     let mut turns = Vec::new();
     let mut dead = BTreeSet::new();
     for (partition, mut records) in by_partition {
         records.sort_by_key(|r| r.offset);
-        let mut pipeline = PartitionPipeline::new(decoder.clone(), config.window_config());
-        let mut out = Vec::new();
-        let mut offsets = BTreeMap::new();
-        for (seq, r) in records.iter().enumerate() {
-            offsets.insert(seq as u64, r.offset);
-            pipeline.process(
-                &r.payload,
-                seq as u64,
-                sessionizer::wall_clock::now_ms(),
-                &mut out,
-            );
-        }
-        pipeline.flush(&mut out);
-        for o in out {
-            match o {
-                Outcome::Turn(s) => {
-                    let mut buf = Vec::new();
-                    encode_turn(&s, OutputFormat::Json, &mut buf);
-                    turns.push(serde_json::from_slice(&buf).unwrap());
-                }
-                Outcome::DeadLetter { seq, reason, .. } => {
-                    dead.insert((partition, offsets[&seq], reason.as_str().to_owned()));
-                }
-                Outcome::Dropped { .. } => {}
-            }
+        let (t, d) = support::reference_run(config, records.iter().map(|r| &r.payload));
+        turns.extend(t);
+        for (index, reason) in d {
+            dead.insert((partition, records[index].offset, reason));
         }
     }
     turns.sort_by(|a: &serde_json::Value, b| a["turn_id"].as_str().cmp(&b["turn_id"].as_str()));

@@ -7,14 +7,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use redis::Commands;
-use sessionizer::codec::{encode_turn, OutputFormat};
 use sessionizer::config::Config;
-use sessionizer::pipeline::{Outcome, PartitionPipeline};
 use sessionizer::redis::entry::Entry;
 use sessionizer::redis::keys::{shard_of, ShardKeys};
-use sessionizer::workload::{Workload, WorkloadSpec};
 use support::redis_server::{RedisOptions, RedisServer};
-use support::{wait_for, Worker};
+use support::{wait_for, workload, Worker};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -71,21 +68,6 @@ block = "100ms"
     fn shards(&self) -> Vec<ShardKeys> {
         ShardKeys::all(self.section())
     }
-}
-
-/// Bursty traffic with duplicates and every poison kind; the user id of each.
-fn workload(users: u32, count: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
-    let spec = WorkloadSpec {
-        users,
-        duplicate_fraction: 0.05,
-        poison_fraction: 0.05,
-        seed,
-        ..WorkloadSpec::default()
-    };
-    Workload::new(spec)
-        .take(count)
-        .map(|r| (format!("user-{}", r.user), r.payload))
-        .collect()
 }
 
 /// Adds the records to their shards: most as a `payload` field, every third
@@ -182,15 +164,11 @@ fn reference(
     conn: &mut redis::Connection,
     setup: &Setup,
 ) -> (Vec<serde_json::Value>, BTreeSet<(String, String, String)>) {
-    let decoder =
-        sessionizer::codec::Decoder::new(setup.config.input_format(), setup.config.decode_limits());
     let mut turns = Vec::new();
     let mut dead = BTreeSet::new();
     for shard in setup.shards() {
         let entries = read_stream(conn, &shard.stream);
-        let mut pipeline = PartitionPipeline::new(decoder.clone(), setup.config.window_config());
-        let mut out = Vec::new();
-        for (seq, (id, fields)) in entries.iter().enumerate() {
+        let payloads = entries.iter().map(|(id, fields)| {
             let entry = Entry {
                 id: id.clone(),
                 fields: Some(
@@ -200,31 +178,12 @@ fn reference(
                         .collect(),
                 ),
             };
-            let (payload, _) = entry.payload();
-            pipeline.process(
-                &payload,
-                seq as u64,
-                sessionizer::wall_clock::now_ms(),
-                &mut out,
-            );
-        }
-        pipeline.flush(&mut out);
-        for o in out {
-            match o {
-                Outcome::Turn(s) => {
-                    let mut buf = Vec::new();
-                    encode_turn(&s, OutputFormat::Json, &mut buf);
-                    turns.push(serde_json::from_slice(&buf).unwrap());
-                }
-                Outcome::DeadLetter { seq, reason, .. } => {
-                    dead.insert((
-                        shard.stream.clone(),
-                        entries[seq as usize].0.clone(),
-                        reason.as_str().to_owned(),
-                    ));
-                }
-                Outcome::Dropped { .. } => {}
-            }
+            entry.payload().0.into_owned()
+        });
+        let (t, d) = support::reference_run(&setup.config, payloads);
+        turns.extend(t);
+        for (index, reason) in d {
+            dead.insert((shard.stream.clone(), entries[index].0.clone(), reason));
         }
     }
     (sorted(turns), dead)

@@ -225,17 +225,7 @@ impl ShardTask {
     /// counts (this read included).
     async fn read_pending(&mut self, cursor: &str) -> Result<Vec<(Entry, u64)>, RedisError> {
         let s = &self.settings;
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&s.group)
-            .arg(&self.keys.consumer)
-            .arg("COUNT")
-            .arg(s.batch)
-            .arg("STREAMS")
-            .arg(&self.keys.stream)
-            .arg(cursor)
-            .query_async(&mut self.conn)
-            .await?;
+        let reply: Value = self.read_group(cursor).query_async(&mut self.conn).await?;
         let entries = parse_read_reply(reply).map_err(protocol_error)?;
         let (Some(first), Some(last)) = (entries.first(), entries.last()) else {
             return Ok(Vec::new());
@@ -310,21 +300,27 @@ impl ShardTask {
         }
     }
 
+    /// `XREADGROUP` of a batch for the shard's consumer: `>` for new
+    /// entries, an id for its pending entries after that id.
+    fn read_group(&self, from: &str) -> redis::Cmd {
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
+            .arg(&self.settings.group)
+            .arg(&self.keys.consumer)
+            .arg("COUNT")
+            .arg(self.settings.batch)
+            .arg("STREAMS")
+            .arg(&self.keys.stream)
+            .arg(from);
+        read
+    }
+
     /// One fenced read of new entries; with none, the group's last
     /// delivered id.
     async fn read_fenced(&mut self) -> Result<(Vec<Entry>, Option<String>), RedisError> {
         let s = self.settings.clone();
         let mut read = redis::pipe();
-        read.atomic()
-            .cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&s.group)
-            .arg(&self.keys.consumer)
-            .arg("COUNT")
-            .arg(s.batch)
-            .arg("STREAMS")
-            .arg(&self.keys.stream)
-            .arg(">");
+        read.atomic().add_command(self.read_group(">"));
         let Some(reply) = self.fenced(&read).await? else {
             return Err(retry_error("the lease key changed during the read"));
         };

@@ -468,3 +468,61 @@ pub fn assert_complete_without_partial_duplicates(
     assert_eq!(&seen, want, "every wanted message in exactly one turn");
     eprintln!("{} turns, {duplicates} re-emitted", by_turn.len());
 }
+
+/// What a worker must produce from one partition's (or shard's) records, in
+/// order: each through the pipeline, then every session closed (the idle
+/// advance closes them all once the partition is quiet). The turns as JSON,
+/// the dead letters as (index of the record, reason).
+pub fn reference_run<P: AsRef<[u8]>>(
+    config: &sessionizer::config::Config,
+    payloads: impl IntoIterator<Item = P>,
+) -> (Vec<serde_json::Value>, Vec<(usize, String)>) {
+    use sessionizer::pipeline::Outcome;
+    let decoder = sessionizer::codec::Decoder::new(config.input_format(), config.decode_limits());
+    let mut pipeline =
+        sessionizer::pipeline::PartitionPipeline::new(decoder, config.window_config());
+    let mut out = Vec::new();
+    for (seq, payload) in payloads.into_iter().enumerate() {
+        pipeline.process(
+            payload.as_ref(),
+            seq as u64,
+            sessionizer::wall_clock::now_ms(),
+            &mut out,
+        );
+    }
+    pipeline.flush(&mut out);
+    let (mut turns, mut dead) = (Vec::new(), Vec::new());
+    for outcome in out {
+        match outcome {
+            Outcome::Turn(s) => {
+                let mut buf = Vec::new();
+                sessionizer::codec::encode_turn(
+                    &s,
+                    sessionizer::codec::OutputFormat::Json,
+                    &mut buf,
+                );
+                turns.push(serde_json::from_slice(&buf).unwrap());
+            }
+            Outcome::DeadLetter { seq, reason, .. } => {
+                dead.push((seq as usize, reason.as_str().to_owned()))
+            }
+            Outcome::Dropped { .. } => {}
+        }
+    }
+    (turns, dead)
+}
+
+/// Bursty traffic with duplicates and every poison kind: (user id, payload).
+pub fn workload(users: u32, count: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let spec = sessionizer::workload::WorkloadSpec {
+        users,
+        duplicate_fraction: 0.05,
+        poison_fraction: 0.05,
+        seed,
+        ..Default::default()
+    };
+    sessionizer::workload::Workload::new(spec)
+        .take(count)
+        .map(|r| (format!("user-{}", r.user), r.payload))
+        .collect()
+}
