@@ -88,6 +88,10 @@ pub struct ShardTask {
     unresolved_base: u64,
     next_seq: u64,
     outcomes: Vec<Outcome>,
+    /// The id of the last entry handed to the pipeline.
+    last_seen: String,
+    /// A call failed on the connection since the last read: see `read_new`.
+    reread_pending: bool,
     /// Fenced steps waiting to be written, in order.
     batch: Vec<EmitArgs>,
 }
@@ -135,6 +139,8 @@ impl ShardTask {
             next_seq: 0,
             outcomes: Vec::new(),
             batch: Vec::new(),
+            last_seen: "0".to_owned(),
+            reread_pending: false,
         }
     }
 
@@ -167,7 +173,30 @@ impl ShardTask {
     /// often they were delivered, so a crash loop costs only its cause.
     async fn replay_pending(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         let died_on: Option<String> = retry!(self, stop, self.in_flight(None))?;
-        let mut cursor = "0".to_owned();
+        let (replayed, marked) = self
+            .replay_after("0", true, died_on.as_deref(), stop)
+            .await?;
+        if marked || died_on.is_some() {
+            retry!(self, stop, self.clear_in_flight())?;
+        }
+        if replayed > 0 {
+            tracing::info!(shard = %self.keys.stream, entries = replayed, "replayed the pending entries");
+        }
+        Ok(())
+    }
+
+    /// Processes the shard consumer's pending entries after `cursor`, a page
+    /// at a time. `died_on`: the entry a previous owner died on; entries delivered before are
+    /// marked in flight first when `mark` (see [`Self::replay_pending`]). Returns how many
+    /// entries it processed and whether it marked any.
+    async fn replay_after(
+        &mut self,
+        cursor: &str,
+        mark: bool,
+        died_on: Option<&str>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(usize, bool), Failure> {
+        let mut cursor = cursor.to_owned();
         let mut replayed = 0usize;
         let mut marked = false;
         loop {
@@ -177,23 +206,18 @@ impl ShardTask {
             replayed += page.len();
             for (entry, deliveries) in page {
                 let exhausted = deliveries > u64::from(self.settings.max_deliveries)
-                    && died_on.as_deref() == Some(entry.id.as_str());
-                if deliveries >= 2 && !exhausted {
+                    && died_on == Some(entry.id.as_str());
+                if mark && deliveries >= 2 && !exhausted {
                     let id = entry.id.clone();
                     retry!(self, stop, self.in_flight(Some(&id)))?;
                     marked = true;
                 }
                 self.process(entry, deliveries, exhausted, now_ms());
             }
+            self.last_seen = cursor.clone();
             self.emit(stop).await?;
         }
-        if marked || died_on.is_some() {
-            retry!(self, stop, self.clear_in_flight())?;
-        }
-        if replayed > 0 {
-            tracing::info!(shard = %self.keys.stream, entries = replayed, "replayed the pending entries");
-        }
-        Ok(())
+        Ok((replayed, marked))
     }
 
     /// Reads the in-flight key (`None`), or sets it to an entry id.
@@ -256,12 +280,34 @@ impl ShardTask {
             if *stop.borrow() {
                 return Failure::Stopped;
             }
-            let (entries, last_delivered) = match retry!(self, stop, self.read_fenced()) {
+            if std::mem::take(&mut self.reread_pending) {
+                // A call failed on the connection: a read may have reached
+                // Redis and lost its reply, leaving entries in this
+                // consumer's pending list that nobody would see until the
+                // next takeover. Read them back from after the last seen.
+                let after = self.last_seen.clone();
+                match self.replay_after(&after, false, None, stop).await {
+                    Ok((0, _)) => {}
+                    Ok((n, _)) => {
+                        tracing::info!(shard = %self.keys.stream, entries = n, "re-read entries whose read reply was lost")
+                    }
+                    Err(failure) => return failure,
+                }
+            }
+            // Not `retry!`: after a connection error the loop starts over,
+            // so the lost-reply check above runs before the next read.
+            let (entries, last_delivered) = match self.read_fenced().await {
                 Ok(read) => read,
-                Err(failure) => return failure,
+                Err(e) => match self.after_error(e, stop).await {
+                    Ok(()) => continue,
+                    Err(failure) => return failure,
+                },
             };
             let now = now_ms();
             let caught_up = entries.len() < self.settings.batch as usize;
+            if let Some(last) = entries.last() {
+                self.last_seen = last.id.clone();
+            }
             for entry in entries {
                 self.process(entry, 1, false, now);
             }
@@ -550,7 +596,7 @@ impl ShardTask {
     /// connection, a restarting server) is retried after a pause, unless
     /// `stop` is set meanwhile.
     async fn after_error(
-        &self,
+        &mut self,
         error: RedisError,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), Failure> {
@@ -562,6 +608,7 @@ impl ShardTask {
             return Ok(());
         }
         tracing::warn!(shard = %self.keys.stream, error = %error, "Redis call failed; retrying");
+        self.reread_pending = true;
         tokio::select! {
             _ = stop.changed() => return Err(Failure::Stopped),
             () = tokio::time::sleep(RETRY_PAUSE) => {}
