@@ -4,7 +4,8 @@
 //! consume-and-ack loop that does nothing else, on the same entries.
 //!
 //! `cargo bench --bench redis` (env `EVENTS`, default 1,000,000; `SHARDS`,
-//! default 4). Needs `redis-server` (scripts/install-test-deps).
+//! default 4; `BATCH`, entries per read for both, default 500). Needs
+//! `redis-server` (scripts/install-test-deps).
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -27,6 +28,7 @@ fn env(name: &str, default: usize) -> usize {
 fn main() {
     let events = env("EVENTS", 1_000_000);
     let shards = env("SHARDS", 4) as u32;
+    let batch = env("BATCH", 500);
     let server = RedisServer::start();
     let mut conn = server.conn();
     let streams: Vec<String> = (0..shards).map(|i| format!("chat:{{{i}}}")).collect();
@@ -56,11 +58,11 @@ fn main() {
         started.elapsed()
     );
 
-    let plain = plain_consumer(&server, &streams, events);
-    let worker = sessionizer_worker(&server, &streams, shards);
+    let plain = plain_consumer(&server, &streams, events, batch);
+    let worker = sessionizer_worker(&server, &streams, shards, batch);
     println!("redis, {events} events, {shards} shards, one redis-server on the same two cores");
     println!(
-        "  plain consumer (XREADGROUP 500 + XACK): {:>9.0} ev/s ({plain:.2} s)",
+        "  plain consumer (XREADGROUP {batch} + XACK): {:>9.0} ev/s ({plain:.2} s)",
         events as f64 / plain
     );
     println!(
@@ -79,7 +81,7 @@ fn main() {
 
 /// Reads every shard through its own group and acks each batch: the floor
 /// any consumer of these streams pays.
-fn plain_consumer(server: &RedisServer, streams: &[String], events: usize) -> f64 {
+fn plain_consumer(server: &RedisServer, streams: &[String], events: usize, batch: usize) -> f64 {
     let mut conn = server.conn();
     for s in streams {
         redis::cmd("XGROUP")
@@ -104,7 +106,7 @@ fn plain_consumer(server: &RedisServer, streams: &[String], events: usize) -> f6
                         .arg("plain")
                         .arg("c")
                         .arg("COUNT")
-                        .arg(500)
+                        .arg(batch)
                         .arg("STREAMS")
                         .arg(&stream)
                         .arg(">")
@@ -135,7 +137,7 @@ fn plain_consumer(server: &RedisServer, streams: &[String], events: usize) -> f6
 }
 
 /// Runs the worker binary until every entry of every shard is acked.
-fn sessionizer_worker(server: &RedisServer, streams: &[String], shards: u32) -> f64 {
+fn sessionizer_worker(server: &RedisServer, streams: &[String], shards: u32, batch: usize) -> f64 {
     let config = format!(
         r#"source = "redis"
 [window]
@@ -148,6 +150,7 @@ output_stream = "turns"
 dlq_stream = "dlq"
 lease_ttl = "3s"
 block = "100ms"
+batch = {batch}
 "#,
         server.url()
     );

@@ -294,14 +294,25 @@ impl ShardTask {
                     Err(failure) => return failure,
                 }
             }
+            // What the last read closed rides in the transaction of the
+            // next read: one round trip fewer per batch.
+            let step = match self.emit_all_but_last(stop).await {
+                Ok(step) => step,
+                Err(failure) => return failure,
+            };
             // Not `retry!`: after a connection error the loop starts over,
             // so the lost-reply check above runs before the next read.
-            let (entries, last_delivered) = match self.read_fenced().await {
+            let (entries, last_delivered) = match self.read_fenced(step.as_ref()).await {
                 Ok(read) => read,
-                Err(e) => match self.after_error(e, stop).await {
-                    Ok(()) => continue,
-                    Err(failure) => return failure,
-                },
+                Err(e) => {
+                    // Not written (or written without our knowing: then the
+                    // retry re-emits the same turns, same `turn_id`s).
+                    self.batch.extend(step);
+                    match self.after_error(e, stop).await {
+                        Ok(()) => continue,
+                        Err(failure) => return failure,
+                    }
+                }
             };
             let now = now_ms();
             let caught_up = entries.len() < self.settings.batch as usize;
@@ -320,10 +331,10 @@ impl ShardTask {
                 self.collect(&mut outcomes, None);
                 self.outcomes = outcomes;
             }
-            if let Err(failure) = self.emit(stop).await {
-                return failure;
-            }
             if let Some(from) = last_delivered {
+                if let Err(failure) = self.emit(stop).await {
+                    return failure;
+                }
                 // Nothing new: wait for an entry after the last delivered
                 // one, or for the block time (the idle advance's tick).
                 let mut wait = redis::cmd("XREAD");
@@ -363,10 +374,18 @@ impl ShardTask {
 
     /// One fenced read of new entries; with none, the group's last
     /// delivered id.
-    async fn read_fenced(&mut self) -> Result<(Vec<Entry>, Option<String>), RedisError> {
+    /// `step`: turns, dead letters and acks written in the same transaction.
+    async fn read_fenced(
+        &mut self,
+        step: Option<&EmitArgs>,
+    ) -> Result<(Vec<Entry>, Option<String>), RedisError> {
         let s = self.settings.clone();
         let mut read = redis::pipe();
-        read.atomic().add_command(self.read_group(">"));
+        read.atomic();
+        if let Some(step) = step {
+            self.add_step(&mut read, step);
+        }
+        read.add_command(self.read_group(">"));
         let Some(reply) = self.fenced(&read).await? else {
             return Err(retry_error("the lease key changed during the read"));
         };
@@ -549,9 +568,29 @@ impl ShardTask {
     /// Writes one step's turns and dead letters and acks their entries in
     /// one fenced transaction.
     async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
-        let s = self.settings.clone();
         let mut step = redis::pipe();
         step.atomic();
+        self.add_step(&mut step, args);
+        match self.fenced(&step).await? {
+            Some(_) => Ok(()),
+            None => Err(retry_error("the lease key changed during the emit")),
+        }
+    }
+
+    /// Writes all waiting steps but the last, which is returned to go with
+    /// the next read.
+    async fn emit_all_but_last(
+        &mut self,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<Option<EmitArgs>, Failure> {
+        let last = self.batch.pop();
+        self.emit(stop).await?;
+        Ok(last)
+    }
+
+    /// Adds one step's commands (every reply ignored) to a transaction.
+    fn add_step(&self, step: &mut redis::Pipeline, args: &EmitArgs) {
+        let s = &self.settings;
         for (turn, id, user) in &args.turns {
             let add = step.cmd("XADD").arg(&self.keys.output);
             if let Some(maxlen) = s.output_maxlen {
@@ -585,10 +624,6 @@ impl ShardTask {
                 .arg(&s.group)
                 .arg(&args.acks)
                 .ignore();
-        }
-        match self.fenced(&step).await? {
-            Some(_) => Ok(()),
-            None => Err(retry_error("the lease key changed during the emit")),
         }
     }
 
