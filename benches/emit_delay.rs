@@ -1,0 +1,176 @@
+//! Emit delay of the Redis worker under steady load: for every turn, the time
+//! Redis stamped its output entry minus (its last event time + gap), over a
+//! run where a producer writes live chat traffic (event time = now) at the
+//! pace the workload generator gives, then stops, so the last turns come out
+//! through the caught-up idle advance.
+//!
+//! `cargo bench --bench emit_delay` (env `DURATION_SECS`, default 30; `USERS`,
+//! default 20,000: about 1,100 events/s; `IDLE_TIMEOUT`, default "100ms").
+//! Needs `redis-server`.
+
+#[path = "../tests/support/mod.rs"]
+#[allow(unused_imports)]
+mod support;
+
+use std::time::{Duration, Instant};
+
+use sessionizer::config::Config;
+use sessionizer::redis::keys::{shard_of, ShardKeys};
+use sessionizer::wall_clock::now_ms;
+use sessionizer::workload::{Workload, WorkloadSpec};
+use support::redis_server::RedisServer;
+use support::{wait_for, Worker};
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let seconds = env("DURATION_SECS", 30);
+    let users = env("USERS", 20_000) as u32;
+    let server = RedisServer::start();
+    let idle_timeout = std::env::var("IDLE_TIMEOUT").unwrap_or_else(|_| "100ms".into());
+    let config_text = format!(
+        r#"source = "redis"
+[window]
+idle_timeout = "{idle_timeout}"
+[redis]
+url = "{}"
+input_stream = "chat"
+shards = 4
+output_stream = "turns"
+dlq_stream = "dlq"
+lease_ttl = "3s"
+block = "100ms"
+"#,
+        server.url()
+    );
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let section = config.redis.as_ref().unwrap();
+    let shards = ShardKeys::all(section);
+    let gap = config.window.gap.0;
+    let _worker = Worker::start(&config_text);
+    let mut conn = server.conn();
+    wait_for(
+        "the worker to own every shard",
+        Duration::from_secs(30),
+        || {
+            shards
+                .iter()
+                .all(|s| {
+                    redis::cmd("EXISTS")
+                        .arg(&s.lease)
+                        .query::<i64>(&mut conn)
+                        .unwrap()
+                        == 1
+                })
+                .then_some(())
+        },
+    );
+
+    // Live traffic: each record is written at its arrival time.
+    let start = now_ms();
+    let spec = WorkloadSpec {
+        users,
+        start_ms: start,
+        ..WorkloadSpec::default()
+    };
+    let began = Instant::now();
+    let mut produced = 0u64;
+    for record in Workload::new(spec) {
+        let due = record.arrival - start;
+        if due > (seconds * 1000) as i64 {
+            break;
+        }
+        let wait = due - began.elapsed().as_millis() as i64;
+        if wait > 0 {
+            std::thread::sleep(Duration::from_millis(wait as u64));
+        }
+        let user = format!("user-{}", record.user);
+        let shard = &shards[shard_of(&user, None, shards.len() as u32) as usize];
+        redis::cmd("XADD")
+            .arg(&shard.stream)
+            .arg("*")
+            .arg("payload")
+            .arg(&record.payload)
+            .query::<String>(&mut conn)
+            .unwrap();
+        produced += 1;
+    }
+    let stopped = now_ms();
+    // Every entry acked means every session closed (the idle advance closes
+    // the last ones).
+    wait_for("every entry acked", Duration::from_secs(120), || {
+        shards
+            .iter()
+            .all(|s| {
+                let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                    .arg("GROUPS")
+                    .arg(&s.stream)
+                    .query(&mut conn)
+                    .unwrap();
+                let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
+                    .arg("STREAM")
+                    .arg(&s.stream)
+                    .query(&mut conn)
+                    .unwrap();
+                groups
+                    .groups
+                    .iter()
+                    .any(|g| g.pending == 0 && g.last_delivered_id == info.last_generated_id)
+            })
+            .then_some(())
+    });
+
+    let mut under_load = Vec::new();
+    let mut after = Vec::new();
+    let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+        .arg("turns")
+        .arg("-")
+        .arg("+")
+        .query(&mut conn)
+        .unwrap();
+    for entry in entries.ids {
+        let emitted: i64 = entry.id.split('-').next().unwrap().parse().unwrap();
+        let turn: serde_json::Value = match entry.map.get("turn") {
+            Some(redis::Value::BulkString(b)) => serde_json::from_slice(b).unwrap(),
+            other => panic!("turn field: {other:?}"),
+        };
+        if turn["late"].as_bool() == Some(true) {
+            continue;
+        }
+        let end = turn["end_time"].as_i64().unwrap();
+        let delay = emitted - (end + gap);
+        if emitted <= stopped {
+            under_load.push(delay);
+        } else {
+            after.push(delay);
+        }
+    }
+    println!(
+        "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
+        config.window.max_out_of_orderness.0, config.window.idle_timeout
+    );
+    report("under load", &mut under_load);
+    report("after the producer stopped (idle advance)", &mut after);
+}
+
+fn report(what: &str, delays: &mut [i64]) {
+    if delays.is_empty() {
+        println!("  {what}: no turns");
+        return;
+    }
+    delays.sort_unstable();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "  {what}: {} turns, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        delays.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        delays[delays.len() - 1]
+    );
+}
