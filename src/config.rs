@@ -316,7 +316,7 @@ impl Default for WindowSection {
         WindowSection {
             gap: Millis(3_000),
             max_out_of_orderness: Millis(500),
-            idle_timeout: Millis(1_000),
+            idle_timeout: Millis(100),
             max_duration: Millis(120_000),
             max_messages: 200,
             max_bytes: 65_536,
@@ -868,7 +868,7 @@ mod tests {
         assert_eq!(c.window, WindowSection::default());
         assert_eq!(c.window.gap, Millis(3000));
         assert_eq!(c.window.max_out_of_orderness, Millis(500));
-        assert_eq!(c.window.idle_timeout, Millis(1000));
+        assert_eq!(c.window.idle_timeout, Millis(100));
         assert_eq!(c.window.max_duration, Millis(120_000));
         assert_eq!((c.window.max_messages, c.window.max_bytes), (200, 65536));
         assert_eq!(c.window.late, LateSetting::NewTurn);
