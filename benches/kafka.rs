@@ -3,6 +3,12 @@
 //! JSON turns out, acks all, offsets committed after delivery) and through an
 //! rdkafka consumer that reads the same topic and does nothing else.
 //!
+//! Then the emit delay under live load: a producer writes traffic with event
+//! time = now at the generator's pace (`DURATION_SECS`, default 20) through
+//! a second worker, and each turn's record timestamp is compared with its
+//! last event time + gap, under load and after the producer stops (idle
+//! advance).
+//!
 //! `cargo bench --bench kafka` (env `EVENTS`, default 200,000, from 20,000
 //! users). The broker is `tansu` (scripts/install-test-deps), in memory, on
 //! the same two cores.
@@ -38,7 +44,7 @@ fn main() {
     runtime.block_on(produce(&broker, events));
     eprintln!("produced {events} events in {:.1?}", started.elapsed());
 
-    let (plain, ends) = consume_only(&broker, events);
+    let (plain, ends) = consume_only(&broker, "chat", events);
     let worker = run_worker(&broker, &ends);
     println!(
         "kafka (tansu, in memory), {events} events, {PARTITIONS} partitions, on the same two cores"
@@ -52,6 +58,161 @@ fn main() {
         events as f64 / worker
     );
     println!("  ratio worker / consume-only: {:.2}", plain / worker);
+    emit_delay(&broker, &runtime);
+}
+
+/// Live traffic through a fresh worker; prints the emit delay percentiles.
+fn emit_delay(broker: &Broker, runtime: &tokio::runtime::Runtime) {
+    let seconds: i64 = std::env::var("DURATION_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    runtime.block_on(async {
+        broker.create_topic("live", PARTITIONS).await;
+        broker.create_topic("live-turns", PARTITIONS).await;
+        broker.create_topic("live-dlq", 1).await;
+    });
+    let config = format!(
+        r#"source = "kafka"
+[kafka]
+brokers = "{}"
+group_id = "live"
+input_topics = ["live"]
+output_topic = "live-turns"
+dlq_topic = "live-dlq"
+commit_interval = "200ms"
+"#,
+        broker.bootstrap()
+    );
+    let parsed = sessionizer::config::Config::from_toml(&config, Vec::new()).unwrap();
+    let gap = parsed.window.gap.0;
+    let _worker = Worker::start(&config);
+    let mut config = broker.client_config();
+    let producer: FutureProducer = config
+        .set("acks", "all")
+        .set("linger.ms", "0")
+        .create()
+        .unwrap();
+    // Warm-up: one old message; its turn (the idle advance closes it) and
+    // commit show the worker has joined and reads. Its turn is not counted.
+    let warm_up = format!(
+        r#"{{"message_id":"warm-up","user_id":"warm-up","text":"hi","event_time":{}}}"#,
+        sessionizer::wall_clock::now_ms() - 600_000
+    );
+    runtime
+        .block_on(producer.send(
+            FutureRecord::to("live").key("warm-up").payload(&warm_up),
+            Timeout::Never,
+        ))
+        .map_err(|(e, _)| e)
+        .unwrap();
+    wait_for(
+        "the worker to join and emit the warm-up turn",
+        Duration::from_secs(120),
+        || {
+            committed(broker.client_config(), "live", "live", PARTITIONS)
+                .iter()
+                .any(|&o| o >= 1)
+                .then_some(())
+        },
+    );
+    let start = sessionizer::wall_clock::now_ms();
+    let spec = WorkloadSpec {
+        users: 20_000,
+        start_ms: start,
+        ..WorkloadSpec::default()
+    };
+    let began = Instant::now();
+    let mut produced = 0usize;
+    let mut in_flight = Vec::new();
+    for record in Workload::new(spec) {
+        let due = record.arrival - start;
+        if due > seconds * 1000 {
+            break;
+        }
+        let wait = due - began.elapsed().as_millis() as i64;
+        if wait > 0 {
+            std::thread::sleep(Duration::from_millis(wait as u64));
+        }
+        let key = format!("user-{}", record.user);
+        let future =
+            producer.send_result(FutureRecord::to("live").key(&key).payload(&record.payload));
+        in_flight.push(future.map_err(|(e, _)| e).unwrap());
+        produced += 1;
+    }
+    let stopped = sessionizer::wall_clock::now_ms();
+    runtime.block_on(futures::future::join_all(in_flight));
+    let (_, ends) = consume_only(broker, "live", produced + 1);
+    wait_for("every offset committed", Duration::from_secs(300), || {
+        (committed(broker.client_config(), "live", "live", PARTITIONS) == ends).then_some(())
+    });
+    let (mut under_load, mut after) = (Vec::new(), Vec::new());
+    for (timestamp, payload) in read_all(broker, "live-turns") {
+        let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
+        if json["late"].as_bool() == Some(true) || json["user_id"] == "warm-up" {
+            continue;
+        }
+        let delay = timestamp - (json["end_time"].as_i64().unwrap() + gap);
+        if timestamp <= stopped {
+            under_load.push(delay);
+        } else {
+            after.push(delay);
+        }
+    }
+    println!(
+        "emit delay (turn record timestamp - (last event + gap)), {produced} events in {seconds} s, max_out_of_orderness {} ms, idle_timeout {}:",
+        parsed.window.max_out_of_orderness.0, parsed.window.idle_timeout
+    );
+    report("under load", &mut under_load);
+    report("after the producer stopped (idle advance)", &mut after);
+}
+
+/// Every record of a topic (timestamp, value): read from the beginning until
+/// nothing more comes for two seconds (everything was committed before, so
+/// nothing more is on its way).
+fn read_all(broker: &Broker, topic: &str) -> Vec<(i64, Vec<u8>)> {
+    let consumer: BaseConsumer = broker
+        .client_config()
+        .set("group.id", format!("read-all-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < Duration::from_secs(2) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            out.push((
+                m.timestamp().to_millis().unwrap_or(-1),
+                m.payload().unwrap_or_default().to_vec(),
+            ));
+            last = Instant::now();
+        }
+    }
+    out
+}
+
+fn report(what: &str, delays: &mut [i64]) {
+    if delays.is_empty() {
+        println!("  {what}: no turns");
+        return;
+    }
+    delays.sort_unstable();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "  {what}: {} turns, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        delays.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        delays[delays.len() - 1]
+    );
 }
 
 /// Batched producing (a fresh group starts at offset 0, a batch start, so
@@ -92,17 +253,17 @@ async fn produce(broker: &Broker, events: usize) {
 /// Reads every record once, from the beginning, and nothing else; returns
 /// the time and each partition's end (last offset + 1: tansu's high
 /// watermark is not exact after batched produce).
-fn consume_only(broker: &Broker, events: usize) -> (f64, Vec<i64>) {
+fn consume_only(broker: &Broker, topic: &str, events: usize) -> (f64, Vec<i64>) {
     let mut config = broker.client_config();
     let consumer: BaseConsumer = config
-        .set("group.id", "consume-only")
+        .set("group.id", format!("consume-only-{topic}"))
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
     let mut assignment = TopicPartitionList::new();
     for p in 0..PARTITIONS {
         assignment
-            .add_partition_offset("chat", p, Offset::Beginning)
+            .add_partition_offset(topic, p, Offset::Beginning)
             .unwrap();
     }
     consumer.assign(&assignment).unwrap();
