@@ -7,7 +7,8 @@
 //! time = now at the generator's pace (`DURATION_SECS`, default 20) through
 //! a second worker, and each turn's record timestamp is compared with its
 //! last event time + gap, under load and after the producer stops (idle
-//! advance).
+//! advance). `LIVE_KAFKA_PROPERTIES` adds `[kafka.properties]` lines to that
+//! worker (e.g. `'"fetch.wait.max.ms" = "50"'`).
 //!
 //! `cargo bench --bench kafka` (env `EVENTS`, default 200,000, from 20,000
 //! users). The broker is `tansu` (scripts/install-test-deps), in memory, on
@@ -81,8 +82,12 @@ input_topics = ["live"]
 output_topic = "live-turns"
 dlq_topic = "live-dlq"
 commit_interval = "200ms"
+{}
 "#,
-        broker.bootstrap()
+        broker.bootstrap(),
+        std::env::var("LIVE_KAFKA_PROPERTIES")
+            .map(|p| format!("[kafka.properties]\n{p}"))
+            .unwrap_or_default()
     );
     let parsed = sessionizer::config::Config::from_toml(&config, Vec::new()).unwrap();
     let gap = parsed.window.gap.0;
