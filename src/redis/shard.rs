@@ -3,10 +3,11 @@
 //! A shard task lives as long as its lease. It first replays the shard
 //! consumer's pending entries (a predecessor's unacked work: the open
 //! sessions it had), dead-lettering any entry already delivered
-//! `max_deliveries` times, then reads new entries. After every read it emits
-//! what closed: the turns, the dead letters and the acks of every entry they
-//! resolve go in one [`scripts::EMIT`] call that checks the lease first. An
-//! entry is acked exactly when its outcome is written, so a crash replays
+//! `max_deliveries` times, then reads new entries. What a read closes is
+//! written with the next read: the turns, the dead letters and the acks of
+//! every entry they resolve go in one `WATCH`/`MULTI` transaction that runs
+//! only while the lease holds this task's token (see [`ShardTask::fenced`]).
+//! An entry is acked exactly when its outcome is written, so a crash replays
 //! precisely the unresolved entries.
 
 use std::collections::{HashMap, VecDeque};
