@@ -6,7 +6,7 @@
 //! `max_deliveries` times, then reads new entries. What a read closes is
 //! written with the next read: the turns, the dead letters and the acks of
 //! every entry they resolve go in one `WATCH`/`MULTI` transaction that runs
-//! only while the lease holds this task's token (see [`ShardTask::fenced`]).
+//! only while the lease holds this task's token (`ShardTask::fenced`).
 //! An entry is acked exactly when its outcome is written, so a crash replays
 //! precisely the unresolved entries.
 
