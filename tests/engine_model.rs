@@ -526,4 +526,63 @@ proptest! {
         prop_assert_eq!(committed, events.len().checked_sub(1).map(|last| last as u64 * 10));
         prop_assert_eq!(tracker.in_flight(), 0);
     }
+
+    /// With every confirmed turn (and every dropped duplicate with the
+    /// session of its original) held, the resume point (where a restart
+    /// replays from) never falls strictly inside a resolved outcome, and
+    /// never passes an unresolved record.
+    #[test]
+    fn the_resume_point_never_splits_a_resolved_outcome(
+        config in arbitrary_config(),
+        events in arbitrary_events(),
+        confirm_order in proptest::collection::vec(any::<proptest::sample::Index>(), 0..200),
+    ) {
+        let mut engine = SessionEngine::new(config);
+        let mut tracker = CompletionTracker::new();
+        let mut in_flight: Vec<Vec<u64>> = Vec::new();
+        let mut spans: Vec<(u64, u64)> = Vec::new();
+        let mut resolved = vec![false; events.len()];
+        let mut out = Vec::new();
+        let mut picks = confirm_order.into_iter();
+        for (seq, e) in events.iter().enumerate() {
+            tracker.register(seq as u64 * 10);
+            engine.on_event(e.chat_event(), seq as u64, &mut out);
+            for r in out.drain(..) {
+                match r {
+                    Resolution::Turn(t) => in_flight.push(t.seqs),
+                    Resolution::Dropped { seq, held_by, .. } => {
+                        if let Some(first) = held_by {
+                            tracker.hold(first, seq);
+                            spans.push((first, seq));
+                        }
+                        tracker.resolve(seq);
+                        resolved[seq as usize] = true;
+                    }
+                    Resolution::LateDeadLetter { seq } => {
+                        tracker.resolve(seq);
+                        resolved[seq as usize] = true;
+                    }
+                }
+            }
+            if let Some(pick) = picks.next() {
+                if !in_flight.is_empty() {
+                    let seqs = in_flight.swap_remove(pick.index(in_flight.len()));
+                    let (first, last) = (*seqs.iter().min().unwrap(), *seqs.iter().max().unwrap());
+                    tracker.hold(first, last);
+                    spans.push((first, last));
+                    for s in seqs { tracker.resolve(s); resolved[s as usize] = true; }
+                }
+            }
+            let prefix = tracker.peek_committable().map_or(0, |p| p + 10);
+            let resume = tracker.held_from().map_or(prefix, |h| h.min(prefix));
+            let resume_seq = resume / 10;
+            prop_assert!(resolved[..resume_seq as usize].iter().all(|r| *r), "resume {} passes an unresolved record", resume);
+            for (first, last) in &spans {
+                prop_assert!(
+                    !(*first < resume_seq && resume_seq <= *last),
+                    "resume at seq {} splits the outcome spanning {}..={}", resume_seq, first, last
+                );
+            }
+        }
+    }
 }
