@@ -154,23 +154,6 @@ block = "100ms"
         "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
         config.window.max_out_of_orderness.0, config.window.idle_timeout
     );
-    report("under load", &mut under_load);
-    report("after the producer stopped (idle advance)", &mut after);
-}
-
-fn report(what: &str, delays: &mut [i64]) {
-    if delays.is_empty() {
-        println!("  {what}: no turns");
-        return;
-    }
-    delays.sort_unstable();
-    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
-    println!(
-        "  {what}: {} turns, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
-        delays.len(),
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        delays[delays.len() - 1]
-    );
+    support::print_percentiles("under load", &mut under_load);
+    support::print_percentiles("after the producer stopped (idle advance)", &mut after);
 }

@@ -20,10 +20,10 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::BaseConsumer;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use sessionizer::workload::{Workload, WorkloadSpec};
 use support::{committed, wait_for, Broker, Worker};
 
@@ -168,8 +168,8 @@ commit_interval = "200ms"
         "emit delay (turn record timestamp - (last event + gap)), {produced} events in {seconds} s, max_out_of_orderness {} ms, idle_timeout {}:",
         parsed.window.max_out_of_orderness.0, parsed.window.idle_timeout
     );
-    report("under load", &mut under_load);
-    report("after the producer stopped (idle advance)", &mut after);
+    support::print_percentiles("under load", &mut under_load);
+    support::print_percentiles("after the producer stopped (idle advance)", &mut after);
 }
 
 /// Every record of a topic (timestamp, value): read from the beginning until
@@ -182,13 +182,7 @@ fn read_all(broker: &Broker, topic: &str) -> Vec<(i64, Vec<u8>)> {
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
+    support::assign_from_beginning(&consumer, topic, PARTITIONS);
     let mut out = Vec::new();
     let mut last = Instant::now();
     while last.elapsed() < Duration::from_secs(2) {
@@ -201,23 +195,6 @@ fn read_all(broker: &Broker, topic: &str) -> Vec<(i64, Vec<u8>)> {
         }
     }
     out
-}
-
-fn report(what: &str, delays: &mut [i64]) {
-    if delays.is_empty() {
-        println!("  {what}: no turns");
-        return;
-    }
-    delays.sort_unstable();
-    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
-    println!(
-        "  {what}: {} turns, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
-        delays.len(),
-        at(0.5),
-        at(0.9),
-        at(0.99),
-        delays[delays.len() - 1]
-    );
 }
 
 /// Batched producing (a fresh group starts at offset 0, a batch start, so
@@ -265,13 +242,7 @@ fn consume_only(broker: &Broker, topic: &str, events: usize) -> (f64, Vec<i64>) 
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
+    support::assign_from_beginning(&consumer, topic, PARTITIONS);
     let started = Instant::now();
     let mut read = 0usize;
     let mut bytes = 0usize;

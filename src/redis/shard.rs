@@ -69,8 +69,8 @@ macro_rules! retry {
     };
 }
 
-/// Entries per fenced emit at most, so one script never blocks Redis long
-/// (an idle advance can close many sessions at once).
+/// Entries per fenced emit at most, so one transaction never blocks Redis
+/// long (an idle advance can close many sessions at once).
 const ACKS_PER_EMIT: usize = 1_000;
 
 /// How long to wait before retrying after a connection error.
@@ -387,9 +387,7 @@ impl ShardTask {
             self.add_step(&mut read, step);
         }
         read.add_command(self.read_group(">"));
-        let Some(reply) = self.fenced(&read).await? else {
-            return Err(retry_error("the lease key changed during the read"));
-        };
+        let reply = self.fenced(&read).await?;
         let entries = parse_read_reply(first(reply)).map_err(protocol_error)?;
         if !entries.is_empty() {
             return Ok((entries, None));
@@ -409,12 +407,12 @@ impl ShardTask {
 
     /// Runs `transaction` (an atomic pipeline) only while this task's token
     /// is the lease's value: `WATCH` the lease, check it, then `MULTI … EXEC`,
-    /// which Redis refuses (`None`) if the lease key changed meanwhile (taken
-    /// by another worker, or only renewed: then the caller tries again). A
-    /// lease held by another token is the fencing error. Native commands, not
+    /// which Redis refuses if the lease key changed meanwhile (taken by
+    /// another worker, or only renewed: a `TryAgain` error the retry loops
+    /// repeat at once). A lease held by another token is the fencing error. Native commands, not
     /// a script: Lua would copy every entry read and every turn written
     /// through its own values, which costs Redis more than the commands.
-    async fn fenced(&mut self, transaction: &redis::Pipeline) -> Result<Option<Value>, RedisError> {
+    async fn fenced(&mut self, transaction: &redis::Pipeline) -> Result<Value, RedisError> {
         let (holder,): (Option<String>,) = redis::pipe()
             .cmd("WATCH")
             .arg(&self.keys.lease)
@@ -431,26 +429,31 @@ impl ShardTask {
                 "the shard lease is no longer held".to_owned(),
             )));
         }
-        transaction.query_async(&mut self.conn).await
+        let applied: Option<Value> = transaction.query_async(&mut self.conn).await?;
+        applied.ok_or_else(|| {
+            RedisError::from((
+                redis::ErrorKind::TryAgain,
+                "transaction aborted",
+                "the lease key changed".to_owned(),
+            ))
+        })
     }
 
     /// Hands one entry to the pipeline and collects what it resolved;
     /// `exhausted`: dead-letter it as `max_deliveries` instead.
     fn process(&mut self, entry: Entry, deliveries: u64, exhausted: bool, now: i64) {
+        if entry.fields.is_none() {
+            // Trimmed away while pending: nothing left to process or keep.
+            tracing::warn!(shard = %self.keys.stream, id = %entry.id, "a pending entry was deleted; acking it");
+            self.step().acks.push(entry.id);
+            return;
+        }
         let seq = self.next_seq;
         self.next_seq += 1;
         self.idle.on_record();
         self.unresolved.push_back(Some(entry.id.clone()));
         let mut outcomes = std::mem::take(&mut self.outcomes);
         let (payload, form) = entry.payload();
-        if entry.fields.is_none() {
-            // Trimmed away while pending: nothing left to process.
-            tracing::warn!(shard = %self.keys.stream, id = %entry.id, "a pending entry was deleted; acking it");
-            self.take_id(seq);
-            self.step().acks.push(entry.id);
-            self.outcomes = outcomes;
-            return;
-        }
         if exhausted {
             outcomes.push(Outcome::DeadLetter {
                 seq,
@@ -572,10 +575,7 @@ impl ShardTask {
         let mut step = redis::pipe();
         step.atomic();
         self.add_step(&mut step, args);
-        match self.fenced(&step).await? {
-            Some(_) => Ok(()),
-            None => Err(retry_error("the lease key changed during the emit")),
-        }
+        self.fenced(&step).await.map(drop)
     }
 
     /// Writes all waiting steps but the last, which is returned to go with
@@ -692,16 +692,6 @@ fn first(reply: Value) -> Value {
         Value::Array(mut replies) if !replies.is_empty() => replies.swap_remove(0),
         other => other,
     }
-}
-
-/// A transaction Redis refused because the lease key was touched (most
-/// often only renewed): retried at once by the caller's loop.
-fn retry_error(what: &str) -> RedisError {
-    RedisError::from((
-        redis::ErrorKind::TryAgain,
-        "transaction aborted",
-        what.to_owned(),
-    ))
 }
 
 fn protocol_error(message: String) -> RedisError {

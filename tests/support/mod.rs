@@ -268,13 +268,7 @@ pub fn read_until(
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .unwrap();
     let partitions = metadata.topics()[0].partitions().len() as i32;
-    let mut assignment = TopicPartitionList::new();
-    for p in 0..partitions {
-        assignment
-            .add_partition_offset(topic, p, Offset::Beginning)
-            .unwrap();
-    }
-    consumer.assign(&assignment).unwrap();
+    assign_from_beginning(&consumer, topic, partitions);
     let deadline = Instant::now() + timeout;
     let mut records = Vec::new();
     // `done` may be costly (it can parse every record): ask it when the
@@ -310,6 +304,35 @@ pub fn read_until(
             });
         }
     }
+}
+
+/// Assigns every partition of `topic` to `consumer`, from its first record.
+pub fn assign_from_beginning(consumer: &BaseConsumer, topic: &str, partitions: i32) {
+    let mut assignment = TopicPartitionList::new();
+    for p in 0..partitions {
+        assignment
+            .add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&assignment).unwrap();
+}
+
+/// Prints the percentiles of emit delays (ms), for the benchmarks.
+pub fn print_percentiles(what: &str, delays: &mut [i64]) {
+    if delays.is_empty() {
+        println!("  {what}: no turns");
+        return;
+    }
+    delays.sort_unstable();
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "  {what}: {} turns, p50 {} ms, p90 {} ms, p99 {} ms, max {} ms",
+        delays.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        delays[delays.len() - 1]
+    );
 }
 
 /// The group's committed offsets of a topic's partitions (no group join).
