@@ -1022,4 +1022,55 @@ mod tests {
         let again = load(&c.to_toml()).unwrap();
         assert_eq!(c, again);
     }
+
+    const REDIS: &str = "source = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\ninput_stream = \"chat\"\noutput_stream = \"turns\"\ndlq_stream = \"dlq\"\n";
+
+    #[test]
+    fn redis_defaults_and_errors_name_the_key() {
+        let r = load(REDIS).unwrap().redis.unwrap();
+        assert_eq!((r.shards, r.max_deliveries, r.batch), (1, 5, 500));
+        assert_eq!((r.lease_ttl, r.block), (Millis(10_000), Millis(200)));
+        assert_eq!(r.group, "sessionizer");
+        for (text, key, reason) in [
+            ("source = \"redis\"\n".to_owned(), "redis", "required"),
+            (
+                REDIS.replace("redis://127", "http://127"),
+                "redis.url",
+                "redis://",
+            ),
+            (
+                REDIS.replace("\"turns\"", "\"chat\""),
+                "redis.output_stream",
+                "input stream",
+            ),
+            (
+                REDIS.replace("\"dlq\"", "\"turns\""),
+                "redis.dlq_stream",
+                "differ",
+            ),
+            (format!("{REDIS}shards = 0\n"), "redis.shards", "1 to 16384"),
+            (
+                format!("{REDIS}lease_ttl = \"1s\"\nblock = \"600ms\"\n"),
+                "redis.block",
+                "half",
+            ),
+            (
+                format!("{REDIS}max_deliveries = 0\n"),
+                "redis.max_deliveries",
+                "at least 1",
+            ),
+        ] {
+            let e = load(&text).unwrap_err();
+            assert_eq!(e.key, key, "{text}");
+            assert!(e.reason.contains(reason), "{key}: {}", e.reason);
+        }
+        let env = vec![("SESSIONIZER__REDIS__SHARDS".to_owned(), "four".to_owned())];
+        let e = Config::from_toml(REDIS, env).unwrap_err();
+        assert_eq!(e.key, "redis.shards");
+        assert!(
+            e.reason.contains("SESSIONIZER__REDIS__SHARDS"),
+            "{}",
+            e.reason
+        );
+    }
 }
