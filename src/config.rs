@@ -62,6 +62,18 @@ pub struct Config {
     /// Required when `source = "redis"`.
     #[serde(default)]
     pub redis: Option<RedisSection>,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// `host:port` serving `/metrics`, `/healthz` and `/readyz` (for example
+    /// `"0.0.0.0:9464"`); unset, nothing is served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -20,6 +20,8 @@
 //! - [`redis`]: the Redis Streams worker (shard streams owned through
 //!   fenced leases, turns and dead letters written with their acks in one
 //!   step, pending-entry recovery).
+//! - [`metrics`]: metric names, the Prometheus exporter, `/healthz` and
+//!   `/readyz`.
 //! - [`fault`]: the crash-test hook (off unless its variable is set).
 //! - [`shutdown`]: the signal future the workers stop on.
 //! - [`config`]: the typed TOML configuration with environment overrides.
@@ -34,6 +36,7 @@ pub mod engine;
 pub mod fault;
 pub mod file;
 pub mod kafka;
+pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod redis;

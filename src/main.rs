@@ -105,34 +105,34 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = Config::load(&config)?;
-            match config.source {
-                SourceKind::Kafka => {
-                    runtime()?.block_on(sessionizer::kafka::run(
-                        &config,
-                        sessionizer::shutdown::signal(),
-                    ))?;
-                    Ok(())
+            runtime()?.block_on(async move {
+                if let Some(listen) = config.metrics.listen {
+                    sessionizer::metrics::serve(listen).await?;
                 }
-                SourceKind::Redis => {
-                    runtime()?.block_on(sessionizer::redis::run(
-                        &config,
-                        sessionizer::shutdown::signal(),
-                    ))?;
-                    Ok(())
+                match config.source {
+                    SourceKind::Kafka => {
+                        sessionizer::kafka::run(&config, sessionizer::shutdown::signal()).await?;
+                    }
+                    SourceKind::Redis => {
+                        sessionizer::redis::run(&config, sessionizer::shutdown::signal()).await?;
+                    }
+                    SourceKind::File => {
+                        let stats = tokio::task::spawn_blocking(move || {
+                            sessionizer::file::run(&config).context("file mode")
+                        })
+                        .await??;
+                        tracing::info!(
+                            records = stats.records,
+                            turns = stats.total_turns(),
+                            dead_letters = stats.total_dead_letters(),
+                            duplicates = stats.dropped[0],
+                            late_dropped = stats.dropped[1],
+                            "input done"
+                        );
+                    }
                 }
-                SourceKind::File => {
-                    let stats = sessionizer::file::run(&config).context("file mode")?;
-                    tracing::info!(
-                        records = stats.records,
-                        turns = stats.total_turns(),
-                        dead_letters = stats.total_dead_letters(),
-                        duplicates = stats.dropped[0],
-                        late_dropped = stats.dropped[1],
-                        "input done"
-                    );
-                    Ok(())
-                }
-            }
+                Ok(())
+            })
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::codec::{Decoder, Poison};
 use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, WindowConfig};
+use crate::metrics::PipelineMetrics;
 use crate::model::{ClosedBy, DeadLetterReason, EventKind};
 
 /// What became of records (see `DESIGN.md`: every record ends in exactly one).
@@ -99,6 +100,7 @@ pub struct PartitionPipeline {
     decoder: Decoder,
     engine: SessionEngine,
     stats: Stats,
+    metrics: PipelineMetrics,
     scratch: Vec<Resolution>,
 }
 
@@ -108,6 +110,7 @@ impl PartitionPipeline {
             decoder,
             engine: SessionEngine::new(window),
             stats: Stats::default(),
+            metrics: PipelineMetrics::default(),
             scratch: Vec::new(),
         }
     }
@@ -124,6 +127,7 @@ impl PartitionPipeline {
     /// the future-skew check only).
     pub fn process(&mut self, payload: &[u8], seq: u64, now_ms: i64, out: &mut Vec<Outcome>) {
         self.stats.records += 1;
+        self.metrics.record();
         match self.decoder.decode(payload, now_ms) {
             Err(Poison { reason, message }) => self.push(
                 Outcome::DeadLetter {
@@ -140,6 +144,7 @@ impl PartitionPipeline {
                     EventKind::EndOfTurn => 2,
                 };
                 self.stats.events[kind] += 1;
+                self.metrics.event(kind);
                 let event_time = event.event_time;
                 let mut resolutions = std::mem::take(&mut self.scratch);
                 self.engine.on_event(event, seq, &mut resolutions);
@@ -233,6 +238,7 @@ impl PartitionPipeline {
 
     fn push(&mut self, outcome: Outcome, out: &mut Vec<Outcome>) {
         self.stats.count(&outcome);
+        self.metrics.outcome(&outcome);
         out.push(outcome);
     }
 }

@@ -519,3 +519,77 @@ fn tls_with_a_private_ca() {
     assert!(setup.config_text.contains("rediss://"));
     small_run(&server, &setup);
 }
+
+/// `/readyz` answers 503 until the worker has reached Redis and owns shards,
+/// then 200; the counters on `/metrics` match what was sent.
+#[test]
+fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
+    use sessionizer::metrics as m;
+    use support::{http_get, metric};
+    let mut server = RedisServer::start();
+    let setup = Setup::new(&server, "metrics", 2, "", "");
+    let port = support::free_port();
+    let config = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        setup.config_text
+    );
+    server.kill();
+    let _worker = Worker::start(&config);
+    let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz"));
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = http_get(port, "/readyz").unwrap();
+    assert_eq!(status, 503, "not ready while Redis is down: {body}");
+    assert!(body.contains("not connected"), "{body}");
+
+    server.restart();
+    wait_for("/readyz to say ready", TIMEOUT, || {
+        http_get(port, "/readyz").filter(|(status, _)| *status == 200)
+    });
+    let mut conn = server.conn();
+    let records = workload(30, 900, 11);
+    produce(&mut conn, &setup, &records);
+    let (want_turns, want_dead) = reference(&mut conn, &setup);
+    wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+
+    let exposition = wait_for("the turn counters", TIMEOUT, || {
+        let (_, text) = http_get(port, "/metrics")?;
+        (metric(&text, m::TURNS, &[]) as usize == want_turns.len()).then_some(text)
+    });
+    let count = |name: &str, labels: &[(&str, &str)]| metric(&exposition, name, labels) as usize;
+    assert_eq!(count(m::RECORDS_CONSUMED, &[]), records.len());
+    for reason in ["decode", "invalid", "oversize"] {
+        let want = want_dead.iter().filter(|(_, _, r)| r == reason).count();
+        assert_eq!(
+            count(m::DEAD_LETTERS, &[("reason", reason)]),
+            want,
+            "{reason}"
+        );
+    }
+    assert_eq!(count(m::DEAD_LETTERS, &[]), want_dead.len());
+    let valid = records.len() - want_dead.len();
+    assert_eq!(count(m::EVENTS, &[("kind", "message")]), valid);
+    let in_turns: usize = want_turns
+        .iter()
+        .map(|t| support::message_ids(t).len())
+        .sum();
+    assert_eq!(count(m::DUPLICATES, &[]), valid - in_turns);
+    for closed_by in ["gap", "end_of_turn", "max_messages"] {
+        let want = want_turns
+            .iter()
+            .filter(|t| t["closed_by"] == closed_by)
+            .count();
+        assert_eq!(
+            count(m::TURNS, &[("closed_by", closed_by)]),
+            want,
+            "{closed_by}"
+        );
+    }
+    assert_eq!(
+        count(&format!("{}_count", m::EMIT_DELAY), &[]),
+        want_turns.len()
+    );
+    assert_eq!(count(m::OWNED, &[]), 2, "both shards owned");
+    assert!(count(m::OWNERSHIP_CHANGES, &[("change", "acquired")]) >= 2);
+    assert!(count(m::COMMITS, &[("result", "ok")]) > 0);
+    assert_eq!(count(m::OPEN_SESSIONS, &[]), 0, "every session closed");
+}

@@ -25,7 +25,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
@@ -38,6 +38,7 @@ use super::offsets;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock};
+use crate::metrics::{self, PartitionGauges};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
@@ -167,6 +168,19 @@ fn tps(list: &TopicPartitionList) -> Vec<Tp> {
 }
 
 impl ConsumerContext for WorkerContext {
+    /// Every offset commit's result, synchronous or not.
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => metrics::commit(true),
+            // No offset to commit is not a failure.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
+            Err(e) => {
+                metrics::commit(false);
+                tracing::warn!(error = %e, "offset commit failed; retried at the next interval");
+            }
+        }
+    }
+
     /// Before partitions go, commit what is resolved for them, so the next
     /// owner replays as little as possible (it replays from the last commit,
     /// and re-emits open sessions with the same turn ids).
@@ -197,6 +211,7 @@ impl ConsumerContext for WorkerContext {
             }
         }
         tracing::info!(partitions = ?revoked, "partitions revoked");
+        metrics::ownership_change("revoked", revoked.len());
         self.shared
             .events
             .lock()
@@ -208,6 +223,7 @@ impl ConsumerContext for WorkerContext {
         if let Rebalance::Assign(list) = rebalance {
             let assigned = tps(list);
             tracing::info!(partitions = ?assigned, "partitions assigned");
+            metrics::ownership_change("assigned", assigned.len());
             self.shared
                 .events
                 .lock()
@@ -275,6 +291,7 @@ struct PartitionState {
     /// earlier one resolves nothing here.
     epoch: u64,
     next_offset: i64,
+    gauges: PartitionGauges,
 }
 
 /// A record on its way to a broker, with what it resolves once delivered.
@@ -477,6 +494,7 @@ impl Worker {
                     self.advance_idle(now);
                     if now - last_commit >= self.kafka.commit_interval.0 {
                         self.commit(consumer)?;
+                        self.update_gauges(consumer, now);
                         last_commit = now;
                     }
                 }
@@ -497,7 +515,10 @@ impl Worker {
         for event in events {
             match event {
                 // Pipeline state is created on a partition's first record.
-                Rebalanced::Assigned(assigned) => self.assigned.extend(assigned),
+                Rebalanced::Assigned(assigned) => {
+                    metrics::READINESS.set_connected(true);
+                    self.assigned.extend(assigned);
+                }
                 Rebalanced::Revoked(revoked) => {
                     let mut tracked = self.shared.tracked.lock().expect("not poisoned");
                     for tp in revoked {
@@ -506,10 +527,12 @@ impl Worker {
                         if let Some(state) = self.partitions.remove(&tp) {
                             // Its open sessions go: the next owner replays them.
                             self.stats.add(state.pipeline.stats());
+                            state.gauges.clear();
                         }
                     }
                 }
             }
+            metrics::READINESS.set_owned(self.assigned.len());
         }
     }
 
@@ -534,6 +557,7 @@ impl Worker {
                     gap_checked: None,
                     epoch: self.next_epoch,
                     next_offset: m.offset(),
+                    gauges: PartitionGauges::new(&format!("{}/{}", tp.0, tp.1)),
                 },
             );
             self.shared.tracked.lock().expect("not poisoned").insert(
@@ -640,6 +664,7 @@ impl Worker {
             }
             match outcome {
                 Outcome::Turn(session) => {
+                    metrics::observe_emit(&session, self.window.gap_ms, now_ms());
                     let mut payload = Vec::with_capacity(512);
                     encode_turn(&session, self.format, &mut payload);
                     let headers = OwnedHeaders::new().insert(Header {
@@ -760,6 +785,20 @@ impl Worker {
         }
     }
 
+    fn update_gauges(&self, consumer: &StreamConsumer<WorkerContext>, now: i64) {
+        for ((topic, partition), state) in &self.partitions {
+            let engine = state.pipeline.engine();
+            state
+                .gauges
+                .update(engine.open_sessions(), engine.watermark(), now);
+            if let Some(high) = cached_high_watermark(consumer, topic, *partition) {
+                state
+                    .gauges
+                    .consumer_lag((high - state.next_offset).max(0) as u64);
+            }
+        }
+    }
+
     fn advance_idle(&mut self, now: i64) {
         let idle: Vec<(Tp, u64)> = self
             .partitions
@@ -780,10 +819,14 @@ impl Worker {
     fn commit(&mut self, consumer: &StreamConsumer<WorkerContext>) -> Result<(), WorkerError> {
         let offsets = self.shared.take_commit_points(None);
         if self.kafka.exactly_once {
-            return commit_transaction(&self.output_producer, consumer, &offsets, &self.in_txn);
+            let committed =
+                commit_transaction(&self.output_producer, consumer, &offsets, &self.in_txn);
+            metrics::commit(committed.is_ok());
+            return committed;
         }
         if offsets.count() > 0 {
             if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
+                metrics::commit(false);
                 tracing::warn!(error = %e, "offset commit failed; retried at the next interval");
             }
         }

@@ -23,6 +23,7 @@ use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::engine::{IdleClock, WindowConfig};
+use crate::metrics::{self, PartitionGauges};
 use crate::model::{turn_id, DeadLetterReason};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms};
@@ -82,6 +83,7 @@ pub struct ShardTask {
     conn: ConnectionManager,
     settings: Arc<Settings>,
     pipeline: PartitionPipeline,
+    gauges: PartitionGauges,
     idle: IdleClock,
     /// Entry ids of records handed to the pipeline and not yet resolved,
     /// by seq from `unresolved_base` (`None` once resolved).
@@ -130,6 +132,7 @@ impl ShardTask {
     ) -> Self {
         ShardTask {
             pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window),
+            gauges: PartitionGauges::new(&keys.stream),
             idle: IdleClock::new(settings.idle_timeout_ms),
             keys,
             token,
@@ -160,6 +163,7 @@ impl ShardTask {
             }
             Failure::Stopped => ShardExit::Stopped,
         };
+        self.gauges.clear();
         (exit, self.pipeline.stats().clone())
     }
 
@@ -332,6 +336,9 @@ impl ShardTask {
                 self.collect(&mut outcomes, None);
                 self.outcomes = outcomes;
             }
+            let engine = self.pipeline.engine();
+            self.gauges
+                .update(engine.open_sessions(), engine.watermark(), now);
             if let Some(from) = last_delivered {
                 if let Err(failure) = self.emit(stop).await {
                     return failure;
@@ -387,7 +394,11 @@ impl ShardTask {
             self.add_step(&mut read, step);
         }
         read.add_command(self.read_group(">"));
-        let reply = self.fenced(&read).await?;
+        let reply = self.fenced(&read).await;
+        if step.is_some_and(|step| !step.acks.is_empty()) {
+            count_commit(&reply);
+        }
+        let reply = reply?;
         let entries = parse_read_reply(first(reply)).map_err(protocol_error)?;
         if !entries.is_empty() {
             return Ok((entries, None));
@@ -494,6 +505,7 @@ impl ShardTask {
         for outcome in outcomes.drain(..) {
             match outcome {
                 Outcome::Turn(session) => {
+                    metrics::observe_emit(&session, self.settings.window.gap_ms, now_ms());
                     let mut turn = Vec::with_capacity(512);
                     encode_turn(&session, self.settings.format, &mut turn);
                     let first = session.messages.first().map_or("", |m| m.message_id());
@@ -575,7 +587,9 @@ impl ShardTask {
         let mut step = redis::pipe();
         step.atomic();
         self.add_step(&mut step, args);
-        self.fenced(&step).await.map(drop)
+        let written = self.fenced(&step).await;
+        count_commit(&written);
+        written.map(drop)
     }
 
     /// Writes all waiting steps but the last, which is returned to go with
@@ -684,6 +698,16 @@ fn delivery_counts(reply: Value) -> Result<HashMap<String, u64>, String> {
             other => Err(format!("unexpected XPENDING row {other:?}")),
         })
         .collect()
+}
+
+/// Counts a write-and-ack step; an aborted transaction (the lease was only
+/// renewed meanwhile) is retried at once and is no failure.
+fn count_commit(result: &Result<Value, RedisError>) {
+    match result {
+        Ok(_) => metrics::commit(true),
+        Err(e) if e.kind() == redis::ErrorKind::TryAgain => {}
+        Err(_) => metrics::commit(false),
+    }
 }
 
 /// The first reply of a transaction's `EXEC`.

@@ -22,6 +22,7 @@ use super::scripts;
 use super::shard::{Settings, ShardExit, ShardTask};
 use crate::codec::Decoder;
 use crate::config::{Config, RedisSection};
+use crate::metrics::{self, PartitionGauges};
 use crate::pipeline::Stats;
 use crate::wall_clock::{now_ms, worker_id};
 
@@ -89,8 +90,18 @@ pub async fn run(
             biased;
             () = &mut shutdown => break,
             _ = tick.tick() => {
-                if let Err(e) = coordinator.rebalance().await {
-                    tracing::warn!(error = %e, "lease round failed; retrying at the next one");
+                match coordinator.rebalance().await {
+                    Ok(()) => {
+                        metrics::READINESS.set_connected(true);
+                        metrics::READINESS.set_owned(coordinator.owned.len());
+                        if let Err(e) = coordinator.report_lag().await {
+                            tracing::debug!(error = %e, "reading the shards' lag failed");
+                        }
+                    }
+                    Err(e) => {
+                        metrics::READINESS.set_connected(false);
+                        tracing::warn!(error = %e, "lease round failed; retrying at the next one");
+                    }
                 }
             }
         }
@@ -211,6 +222,7 @@ impl Coordinator {
         }
         for index in lost {
             tracing::warn!(shard = %self.shards[index as usize].stream, "lease lost before renewal; stopping the shard");
+            metrics::ownership_change("lost", 1);
             self.stop(index, false).await;
         }
         let fair = self.section.shards.div_ceil(live.max(1)) as usize;
@@ -247,9 +259,33 @@ impl Coordinator {
         Ok(())
     }
 
+    /// The group's lag on each owned shard (Redis 7: entries not yet
+    /// delivered to the group), for the consumer-lag gauge.
+    async fn report_lag(&mut self) -> Result<(), RedisError> {
+        let mut conn = self.conn().await?;
+        for index in self.owned.keys() {
+            let stream = &self.shards[*index as usize].stream;
+            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(stream)
+                .query_async(&mut conn)
+                .await?;
+            let lag = groups
+                .groups
+                .iter()
+                .find(|g| g.name == self.section.group)
+                .and_then(|g| g.lag);
+            if let Some(lag) = lag {
+                PartitionGauges::new(stream).consumer_lag(lag as u64);
+            }
+        }
+        Ok(())
+    }
+
     async fn start(&mut self, index: u32, token: String) -> Result<(), RedisError> {
         let keys = self.shards[index as usize].clone();
         tracing::info!(shard = %keys.stream, token = %token, "lease acquired");
+        metrics::ownership_change("acquired", 1);
         let conn = match connect(&self.client, self.settings.block).await {
             Ok(conn) => conn,
             Err(e) => {
@@ -287,6 +323,9 @@ impl Coordinator {
         match owned.task.await {
             Ok((exit, stats)) => {
                 self.stats.add(&stats);
+                if exit == ShardExit::Fenced {
+                    metrics::ownership_change("lost", 1);
+                }
                 if release && exit == ShardExit::Stopped {
                     self.release(index, &owned.token).await;
                 }
@@ -306,7 +345,10 @@ impl Coordinator {
             .invoke_async(&mut conn)
             .await;
         match released {
-            Ok(_) => tracing::info!(shard = %keys.stream, "lease released"),
+            Ok(_) => {
+                metrics::ownership_change("released", 1);
+                tracing::info!(shard = %keys.stream, "lease released")
+            }
             Err(e) => {
                 tracing::warn!(shard = %keys.stream, error = %e, "releasing the lease failed; it lapses after lease_ttl")
             }

@@ -1,0 +1,305 @@
+//! What the workers report: every metric name in one place, the Prometheus
+//! exporter, and the `/healthz` and `/readyz` endpoints beside `/metrics`.
+//!
+//! The hot path holds registered handles ([`PipelineMetrics`]): an increment
+//! is one atomic add, and with no exporter installed (`[metrics]` unset, the
+//! tests, the benchmarks) the handles do nothing. Labels carry kinds,
+//! reasons and partition or shard names, never user ids, so the number of
+//! series stays bounded whatever the traffic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+use crate::engine::{ClosedSession, DropReason};
+use crate::model::{ClosedBy, DeadLetterReason};
+use crate::pipeline::Outcome;
+
+/// Records handed to a pipeline (read from the source), poison included.
+pub const RECORDS_CONSUMED: &str = "sessionizer_records_consumed_total";
+/// Valid events by `kind` (message, typing, end_of_turn).
+pub const EVENTS: &str = "sessionizer_events_total";
+/// Turns closed, by `closed_by`; `late` turns counted again in `LATE_TURNS`.
+pub const TURNS: &str = "sessionizer_turns_total";
+/// Turns made of one late message (`late = "new-turn"`).
+pub const LATE_TURNS: &str = "sessionizer_late_turns_total";
+/// Dead letters by `reason`.
+pub const DEAD_LETTERS: &str = "sessionizer_dead_letters_total";
+/// Duplicates dropped (a message id seen again in its open session).
+pub const DUPLICATES: &str = "sessionizer_duplicates_total";
+/// Other counted drops by `reason` (`late` under `late = "drop"`,
+/// `no_message`).
+pub const DROPPED: &str = "sessionizer_dropped_total";
+/// Messages per turn.
+pub const TURN_MESSAGES: &str = "sessionizer_turn_messages";
+/// Seconds from the moment a turn could close (last event time + gap, or the
+/// closing event's time for the other closures) to the moment the worker
+/// hands it to the output, by the wall clock.
+pub const EMIT_DELAY: &str = "sessionizer_emit_delay_seconds";
+/// Open sessions, by `partition`.
+pub const OPEN_SESSIONS: &str = "sessionizer_open_sessions";
+/// Wall clock minus the partition's watermark, seconds, by `partition`.
+pub const WATERMARK_LAG: &str = "sessionizer_watermark_lag_seconds";
+/// Records in the source not yet read, by `partition` (Kafka: high
+/// watermark minus position; Redis: the group's `lag`).
+pub const CONSUMER_LAG: &str = "sessionizer_consumer_lag_records";
+/// Commits (Kafka offset commits, Redis ack steps) by `result` (ok, failed).
+pub const COMMITS: &str = "sessionizer_commits_total";
+/// Ownership changes by `change`: Kafka `assigned`/`revoked` partitions,
+/// Redis `acquired`/`lost`/`released` shard leases.
+pub const OWNERSHIP_CHANGES: &str = "sessionizer_ownership_changes_total";
+/// Partitions or shards this worker owns now.
+pub const OWNED: &str = "sessionizer_owned_partitions";
+
+/// Counter handles for one partition's pipeline.
+#[derive(Debug, Clone)]
+pub struct PipelineMetrics {
+    records: Counter,
+    events: [Counter; 3],
+    turns: [Counter; 5],
+    late_turns: Counter,
+    dead_letters: [Counter; 6],
+    dropped: [Counter; 3],
+    turn_messages: Histogram,
+}
+
+impl Default for PipelineMetrics {
+    fn default() -> Self {
+        PipelineMetrics {
+            records: counter!(RECORDS_CONSUMED),
+            events: ["message", "typing", "end_of_turn"]
+                .map(|kind| counter!(EVENTS, "kind" => kind)),
+            turns: ClosedBy::ALL.map(|c| counter!(TURNS, "closed_by" => c.as_str())),
+            late_turns: counter!(LATE_TURNS),
+            dead_letters: DeadLetterReason::ALL
+                .map(|r| counter!(DEAD_LETTERS, "reason" => r.as_str())),
+            dropped: DropReason::ALL.map(|r| match r {
+                DropReason::Duplicate => counter!(DUPLICATES),
+                _ => counter!(DROPPED, "reason" => r.as_str()),
+            }),
+            turn_messages: histogram!(TURN_MESSAGES),
+        }
+    }
+}
+
+impl PipelineMetrics {
+    pub fn record(&self) {
+        self.records.increment(1);
+    }
+
+    /// `kind`: 0 message, 1 typing, 2 end of turn (as `Stats::events`).
+    pub fn event(&self, kind: usize) {
+        self.events[kind].increment(1);
+    }
+
+    pub fn outcome(&self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Turn(s) => {
+                self.turns[index_of(&ClosedBy::ALL, &s.closed_by)].increment(1);
+                if s.late {
+                    self.late_turns.increment(1);
+                }
+                self.turn_messages.record(s.messages.len() as f64);
+            }
+            Outcome::DeadLetter { reason, .. } => {
+                self.dead_letters[index_of(&DeadLetterReason::ALL, reason)].increment(1)
+            }
+            Outcome::Dropped { reason, .. } => {
+                self.dropped[index_of(&DropReason::ALL, reason)].increment(1)
+            }
+        }
+    }
+}
+
+fn index_of<T: PartialEq>(all: &[T], x: &T) -> usize {
+    all.iter().position(|a| a == x).unwrap_or(0)
+}
+
+/// Records a turn's emit delay as it is handed to the output. Late turns are
+/// left out: their delay is the lateness of the data, not the worker's.
+pub fn observe_emit(session: &ClosedSession, gap_ms: i64, now_ms: i64) {
+    if session.late {
+        return;
+    }
+    let could_close = match session.closed_by {
+        ClosedBy::Gap => session.end_time + gap_ms,
+        _ => session.end_time,
+    };
+    histogram!(EMIT_DELAY).record((now_ms - could_close).max(0) as f64 / 1000.0);
+}
+
+/// Gauges for one owned partition or shard.
+#[derive(Debug, Clone)]
+pub struct PartitionGauges {
+    open_sessions: Gauge,
+    watermark_lag: Gauge,
+    consumer_lag: Gauge,
+}
+
+impl PartitionGauges {
+    pub fn new(partition: &str) -> Self {
+        let label = partition.to_owned();
+        PartitionGauges {
+            open_sessions: gauge!(OPEN_SESSIONS, "partition" => label.clone()),
+            watermark_lag: gauge!(WATERMARK_LAG, "partition" => label.clone()),
+            consumer_lag: gauge!(CONSUMER_LAG, "partition" => label),
+        }
+    }
+
+    /// `watermark` is `i64::MIN` until the partition has seen an event.
+    pub fn update(&self, open_sessions: usize, watermark: i64, now_ms: i64) {
+        self.open_sessions.set(open_sessions as f64);
+        if watermark != i64::MIN {
+            self.watermark_lag
+                .set((now_ms - watermark).max(0) as f64 / 1000.0);
+        }
+    }
+
+    pub fn consumer_lag(&self, records: u64) {
+        self.consumer_lag.set(records as f64);
+    }
+
+    /// The partition left this worker: its series read zero, not a stale value.
+    pub fn clear(&self) {
+        self.open_sessions.set(0.0);
+        self.watermark_lag.set(0.0);
+        self.consumer_lag.set(0.0);
+    }
+}
+
+pub fn commit(ok: bool) {
+    counter!(COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+/// `change`: assigned, revoked, acquired, lost, released.
+pub fn ownership_change(change: &'static str, count: usize) {
+    counter!(OWNERSHIP_CHANGES, "change" => change).increment(count as u64);
+}
+
+/// What `/readyz` reports. Process-wide, like the metrics registry: a
+/// process runs one worker.
+#[derive(Debug)]
+pub struct Readiness {
+    connected: AtomicBool,
+    owned: AtomicUsize,
+}
+
+pub static READINESS: Readiness = Readiness {
+    connected: AtomicBool::new(false),
+    owned: AtomicUsize::new(0),
+};
+
+impl Readiness {
+    /// The worker reached its broker (a successful read or assignment).
+    pub fn set_connected(&self, connected: bool) {
+        self.connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// How many partitions or shards the worker owns.
+    pub fn set_owned(&self, owned: usize) {
+        self.owned.store(owned, Ordering::Relaxed);
+        gauge!(OWNED).set(owned as f64);
+    }
+
+    /// `Err` says what is missing.
+    pub fn check(&self) -> Result<usize, &'static str> {
+        if !self.connected.load(Ordering::Relaxed) {
+            return Err("not connected to the broker");
+        }
+        match self.owned.load(Ordering::Relaxed) {
+            0 => Err("no partitions or shards assigned"),
+            n => Ok(n),
+        }
+    }
+}
+
+/// Installs the Prometheus recorder and serves `/metrics`, `/healthz` and
+/// `/readyz` on `listen`. Binds before returning, so a taken port fails the
+/// start. Must run inside the tokio runtime.
+pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("invalid configuration: metrics.listen: cannot bind {listen}"))?;
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(EMIT_DELAY.to_owned()),
+            &[
+                0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.5, 2.0, 5.0, 10.0,
+                30.0,
+            ],
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(TURN_MESSAGES.to_owned()),
+                &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 50.0, 100.0],
+            )
+        })
+        .context("building the Prometheus recorder")?
+        .install_recorder()
+        .context("installing the Prometheus recorder")?;
+    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((stream, _)) => {
+                    tokio::spawn(answer(stream, handle.clone()));
+                }
+                Err(e) => tracing::warn!(error = %e, "metrics listener accept failed"),
+            }
+        }
+    });
+    Ok(())
+}
+
+/// One HTTP/1.1 exchange: reads the request head, answers, closes.
+async fn answer(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    let request_line =
+        String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or(b"")).into_owned();
+    let mut parts = request_line.split_whitespace();
+    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = path.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
+        ("GET", "/readyz") => match READINESS.check() {
+            Ok(n) => ("200 OK", "text/plain", format!("ready: {n} owned\n")),
+            Err(why) => (
+                "503 Service Unavailable",
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain",
+            "only GET\n".to_owned(),
+        ),
+    };
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
