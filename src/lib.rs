@@ -26,6 +26,7 @@
 //! - [`shutdown`]: the signal future the workers stop on.
 //! - [`config`]: the typed TOML configuration with environment overrides.
 //! - [`wall_clock`]: the one place the wall clock is read.
+//! - [`produce`]: `sessionizer produce`, the load generator.
 //! - [`workload`]: a deterministic generator of bursty chat traffic for
 //!   benchmarks, tests and load generation.
 //! - `main.rs`: the `sessionizer` command line.
@@ -39,6 +40,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod produce;
 pub mod redis;
 pub mod shutdown;
 pub mod wall_clock;

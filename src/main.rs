@@ -58,12 +58,100 @@ enum Command {
         #[arg(long, default_value_t = 0.03)]
         poison_fraction: f64,
     },
+    /// Generate bursty chat traffic into the configured input (Kafka topic,
+    /// Redis shard streams, or a file of JSON lines).
+    Produce(ProduceArgs),
     /// Check a configuration (with environment overrides) and print the
     /// effective values, defaults included.
     CheckConfig {
         #[arg(long, env = "SESSIONIZER_CONFIG")]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args, Debug)]
+struct ProduceArgs {
+    /// The worker's configuration: its source says where the records go.
+    #[arg(long, env = "SESSIONIZER_CONFIG")]
+    config: PathBuf,
+    /// Records per second; 0 sends as fast as the broker takes them (and
+    /// keeps the modeled event times, starting a day ago).
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Stop after this many records.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long ("30s", "5m"); without it and `--count`, run
+    /// until Ctrl-C.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<std::time::Duration>,
+    /// Chatting users; default `rate × 10` (about `rate` events per second
+    /// at the default burst shape), or 20,000 unpaced.
+    #[arg(long)]
+    users: Option<u32>,
+    /// Messages per burst, "MIN-MAX".
+    #[arg(long, default_value = "1-6", value_parser = count_range)]
+    burst_messages: (u32, u32),
+    /// Event-time gap between the messages of a burst, "MIN-MAX".
+    #[arg(long, default_value = "200ms-2s", value_parser = duration_range)]
+    in_burst_gap: (i64, i64),
+    /// Event-time gap between a user's bursts, "MIN-MAX".
+    #[arg(long, default_value = "5s-60s", value_parser = duration_range)]
+    between_bursts: (i64, i64),
+    /// Arrival delay after event time, below this: the disorder.
+    #[arg(long, default_value = "400ms", value_parser = humantime::parse_duration)]
+    disorder: std::time::Duration,
+    /// Fraction of messages sent twice (producer retries).
+    #[arg(long, default_value_t = 0.0)]
+    duplicate_fraction: f64,
+    /// Fraction of the generated events that are poison (invalid JSON,
+    /// missing text, oversize text); duplicate copies come on top.
+    #[arg(long, default_value_t = 0.0)]
+    poison_fraction: f64,
+    /// Encoding of valid events.
+    #[arg(long, default_value = "json")]
+    format: EventFormat,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Another topic, input stream or file (`-` = stdout) than the
+    /// configured input.
+    #[arg(long)]
+    to: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum EventFormat {
+    Json,
+    Protobuf,
+}
+
+fn split_range(s: &str) -> Result<(&str, &str), String> {
+    s.split_once('-')
+        .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))
+}
+
+fn count_range(s: &str) -> Result<(u32, u32), String> {
+    let (lo, hi) = split_range(s)?;
+    let parse = |v: &str| v.trim().parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo == 0 || lo > hi {
+        return Err(format!("need 1 <= MIN <= MAX, got {s:?}"));
+    }
+    Ok((lo, hi))
+}
+
+fn duration_range(s: &str) -> Result<(i64, i64), String> {
+    let (lo, hi) = split_range(s)?;
+    let parse = |v: &str| {
+        humantime::parse_duration(v.trim())
+            .map(|d| d.as_millis() as i64)
+            .map_err(|e| format!("{v:?}: {e}"))
+    };
+    let (lo, hi) = (parse(lo)?, parse(hi)?);
+    if lo > hi {
+        return Err(format!("need MIN <= MAX, got {s:?}"));
+    }
+    Ok((lo, hi))
 }
 
 fn main() -> ExitCode {
@@ -96,6 +184,51 @@ fn run(command: Command) -> anyhow::Result<()> {
                 sessionizer::shutdown::signal(),
                 &mut std::io::stdout(),
             ))?;
+            Ok(())
+        }
+        Command::Produce(args) => {
+            let config = Config::load(&args.config)?;
+            for (name, fraction) in [
+                ("--poison-fraction", args.poison_fraction),
+                ("--duplicate-fraction", args.duplicate_fraction),
+            ] {
+                anyhow::ensure!(
+                    (0.0..=1.0).contains(&fraction),
+                    "{name}: must be between 0 and 1, got {fraction}"
+                );
+            }
+            let users = args.users.unwrap_or(if args.rate > 0 {
+                (args.rate.saturating_mul(10)).min(u32::MAX as u64) as u32
+            } else {
+                20_000
+            });
+            let options = sessionizer::produce::ProduceOptions {
+                spec: sessionizer::workload::WorkloadSpec {
+                    users: users.max(1),
+                    burst_messages: args.burst_messages,
+                    in_burst_gap_ms: args.in_burst_gap,
+                    between_bursts_ms: args.between_bursts,
+                    disorder_ms: args.disorder.as_millis() as i64,
+                    duplicate_fraction: args.duplicate_fraction,
+                    poison_fraction: args.poison_fraction,
+                    start_ms: 0,
+                    seed: args.seed,
+                },
+                rate: args.rate,
+                count: args.count,
+                duration: args.duration,
+                protobuf: matches!(args.format, EventFormat::Protobuf),
+                to: args.to,
+            };
+            let produced = runtime()?.block_on(sessionizer::produce::run(
+                &config,
+                options,
+                sessionizer::shutdown::signal(),
+            ))?;
+            eprintln!(
+                "produce: done: {} records, {} poison, {} duplicates",
+                produced.records, produced.poison, produced.duplicates
+            );
             Ok(())
         }
         Command::CheckConfig { config } => {

@@ -593,3 +593,57 @@ fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
     assert!(count(m::COMMITS, &[("result", "ok")]) > 0);
     assert_eq!(count(m::OPEN_SESSIONS, &[]), 0, "every session closed");
 }
+
+/// `sessionizer produce` writes the requested count into the shard of each
+/// event's session key, with the requested poison fraction.
+#[test]
+fn produce_emits_the_requested_count_and_poison_fraction_into_the_right_shards() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "produce", 3, "", "");
+    let (records, poison, duplicates) = support::run_produce(
+        &setup.config_text,
+        &[
+            "--count",
+            "10000",
+            "--rate",
+            "0",
+            "--poison-fraction",
+            "0.1",
+            "--duplicate-fraction",
+            "0.05",
+        ],
+    );
+    assert_eq!(records, 10_000);
+    let decoder =
+        sessionizer::codec::Decoder::new(setup.config.input_format(), setup.config.decode_limits());
+    let (mut total, mut undecodable) = (0, 0);
+    for (index, shard) in setup.shards().iter().enumerate() {
+        for (_, fields) in read_stream(&mut conn, &shard.stream) {
+            total += 1;
+            match decoder.decode(&fields["payload"], sessionizer::wall_clock::now_ms()) {
+                Ok(event) => assert_eq!(
+                    shard_of(&event.user_id, None, 3) as usize,
+                    index,
+                    "{} in its shard",
+                    event.user_id
+                ),
+                Err(_) => undecodable += 1,
+            }
+        }
+    }
+    assert_eq!(total, 10_000, "every record in a shard stream");
+    assert_eq!(
+        undecodable, poison,
+        "the poison records, and only them, fail"
+    );
+    // Poison is drawn per event; duplicate copies of valid events come on
+    // top: expected 0.1 / (1 + 0.05 × 0.9) of the records.
+    let fraction = poison as f64 / 10_000.0;
+    let expected = 0.1 / (1.0 + 0.05 * 0.9);
+    assert!(
+        (fraction - expected).abs() < 0.012,
+        "poison fraction {fraction}, expected {expected}"
+    );
+    assert!(duplicates > 0);
+}

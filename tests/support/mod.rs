@@ -583,3 +583,29 @@ pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .sum()
 }
+
+/// Runs `sessionizer produce --config <config> <args>` to completion and
+/// returns the numbers of its final line: (records, poison, duplicates).
+pub fn run_produce(config: &str, args: &[&str]) -> (u64, u64, u64) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+        .args(["produce", "--config"])
+        .arg(file.path())
+        .args(args)
+        .env("SESSIONIZER_LOG", "warn,rdkafka=off")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "produce failed: {stderr}");
+    let done = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("produce: done: "))
+        .unwrap_or_else(|| panic!("no final line in: {stderr}"));
+    let numbers: Vec<u64> = done
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect();
+    (numbers[0], numbers[1], numbers[2])
+}
