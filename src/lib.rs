@@ -22,6 +22,8 @@
 //!   step, pending-entry recovery).
 //! - [`metrics`]: metric names, the Prometheus exporter, `/healthz` and
 //!   `/readyz`.
+//! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
+//!   source's dead letters.
 //! - [`fault`]: the crash-test hook (off unless its variable is set).
 //! - [`shutdown`]: the signal future the workers stop on.
 //! - [`config`]: the typed TOML configuration with environment overrides.
@@ -33,6 +35,7 @@
 
 pub mod codec;
 pub mod config;
+pub mod dlq;
 pub mod engine;
 pub mod fault;
 pub mod file;

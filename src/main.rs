@@ -61,6 +61,12 @@ enum Command {
     /// Generate bursty chat traffic into the configured input (Kafka topic,
     /// Redis shard streams, or a file of JSON lines).
     Produce(ProduceArgs),
+    /// Inspect, count and replay dead letters (the DLQ of the configured
+    /// source: Kafka topic, Redis stream or file).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Check a configuration (with environment overrides) and print the
     /// effective values, defaults included.
     CheckConfig {
@@ -117,6 +123,110 @@ struct ProduceArgs {
     /// configured input.
     #[arg(long)]
     to: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum DlqCommand {
+    /// List dead letters: a table, or JSON lines with `--json`.
+    Inspect {
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Oldest first (default: newest first).
+        #[arg(long)]
+        oldest_first: bool,
+        /// One JSON object per line, payload included.
+        #[arg(long)]
+        json: bool,
+        /// Keep printing new dead letters as they arrive (until Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Counts by reason and by source partition, oldest and newest entry.
+    Stats {
+        #[command(flatten)]
+        select: DlqSelect,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Republish the selected dead letters' original records to their input
+    /// (oldest first), once.
+    Replay {
+        #[command(flatten)]
+        select: DlqSelect,
+        /// Another topic or stream (file DLQ: the file to write; default
+        /// stdout).
+        #[arg(long)]
+        to: Option<String>,
+        /// List what would be sent; send nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many records per second.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Skip (and report) a record already replayed this often.
+        #[arg(long, default_value_t = 3)]
+        max_replays: u32,
+        /// Pipe each payload through this shell command (stdin → stdout).
+        #[arg(long)]
+        transform: Option<String>,
+        /// Kafka: the consumer group recording the replay's progress
+        /// (default `<group_id>.dlq-replay`, plus `.<reasons>` with
+        /// `--reason`, so each selection keeps its own progress).
+        #[arg(long)]
+        group: Option<String>,
+    },
+}
+
+/// Which dead letters a `dlq` command looks at.
+#[derive(clap::Args, Debug)]
+struct DlqSelect {
+    #[arg(long, env = "SESSIONIZER_CONFIG")]
+    config: PathBuf,
+    /// Only these reasons (repeat or comma-separate).
+    #[arg(long = "reason", value_delimiter = ',')]
+    reasons: Vec<String>,
+    /// Failed at or after: RFC 3339, or a duration ago ("2h").
+    #[arg(long)]
+    since: Option<String>,
+    /// Failed before: RFC 3339, or a duration ago.
+    #[arg(long)]
+    until: Option<String>,
+    /// Kafka: the source partition; Redis: the shard index or stream.
+    #[arg(long)]
+    source_partition: Option<String>,
+    /// At most this many entries.
+    #[arg(long)]
+    limit: Option<u64>,
+}
+
+impl DlqSelect {
+    fn filter(&self) -> anyhow::Result<sessionizer::dlq::Filter> {
+        let known: Vec<&str> = sessionizer::model::DeadLetterReason::ALL
+            .iter()
+            .map(|r| r.as_str())
+            .collect();
+        for reason in &self.reasons {
+            anyhow::ensure!(
+                known.contains(&reason.as_str()),
+                "--reason: unknown reason {reason:?} (one of {})",
+                known.join(", ")
+            );
+        }
+        let now = sessionizer::wall_clock::now_ms();
+        let time = |flag: &str, value: &Option<String>| {
+            value
+                .as_deref()
+                .map(|v| sessionizer::dlq::parse_time(v, now))
+                .transpose()
+                .map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        };
+        Ok(sessionizer::dlq::Filter {
+            reasons: self.reasons.clone(),
+            since_ms: time("--since", &self.since)?,
+            until_ms: time("--until", &self.until)?,
+            source_partition: self.source_partition.clone(),
+        })
+    }
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum)]
@@ -231,6 +341,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Dlq { command } => runtime()?.block_on(dlq(command)),
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
             print!("{}", config.to_toml());
@@ -268,6 +379,141 @@ fn run(command: Command) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
+    use sessionizer::dlq::{output, replay, Store};
+    use std::io::Write as _;
+    let select = match &command {
+        DlqCommand::Inspect { select, .. }
+        | DlqCommand::Stats { select, .. }
+        | DlqCommand::Replay { select, .. } => select,
+    };
+    let config = Config::load(&select.config)?;
+    let filter = select.filter()?;
+    let mut store = Store::open(&config).await?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    match command {
+        DlqCommand::Inspect {
+            select,
+            oldest_first,
+            json,
+            follow,
+        } => {
+            let mut entries: Vec<_> = store
+                .snapshot()
+                .await?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            if !oldest_first {
+                entries.reverse();
+            }
+            entries.truncate(select.limit.map_or(usize::MAX, |l| l as usize));
+            let print = |out: &mut dyn std::io::Write, e: &sessionizer::dlq::DlqEntry| {
+                if json {
+                    writeln!(out, "{}", output::to_json(e))
+                } else {
+                    output::table_row(out, e)
+                }
+            };
+            if !json {
+                output::table_header(&mut out)?;
+            }
+            for e in &entries {
+                print(&mut out, e)?;
+            }
+            out.flush()?;
+            if follow {
+                let stop = sessionizer::shutdown::signal();
+                tokio::pin!(stop);
+                loop {
+                    tokio::select! {
+                        () = &mut stop => break,
+                        new = store.follow() => {
+                            for e in new?.iter().filter(|e| filter.matches(e)) {
+                                print(&mut out, e)?;
+                            }
+                            out.flush()?;
+                        }
+                    }
+                }
+            }
+        }
+        DlqCommand::Stats { json, .. } => {
+            let mut stats = output::Stats::default();
+            for e in store.snapshot().await? {
+                if filter.matches(&e) {
+                    stats.add(&e);
+                }
+            }
+            if json {
+                writeln!(out, "{}", stats.to_json())?;
+            } else {
+                stats.print(&mut out)?;
+            }
+        }
+        DlqCommand::Replay {
+            select,
+            to,
+            dry_run,
+            rate,
+            max_replays,
+            transform,
+            group,
+        } => {
+            let group = group.unwrap_or_else(|| {
+                let base = config
+                    .kafka
+                    .as_ref()
+                    .map_or("sessionizer", |k| k.group_id.as_str());
+                match select.reasons.is_empty() {
+                    true => format!("{base}.dlq-replay"),
+                    false => format!("{base}.dlq-replay.{}", select.reasons.join("+")),
+                }
+            });
+            let options = replay::ReplayOptions {
+                filter,
+                limit: select.limit,
+                to: to.clone(),
+                dry_run,
+                rate,
+                max_replays,
+                transform,
+                group,
+            };
+            // Replaying a file DLQ to stdout: the report goes to stderr.
+            let to_stdout =
+                config.source == SourceKind::File && to.as_deref().unwrap_or("-") == "-";
+            let report = if to_stdout {
+                let stop = sessionizer::shutdown::signal();
+                replay::run(&mut store, &options, stop, &mut std::io::stderr()).await?
+            } else {
+                replay::run(
+                    &mut store,
+                    &options,
+                    sessionizer::shutdown::signal(),
+                    &mut out,
+                )
+                .await?
+            };
+            out.flush()?;
+            eprintln!(
+                "replay: {} {}, {} skipped after --max-replays {}",
+                report.replayed,
+                if dry_run {
+                    "would be replayed"
+                } else {
+                    "replayed"
+                },
+                report.skipped_max_replays.len(),
+                max_replays
+            );
+        }
+    }
+    out.flush()?;
+    Ok(())
 }
 
 /// The async runtime the broker workers run on.

@@ -647,3 +647,156 @@ fn produce_emits_the_requested_count_and_poison_fraction_into_the_right_shards()
     );
     assert!(duplicates > 0);
 }
+
+/// `dlq stats`, `inspect` and `replay` on the Redis DLQ: filters select the
+/// right entries, `--json` parses, a replay after a config fix (and one
+/// through `--transform`) turns the dead letters into turns, a repeated
+/// replay sends nothing, and `--max-replays` stops a record that never
+/// succeeds.
+#[test]
+fn dlq_inspect_stats_and_replay_after_a_fix() {
+    use support::{inspect_json, run_replay, stats_json};
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "dlqops", 2, "", "");
+    let records = workload(30, 900, 21);
+    produce(&mut conn, &setup, &records);
+    let (want_turns, want_dead) = reference(&mut conn, &setup);
+    let mut worker = Worker::start(&setup.config_text);
+    // Dead letters are written with their acks: nothing pending, all there.
+    wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    let text = setup.config_text.as_str();
+    let shards = setup.shards();
+    let count_of = |reason: &str| want_dead.iter().filter(|(_, _, r)| r == reason).count();
+
+    let stats = stats_json(text, &[]);
+    assert_eq!(stats["total"], want_dead.len());
+    for reason in ["decode", "invalid", "oversize"] {
+        assert!(count_of(reason) > 0, "the workload has {reason} poison");
+        assert_eq!(stats["by_reason"][reason], count_of(reason), "{reason}");
+    }
+    let in_shard_1 = want_dead
+        .iter()
+        .filter(|(s, _, _)| *s == shards[1].stream)
+        .count();
+    assert_eq!(
+        stats["by_source_partition"][format!("{}[1]", shards[1].stream)],
+        in_shard_1
+    );
+
+    let invalid = inspect_json(text, &["--reason", "invalid"]);
+    assert_eq!(invalid.len(), count_of("invalid"));
+    assert!(invalid.iter().all(|e| e["reason"] == "invalid"));
+    let shard_1 = inspect_json(text, &["--source-partition", "1"]);
+    assert_eq!(shard_1.len(), in_shard_1);
+    assert!(shard_1
+        .iter()
+        .all(|e| e["source"]["name"] == shards[1].stream));
+    let oldest_first = inspect_json(text, &["--oldest-first"]);
+    assert_eq!(oldest_first.len(), want_dead.len());
+    let newest_two = inspect_json(text, &["--limit", "2"]);
+    assert_eq!(newest_two.len(), 2);
+    assert_eq!(newest_two[0], oldest_first[oldest_first.len() - 1]);
+    assert_eq!(newest_two[1], oldest_first[oldest_first.len() - 2]);
+    assert_eq!(
+        inspect_json(text, &["--since", "1h"]).len(),
+        want_dead.len()
+    );
+    assert!(inspect_json(text, &["--since", "2h", "--until", "1h"]).is_empty());
+    let inputs: BTreeMap<(String, String), Fields> = shards
+        .iter()
+        .flat_map(|s| {
+            read_stream(&mut conn, &s.stream)
+                .into_iter()
+                .map(|(id, f)| ((s.stream.clone(), id), f))
+        })
+        .collect();
+    for e in &oldest_first {
+        let at = |k: &str| e["source"][k].as_str().unwrap().to_owned();
+        let original = &inputs[&(at("name"), at("position"))];
+        if let Some(payload) = original.get("payload") {
+            assert!(
+                e["payload"].as_str().unwrap().as_bytes() == payload.as_slice(),
+                "payload kept at {}",
+                e["position"]
+            );
+        }
+    }
+
+    // The fix: longer texts allowed. Restart the worker with it, replay.
+    assert!(worker.terminate().success());
+    let fixed = format!("{text}\n[input]\nmax_text_bytes = 65536\n");
+    let _worker = Worker::start(&fixed);
+    let ids_of = |entries: &[serde_json::Value]| -> BTreeSet<String> {
+        entries
+            .iter()
+            .map(|e| {
+                let payload: serde_json::Value =
+                    serde_json::from_str(e["payload"].as_str().unwrap()).unwrap();
+                payload["message_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let oversize = inspect_json(text, &["--reason", "oversize"]);
+    assert_eq!(
+        run_replay(text, &["--reason", "oversize", "--dry-run"]),
+        (oversize.len() as u64, 0)
+    );
+    assert_eq!(
+        inspect_json(text, &["--reason", "oversize"]),
+        oversize,
+        "a dry run changes nothing"
+    );
+    assert_eq!(
+        run_replay(text, &["--reason", "oversize"]),
+        (oversize.len() as u64, 0)
+    );
+    let fix = r#"sed 's/}$/,"text":"fixed"}/'"#;
+    assert_eq!(
+        run_replay(text, &["--reason", "invalid", "--transform", fix]),
+        (invalid.len() as u64, 0)
+    );
+    let mut want = ids_of(&oversize);
+    want.extend(ids_of(&invalid));
+    let output = setup.section().output_stream.clone();
+    wait_for("the replayed records in turns", TIMEOUT, || {
+        message_ids(&turns(&mut conn, &output))
+            .is_superset(&want)
+            .then_some(())
+    });
+    assert_eq!(
+        run_replay(text, &["--reason", "oversize"]),
+        (0, 0),
+        "nothing twice"
+    );
+    assert_eq!(
+        run_replay(text, &["--reason", "invalid"]),
+        (0, 0),
+        "nothing twice"
+    );
+    let replayed_entries = shards
+        .iter()
+        .flat_map(|s| read_stream(&mut conn, &s.stream))
+        .filter(|(_, f)| f.contains_key("sessionizer.replay.from"))
+        .count();
+    assert_eq!(replayed_entries, want.len(), "each replayed once");
+    let stats = stats_json(text, &[]);
+    assert!(stats["by_reason"].get("oversize").is_none());
+    assert!(stats["by_reason"].get("invalid").is_none());
+
+    // Records that never decode come back with their replay count, and are
+    // skipped once replayed --max-replays times.
+    let decode = count_of("decode") as u64;
+    assert_eq!(
+        run_replay(text, &["--reason", "decode", "--max-replays", "1"]),
+        (decode, 0)
+    );
+    wait_for("the replayed records back in the DLQ", TIMEOUT, || {
+        let back = inspect_json(text, &["--reason", "decode"]);
+        (back.len() as u64 == decode && back.iter().all(|e| e["replay_count"] == 1)).then_some(())
+    });
+    assert_eq!(
+        run_replay(text, &["--reason", "decode", "--max-replays", "1"]),
+        (0, decode)
+    );
+}

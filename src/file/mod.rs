@@ -3,6 +3,8 @@
 //! its 1-based line number. Event time only: no wall-clock advance, and the
 //! end of input closes every session.
 
+pub mod dlq;
+
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
 

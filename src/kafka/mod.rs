@@ -6,6 +6,8 @@
 //!   headers byte for byte, plus `sessionizer.dlq.*` provenance headers.
 //! - [`offsets`]: the resolved offsets past the commit, kept in the commit's
 //!   metadata so a restart does not re-emit part of a delivered turn.
+//! - [`dlq`]: the DLQ topic for `sessionizer dlq` (read, replay with a
+//!   consumer group recording progress).
 //! - [`demo`]: `sessionizer demo`, on librdkafka's in-process mock cluster.
 //! - [`worker`]: the loop: consume, sessionize per partition, produce, and
 //!   commit each partition's resolved prefix once its output is acknowledged
@@ -14,6 +16,7 @@
 pub mod client;
 pub mod dead_letter;
 pub mod demo;
+pub mod dlq;
 pub mod offsets;
 pub mod worker;
 

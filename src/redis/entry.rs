@@ -72,6 +72,19 @@ impl Entry {
     }
 }
 
+impl Entry {
+    /// The `sessionizer.replay.*` fields a `dlq replay` added.
+    pub fn replay_fields(&self) -> Vec<(&[u8], &[u8])> {
+        self.fields
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .filter(|(k, _)| k.starts_with(b"sessionizer.replay."))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+            .collect()
+    }
+}
+
 /// Parses the entries of a stream reply (`[[id, [field, value, …]], …]`).
 pub fn parse_entries(value: Value) -> Result<Vec<Entry>, String> {
     let Value::Array(items) = value else {

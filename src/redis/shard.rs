@@ -488,6 +488,7 @@ impl ShardTask {
             id: &entry.id,
             payload: &payload,
             form: form.as_str(),
+            replay: entry.replay_fields(),
             // The delivery that dead-letters an exhausted entry is not an attempt.
             deliveries: if exhausted {
                 deliveries - 1
@@ -524,7 +525,7 @@ impl ShardTask {
                     let about = about
                         .as_ref()
                         .expect("dead letters are about the entry just processed");
-                    let fields = vec![
+                    let mut fields = vec![
                         ("payload", about.payload.to_vec()),
                         ("reason", reason.as_str().as_bytes().to_vec()),
                         ("error", error.into_bytes()),
@@ -535,6 +536,11 @@ impl ShardTask {
                         ("deliveries", about.deliveries.to_string().into_bytes()),
                         ("form", about.form.as_bytes().to_vec()),
                     ];
+                    for (name, value) in &about.replay {
+                        if let Some(name) = crate::dlq::replay_field_name(name) {
+                            fields.push((name, value.to_vec()));
+                        }
+                    }
                     let acks = self.take_id(seq);
                     let step = self.step();
                     step.dead_letters.push(fields);
@@ -676,6 +682,9 @@ struct DeadLetterAbout<'a> {
     payload: &'a [u8],
     form: &'static str,
     deliveries: u64,
+    /// The entry's `sessionizer.replay.*` fields, kept on the dead letter so
+    /// a record that fails again after a replay carries its replay count.
+    replay: Vec<(&'a [u8], &'a [u8])>,
 }
 
 /// Delivery counts from an extended `XPENDING` reply

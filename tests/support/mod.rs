@@ -584,28 +584,71 @@ pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// Runs `sessionizer produce --config <config> <args>` to completion and
-/// returns the numbers of its final line: (records, poison, duplicates).
-pub fn run_produce(config: &str, args: &[&str]) -> (u64, u64, u64) {
+/// Runs `sessionizer <command> --config <config> <args>` to completion;
+/// panics with its stderr when it fails. Returns (stdout, stderr).
+pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String) {
     let mut file = tempfile::NamedTempFile::new().unwrap();
     std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
-        .args(["produce", "--config"])
+        .args(command)
+        .arg("--config")
         .arg(file.path())
         .args(args)
         .env("SESSIONIZER_LOG", "warn,rdkafka=off")
         .output()
         .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "produce failed: {stderr}");
-    let done = stderr
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "sessionizer {command:?} {args:?} failed: {stderr}"
+    );
+    (stdout, stderr)
+}
+
+/// The numbers in the line of `text` that starts with `prefix`.
+pub fn numbers_after(text: &str, prefix: &str) -> Vec<u64> {
+    let line = text
         .lines()
-        .find_map(|l| l.strip_prefix("produce: done: "))
-        .unwrap_or_else(|| panic!("no final line in: {stderr}"));
-    let numbers: Vec<u64> = done
-        .split(|c: char| !c.is_ascii_digit())
+        .find_map(|l| l.strip_prefix(prefix))
+        .unwrap_or_else(|| panic!("no line starting with {prefix:?} in: {text}"));
+    line.split(|c: char| !c.is_ascii_digit())
         .filter(|s| !s.is_empty())
         .map(|s| s.parse().unwrap())
-        .collect();
-    (numbers[0], numbers[1], numbers[2])
+        .collect()
+}
+
+/// Runs `sessionizer produce` to completion: (records, poison, duplicates).
+pub fn run_produce(config: &str, args: &[&str]) -> (u64, u64, u64) {
+    let (_, stderr) = run_cli(&["produce"], config, args);
+    let n = numbers_after(&stderr, "produce: done: ");
+    (n[0], n[1], n[2])
+}
+
+/// `sessionizer dlq replay …`: (replayed, skipped after max replays).
+pub fn run_replay(config: &str, args: &[&str]) -> (u64, u64) {
+    let (_, stderr) = run_cli(&["dlq", "replay"], config, args);
+    let n = numbers_after(&stderr, "replay: ");
+    (n[0], n[1])
+}
+
+/// `sessionizer dlq inspect --json …`, parsed.
+pub fn inspect_json(config: &str, args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (stdout, _) = run_cli(&["dlq", "inspect"], config, &all);
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// `sessionizer dlq stats --json …`, parsed.
+pub fn stats_json(config: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    let (stdout, _) = run_cli(&["dlq", "stats"], config, &all);
+    serde_json::from_str(stdout.trim()).unwrap()
 }

@@ -1,0 +1,163 @@
+//! `sessionizer dlq`: inspect, count and replay the dead letters of any
+//! source, from the worker's own configuration.
+//!
+//! - [`DlqEntry`] is a dead letter as the commands see it, whatever the
+//!   store; [`Filter`] selects entries.
+//! - [`output`]: the readable table, JSON lines, and the counts of `stats`.
+//! - [`replay`]: the shared replay loop (max replays, `--transform`, rate).
+//! - The stores live beside their brokers: `kafka::dlq`, `redis::dlq`,
+//!   `file::dlq`; [`Store`] dispatches to them.
+
+pub mod output;
+pub mod replay;
+
+use anyhow::Context as _;
+
+use crate::config::{Config, SourceKind};
+
+/// Names the DLQ position a replayed record came from (Kafka header, Redis
+/// field).
+pub const REPLAY_FROM: &str = "sessionizer.replay.from";
+/// How often the record was replayed (Kafka header, Redis field); a dead
+/// letter keeps it, so `--max-replays` can stop a record that never succeeds.
+pub const REPLAY_COUNT: &str = "sessionizer.replay.count";
+
+/// The static name of a `sessionizer.replay.*` field, for the Redis worker
+/// copying it onto a dead letter.
+pub fn replay_field_name(name: &[u8]) -> Option<&'static str> {
+    [REPLAY_FROM, REPLAY_COUNT]
+        .into_iter()
+        .find(|n| n.as_bytes() == name)
+}
+
+/// One dead letter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DlqEntry {
+    /// Where it is in the DLQ: `topic/partition/offset`, `stream/id` or
+    /// `path:line`. Replays name it in [`REPLAY_FROM`].
+    pub position: String,
+    /// The broker-specific address of the same position.
+    pub locator: Locator,
+    /// RFC 3339, as the worker wrote it.
+    pub failed_at: String,
+    pub failed_at_ms: Option<i64>,
+    pub reason: String,
+    pub error: String,
+    /// The input it came from: topic, stream or file.
+    pub source: String,
+    /// Kafka: the source partition; Redis: the shard index.
+    pub source_partition: Option<String>,
+    /// Offset, entry id or line number in the source.
+    pub source_position: String,
+    pub worker: String,
+    pub replay_count: u32,
+    /// The original record key (Kafka).
+    pub key: Option<Vec<u8>>,
+    /// The original record, byte for byte.
+    pub payload: Vec<u8>,
+    /// The original record's headers (Kafka), without the `sessionizer.dlq.*`
+    /// provenance.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// A DLQ position in the store's own terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Locator {
+    Kafka { partition: i32, offset: i64 },
+    Redis { stream: String, id: String },
+    File { line: u64 },
+}
+
+/// Which dead letters a command looks at.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Any of these reasons (all when empty).
+    pub reasons: Vec<String>,
+    /// Failed at or after (epoch ms).
+    pub since_ms: Option<i64>,
+    /// Failed before (epoch ms).
+    pub until_ms: Option<i64>,
+    /// Kafka: the source partition number; Redis: the shard index or the
+    /// source stream's name.
+    pub source_partition: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, entry: &DlqEntry) -> bool {
+        (self.reasons.is_empty() || self.reasons.contains(&entry.reason))
+            && self
+                .since_ms
+                .is_none_or(|t| entry.failed_at_ms.is_some_and(|f| f >= t))
+            && self
+                .until_ms
+                .is_none_or(|t| entry.failed_at_ms.is_some_and(|f| f < t))
+            && self
+                .source_partition
+                .as_ref()
+                .is_none_or(|p| entry.source_partition.as_ref() == Some(p) || &entry.source == p)
+    }
+}
+
+/// `--since` / `--until`: an RFC 3339 time, or a duration ("90m", "2h")
+/// meaning that long before `now_ms`.
+pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    humantime::parse_duration(text)
+        .map(|d| now_ms - d.as_millis() as i64)
+        .map_err(|_| format!("{text:?} is neither an RFC 3339 time nor a duration like \"2h\""))
+}
+
+/// Parses an RFC 3339 `failed_at`.
+pub fn parse_failed_at(text: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .ok()
+        .map(|t| t.timestamp_millis())
+}
+
+/// The dead-letter store a configuration names.
+#[derive(Debug)]
+pub enum Store {
+    Kafka(Box<crate::kafka::dlq::KafkaDlq>),
+    Redis(crate::redis::dlq::RedisDlq),
+    File(crate::file::dlq::FileDlq),
+}
+
+impl Store {
+    pub async fn open(config: &Config) -> anyhow::Result<Store> {
+        Ok(match config.source {
+            SourceKind::Kafka => Store::Kafka(Box::new(crate::kafka::dlq::KafkaDlq::open(
+                config.kafka.as_ref().context("[kafka] is missing")?,
+            )?)),
+            SourceKind::Redis => Store::Redis(
+                crate::redis::dlq::RedisDlq::open(
+                    config.redis.as_ref().context("[redis] is missing")?,
+                )
+                .await?,
+            ),
+            SourceKind::File => {
+                Store::File(crate::file::dlq::FileDlq::open(config.file_section()?)?)
+            }
+        })
+    }
+
+    /// Every dead letter there now, oldest first.
+    pub async fn snapshot(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        match self {
+            Store::Kafka(s) => s.snapshot(None),
+            Store::Redis(s) => s.snapshot().await,
+            Store::File(s) => s.snapshot(),
+        }
+    }
+
+    /// Dead letters added since the last call (waits up to about a second
+    /// for some), for `--follow`.
+    pub async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        match self {
+            Store::Kafka(s) => s.follow(),
+            Store::Redis(s) => s.follow().await,
+            Store::File(s) => s.follow().await,
+        }
+    }
+}

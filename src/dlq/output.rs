@@ -1,0 +1,180 @@
+//! How dead letters are shown: a readable table, JSON lines (payload
+//! included, for jq), and the counts of `dlq stats`.
+
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+
+use serde_json::{json, Map, Value};
+
+use super::DlqEntry;
+
+/// Text as it should appear in one table cell: control characters escaped,
+/// at most `width` characters (an ellipsis marks a cut).
+fn cell(bytes: &[u8], width: usize) -> String {
+    let text = String::from_utf8_lossy(bytes);
+    let mut out = String::new();
+    for (count, c) in text.chars().flat_map(char::escape_default).enumerate() {
+        if count + 1 >= width {
+            out.push('…');
+            return out;
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub fn table_header(out: &mut (impl Write + ?Sized)) -> io::Result<()> {
+    writeln!(
+        out,
+        "{:<28} {:<24} {:<14} {:<40} {:<28} PAYLOAD",
+        "POSITION", "FAILED AT", "REASON", "ERROR", "SOURCE"
+    )
+}
+
+pub fn table_row(out: &mut (impl Write + ?Sized), e: &DlqEntry) -> io::Result<()> {
+    let source = match &e.source_partition {
+        Some(p) if p != &e.source => format!("{}[{p}]@{}", e.source, e.source_position),
+        _ => format!("{}@{}", e.source, e.source_position),
+    };
+    writeln!(
+        out,
+        "{:<28} {:<24} {:<14} {:<40} {:<28} {}",
+        cell(e.position.as_bytes(), 28),
+        e.failed_at,
+        e.reason,
+        cell(e.error.as_bytes(), 40),
+        cell(source.as_bytes(), 28),
+        cell(&e.payload, 60)
+    )
+}
+
+/// Bytes as JSON: a string when they are UTF-8; otherwise base64 under the
+/// `<name>_base64` key.
+fn put_bytes(object: &mut Map<String, Value>, name: &str, bytes: &[u8]) {
+    use base64::Engine;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => object.insert(name.to_owned(), text.into()),
+        Err(_) => object.insert(
+            format!("{name}_base64"),
+            base64::engine::general_purpose::STANDARD
+                .encode(bytes)
+                .into(),
+        ),
+    };
+}
+
+/// One dead letter as a JSON object (one line of `--json`).
+pub fn to_json(e: &DlqEntry) -> Value {
+    let mut object = Map::new();
+    object.insert("position".into(), e.position.clone().into());
+    object.insert("failed_at".into(), e.failed_at.clone().into());
+    object.insert("reason".into(), e.reason.clone().into());
+    object.insert("error".into(), e.error.clone().into());
+    object.insert(
+        "source".into(),
+        json!({
+            "name": e.source,
+            "partition": e.source_partition,
+            "position": e.source_position,
+        }),
+    );
+    object.insert("worker".into(), e.worker.clone().into());
+    object.insert("replay_count".into(), e.replay_count.into());
+    if let Some(key) = &e.key {
+        put_bytes(&mut object, "key", key);
+    }
+    put_bytes(&mut object, "payload", &e.payload);
+    if !e.headers.is_empty() {
+        let mut headers = Map::new();
+        for (k, v) in &e.headers {
+            put_bytes(&mut headers, k, v);
+        }
+        object.insert("headers".into(), Value::Object(headers));
+    }
+    Value::Object(object)
+}
+
+/// What `dlq stats` reports.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub total: u64,
+    pub by_reason: BTreeMap<String, u64>,
+    /// By source and partition (`topic[3]`, `stream[1]`, a file's name).
+    pub by_source_partition: BTreeMap<String, u64>,
+    /// (failed at, position) of the oldest and newest entry.
+    pub oldest: Option<(String, String)>,
+    pub newest: Option<(String, String)>,
+}
+
+impl Stats {
+    pub fn add(&mut self, e: &DlqEntry) {
+        self.total += 1;
+        *self.by_reason.entry(e.reason.clone()).or_default() += 1;
+        let partition = match &e.source_partition {
+            Some(p) => format!("{}[{p}]", e.source),
+            None => e.source.clone(),
+        };
+        *self.by_source_partition.entry(partition).or_default() += 1;
+        let at = (e.failed_at.clone(), e.position.clone());
+        let key = |x: &(String, String)| super::parse_failed_at(&x.0);
+        if self.oldest.as_ref().is_none_or(|o| key(&at) < key(o)) {
+            self.oldest = Some(at.clone());
+        }
+        if self.newest.as_ref().is_none_or(|n| key(&at) >= key(n)) {
+            self.newest = Some(at);
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let at = |x: &Option<(String, String)>| {
+            x.as_ref()
+                .map(|(t, p)| json!({"failed_at": t, "position": p}))
+        };
+        json!({
+            "total": self.total,
+            "by_reason": self.by_reason,
+            "by_source_partition": self.by_source_partition,
+            "oldest": at(&self.oldest),
+            "newest": at(&self.newest),
+        })
+    }
+
+    pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
+        writeln!(out, "dead letters: {}", self.total)?;
+        writeln!(out, "\nby reason:")?;
+        for (reason, n) in &self.by_reason {
+            writeln!(out, "  {reason:<20} {n}")?;
+        }
+        writeln!(out, "\nby source partition:")?;
+        for (partition, n) in &self.by_source_partition {
+            writeln!(out, "  {partition:<40} {n}")?;
+        }
+        for (label, at) in [("oldest", &self.oldest), ("newest", &self.newest)] {
+            if let Some((t, p)) = at {
+                writeln!(out, "\n{label}: {t} at {p}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_escape_control_characters_and_cut_long_text() {
+        assert_eq!(cell(b"a\nb", 10), "a\\nb");
+        assert_eq!(cell(b"abcdefgh", 5), "abcd…");
+        assert_eq!(cell(b"abcd", 5), "abcd");
+    }
+
+    #[test]
+    fn binary_payloads_are_base64_in_json() {
+        let mut object = Map::new();
+        put_bytes(&mut object, "payload", &[0xff, 0x00]);
+        assert_eq!(object["payload_base64"], "/wA=");
+        put_bytes(&mut object, "key", b"user-1");
+        assert_eq!(object["key"], "user-1");
+    }
+}

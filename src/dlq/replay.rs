@@ -1,0 +1,207 @@
+//! `dlq replay`: republish selected dead letters to the input, once.
+//!
+//! The loop is shared; what "once" means is the store's: Kafka records the
+//! progress in a consumer group of its own (each DLQ position is committed
+//! after its record was acknowledged by all in-sync replicas), Redis removes
+//! the entry from the DLQ stream in the same script that adds it back to the
+//! input, a file DLQ is only read. A record already replayed `max_replays`
+//! times is skipped and reported, so a record that can never succeed cannot
+//! loop between the input and the DLQ.
+
+use std::future::Future;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::AsyncWriteExt as _;
+
+use super::{DlqEntry, Filter, Store};
+
+/// What to replay and how.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayOptions {
+    pub filter: Filter,
+    /// Replay at most this many.
+    pub limit: Option<u64>,
+    /// Another topic or stream than the record's source (file DLQ: the file
+    /// to write, `-` for stdout).
+    pub to: Option<String>,
+    /// List what would be sent; send and record nothing.
+    pub dry_run: bool,
+    /// Records per second.
+    pub rate: Option<f64>,
+    pub max_replays: u32,
+    /// A shell command each payload is piped through (stdin → stdout).
+    pub transform: Option<String>,
+    /// Kafka: the consumer group that records the replay's progress.
+    pub group: String,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayReport {
+    pub replayed: u64,
+    /// Positions skipped because they were replayed `max_replays` times.
+    pub skipped_max_replays: Vec<String>,
+}
+
+/// Replays, oldest first, until done, `limit`, or `stop` resolves (then
+/// what was sent is recorded and the run ends cleanly). One line per record
+/// on `out`.
+pub async fn run(
+    store: &mut Store,
+    options: &ReplayOptions,
+    stop: impl Future<Output = ()>,
+    out: &mut impl Write,
+) -> anyhow::Result<ReplayReport> {
+    tokio::pin!(stop);
+    let candidates = store.replay_candidates(&options.group).await?;
+    let mut report = ReplayReport::default();
+    let started = Instant::now();
+    for entry in candidates {
+        if futures::poll!(&mut stop).is_ready() {
+            writeln!(out, "interrupted")?;
+            break;
+        }
+        if options.limit.is_some_and(|l| report.replayed >= l) {
+            break;
+        }
+        if !options.filter.matches(&entry) {
+            store.pass(&entry).await?;
+            continue;
+        }
+        if entry.replay_count >= options.max_replays {
+            writeln!(
+                out,
+                "skipped {}: replayed {} times already (--max-replays {})",
+                entry.position, entry.replay_count, options.max_replays
+            )?;
+            report.skipped_max_replays.push(entry.position.clone());
+            store.pass(&entry).await?;
+            continue;
+        }
+        let payload = match &options.transform {
+            Some(command) => transform(command, &entry)
+                .await
+                .with_context(|| format!("--transform on {}", entry.position))?,
+            None => entry.payload.clone(),
+        };
+        let target = store.target(&entry, options.to.as_deref());
+        if options.dry_run {
+            writeln!(
+                out,
+                "would replay {} ({}) to {target}: {}",
+                entry.position,
+                entry.reason,
+                String::from_utf8_lossy(&payload)
+            )?;
+            report.replayed += 1;
+            continue;
+        }
+        if let Some(rate) = options.rate.filter(|r| *r > 0.0) {
+            let due = started + Duration::from_secs_f64(report.replayed as f64 / rate);
+            tokio::time::sleep_until(due.into()).await;
+        }
+        if store.republish(&entry, payload, &target).await? {
+            writeln!(out, "replayed {} to {target}", entry.position)?;
+            report.replayed += 1;
+        } else {
+            writeln!(
+                out,
+                "skipped {}: replayed meanwhile by another run",
+                entry.position
+            )?;
+        }
+    }
+    if !options.dry_run {
+        store.finish().await?;
+    }
+    Ok(report)
+}
+
+/// Pipes the payload through `sh -c command`; a non-zero exit stops the
+/// replay before this record (nothing after it is recorded as replayed).
+async fn transform(command: &str, entry: &DlqEntry) -> anyhow::Result<Vec<u8>> {
+    let mut child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("starting the transform")?;
+    let mut stdin = child.stdin.take().expect("piped");
+    let payload = entry.payload.clone();
+    let writer = tokio::spawn(async move {
+        let written = stdin.write_all(&payload).await;
+        drop(stdin);
+        written
+    });
+    let output = child.wait_with_output().await?;
+    writer
+        .await?
+        .context("writing the payload to the transform")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "the transform exited with {}",
+        output.status
+    );
+    let mut bytes = output.stdout;
+    while bytes.last() == Some(&b'\n') {
+        bytes.pop();
+    }
+    Ok(bytes)
+}
+
+impl Store {
+    /// The dead letters a replay goes through, oldest first.
+    async fn replay_candidates(&mut self, group: &str) -> anyhow::Result<Vec<DlqEntry>> {
+        match self {
+            Store::Kafka(s) => s.snapshot(Some(group)),
+            Store::Redis(s) => s.snapshot().await,
+            Store::File(s) => s.snapshot(),
+        }
+    }
+
+    /// Where a record goes back to.
+    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
+        match self {
+            Store::File(s) => s.target(to),
+            _ => to.unwrap_or(&entry.source).to_owned(),
+        }
+    }
+
+    /// The entry was looked at and not sent: Kafka's progress passes it.
+    async fn pass(&mut self, entry: &DlqEntry) -> anyhow::Result<()> {
+        match self {
+            Store::Kafka(s) => s.pass(entry),
+            Store::Redis(_) | Store::File(_) => Ok(()),
+        }
+    }
+
+    /// Sends the record back and records that it was; `false` when another
+    /// run replayed it first (Redis).
+    async fn republish(
+        &mut self,
+        entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        match self {
+            Store::Kafka(s) => s.republish(entry, payload, target).await.map(|()| true),
+            Store::Redis(s) => s.republish(entry, payload, target).await,
+            Store::File(s) => {
+                s.set_output(target)?;
+                s.republish(&payload).map(|()| true)
+            }
+        }
+    }
+
+    async fn finish(&mut self) -> anyhow::Result<()> {
+        match self {
+            Store::Kafka(s) => s.commit(),
+            Store::Redis(_) => Ok(()),
+            Store::File(s) => s.finish(),
+        }
+    }
+}

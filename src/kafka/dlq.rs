@@ -1,0 +1,297 @@
+//! The Kafka dead-letter topic as `sessionizer dlq` reads and replays it.
+//!
+//! Reading assigns every partition of the DLQ topic from its beginning and
+//! stops at the high watermarks taken at the start. A replay's progress is a
+//! consumer group of its own: each DLQ position is committed once its record
+//! was acknowledged (acks all, idempotent producer), so a repeated or resumed
+//! replay starts after it. Positions below the group's commit are skipped in
+//! the client rather than by seeking, because some Kafka-protocol brokers
+//! (tansu 0.6) answer a fetch from inside a record batch with the batches
+//! after it, which would skip dead letters silently.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use super::client::producer_config;
+use super::dead_letter as h;
+use crate::config::{Acks, KafkaSection};
+use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+/// Commit the replay group's progress at least this often (records).
+const COMMIT_EVERY: usize = 100;
+
+/// The DLQ topic of a `[kafka]` configuration.
+pub struct KafkaDlq {
+    kafka: KafkaSection,
+    topic: String,
+    consumer: BaseConsumer,
+    producer: Option<FutureProducer>,
+    /// The replay group's consumer (commits only).
+    group: Option<BaseConsumer>,
+    /// Next offset per partition to commit for the replay group.
+    progress: HashMap<i32, i64>,
+    uncommitted: usize,
+}
+
+impl std::fmt::Debug for KafkaDlq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaDlq")
+            .field("topic", &self.topic)
+            .finish_non_exhaustive()
+    }
+}
+
+fn client_config(kafka: &KafkaSection, group: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("isolation.level", "read_committed");
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}
+
+impl KafkaDlq {
+    pub fn open(kafka: &KafkaSection) -> anyhow::Result<KafkaDlq> {
+        let consumer = client_config(kafka, &format!("{}.dlq-reader", kafka.group_id))
+            .create()
+            .context("creating the DLQ consumer")?;
+        Ok(KafkaDlq {
+            kafka: kafka.clone(),
+            topic: kafka.dlq_topic.clone(),
+            consumer,
+            producer: None,
+            group: None,
+            progress: HashMap::new(),
+            uncommitted: 0,
+        })
+    }
+
+    fn partitions(&self) -> anyhow::Result<Vec<i32>> {
+        let metadata = self
+            .consumer
+            .fetch_metadata(Some(&self.topic), TIMEOUT)
+            .with_context(|| format!("reading the metadata of {}", self.topic))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == self.topic)
+            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+            .unwrap_or_default())
+    }
+
+    /// Every dead letter up to the current end, oldest first by partition
+    /// and offset; with `group`, only those after the group's commits.
+    pub fn snapshot(&mut self, group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
+        let partitions = self.partitions()?;
+        let mut from: HashMap<i32, i64> = HashMap::new();
+        if let Some(group) = group {
+            let consumer: BaseConsumer = client_config(&self.kafka, group)
+                .create()
+                .context("creating the replay group's consumer")?;
+            let mut list = TopicPartitionList::new();
+            for p in &partitions {
+                list.add_partition(&self.topic, *p);
+            }
+            let committed = consumer
+                .committed_offsets(list, TIMEOUT)
+                .with_context(|| format!("reading the commits of group {group}"))?;
+            for e in committed.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    from.insert(e.partition(), o);
+                }
+            }
+            self.group = Some(consumer);
+        }
+        let mut ends = HashMap::new();
+        let mut assignment = TopicPartitionList::new();
+        for p in &partitions {
+            let (_, high) = self
+                .consumer
+                .fetch_watermarks(&self.topic, *p, TIMEOUT)
+                .with_context(|| format!("reading the end of {}/{p}", self.topic))?;
+            ends.insert(*p, high);
+            assignment.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
+        }
+        self.consumer.assign(&assignment)?;
+        let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+        let mut entries = Vec::new();
+        let mut last_progress = Instant::now();
+        while next.iter().any(|(p, o)| *o < ends[p]) {
+            match self.consumer.poll(Duration::from_millis(500)) {
+                Some(Ok(m)) => {
+                    last_progress = Instant::now();
+                    next.insert(m.partition(), m.offset() + 1);
+                    if m.offset() < ends[&m.partition()]
+                        && m.offset() >= from.get(&m.partition()).copied().unwrap_or(0)
+                    {
+                        entries.push(entry(&m));
+                    }
+                }
+                Some(Err(e)) => tracing::debug!(error = %e, "DLQ consumer error; retrying"),
+                None => anyhow::ensure!(
+                    last_progress.elapsed() < TIMEOUT,
+                    "reading {} stalled for {TIMEOUT:?} before its end",
+                    self.topic
+                ),
+            }
+        }
+        entries.sort_by_key(|e| match e.locator {
+            Locator::Kafka { partition, offset } => (partition, offset),
+            _ => unreachable!("Kafka entries"),
+        });
+        Ok(entries)
+    }
+
+    /// New dead letters since the snapshot.
+    pub fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        let mut entries = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.consumer.poll(left) {
+                Some(Ok(m)) => entries.push(entry(&m)),
+                Some(Err(e)) => tracing::debug!(error = %e, "DLQ consumer error; retrying"),
+                None => break,
+            }
+        }
+        Ok(entries)
+    }
+
+    pub fn pass(&mut self, e: &DlqEntry) -> anyhow::Result<()> {
+        if let Locator::Kafka { partition, offset } = e.locator {
+            self.progress.insert(partition, offset + 1);
+            self.uncommitted += 1;
+        }
+        Ok(())
+    }
+
+    /// Sends the original key, the payload and the original headers (with a
+    /// fresh replay count and origin) and waits for the acknowledgement. Back
+    /// to the source topic it goes to the source partition, so the user's
+    /// events stay with the worker that owns their sessions.
+    pub async fn republish(
+        &mut self,
+        e: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<()> {
+        if self.producer.is_none() {
+            self.producer = Some(
+                producer_config(&self.kafka, Acks::All, None)
+                    .create()
+                    .context("creating the replay producer")?,
+            );
+        }
+        let producer = self.producer.as_ref().expect("created above");
+        let count = (e.replay_count + 1).to_string();
+        let mut headers = OwnedHeaders::new_with_capacity(e.headers.len() + 2);
+        for (k, v) in &e.headers {
+            if k != REPLAY_COUNT && k != REPLAY_FROM {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+        }
+        headers = headers
+            .insert(Header {
+                key: REPLAY_FROM,
+                value: Some(&e.position),
+            })
+            .insert(Header {
+                key: REPLAY_COUNT,
+                value: Some(&count),
+            });
+        let mut record = FutureRecord::to(target).payload(&payload).headers(headers);
+        if let Some(key) = &e.key {
+            record = record.key(key);
+        }
+        let partition = e.source_partition.as_ref().and_then(|p| p.parse().ok());
+        if let (true, Some(p)) = (target == e.source, partition) {
+            record = record.partition(p);
+        }
+        producer
+            .send(record, TIMEOUT)
+            .await
+            .map_err(|(err, _)| anyhow::anyhow!("replaying {} failed: {err}", e.position))?;
+        self.pass(e)?;
+        if self.uncommitted >= COMMIT_EVERY {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the replay group's progress.
+    pub fn commit(&mut self) -> anyhow::Result<()> {
+        let (Some(group), false) = (&self.group, self.progress.is_empty()) else {
+            return Ok(());
+        };
+        let mut list = TopicPartitionList::new();
+        for (p, o) in &self.progress {
+            list.add_partition_offset(&self.topic, *p, Offset::Offset(*o))?;
+        }
+        group
+            .commit(&list, CommitMode::Sync)
+            .context("committing the replay's progress")?;
+        self.uncommitted = 0;
+        Ok(())
+    }
+}
+
+/// A DLQ record as an entry: provenance from the `sessionizer.dlq.*`
+/// headers, the rest kept as the original headers.
+fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
+    let mut e = DlqEntry {
+        position: format!("{}/{}/{}", m.topic(), m.partition(), m.offset()),
+        locator: Locator::Kafka {
+            partition: m.partition(),
+            offset: m.offset(),
+        },
+        failed_at: String::new(),
+        failed_at_ms: None,
+        reason: String::new(),
+        error: String::new(),
+        source: String::new(),
+        source_partition: None,
+        source_position: String::new(),
+        worker: String::new(),
+        replay_count: 0,
+        key: m.key().map(<[u8]>::to_vec),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        headers: Vec::new(),
+    };
+    if let Some(headers) = m.headers() {
+        for header in headers.iter() {
+            let value = header.value.unwrap_or_default();
+            let text = || String::from_utf8_lossy(value).into_owned();
+            match header.key {
+                h::REASON => e.reason = text(),
+                h::ERROR => e.error = text(),
+                h::SOURCE_TOPIC => e.source = text(),
+                h::SOURCE_PARTITION => e.source_partition = Some(text()),
+                h::SOURCE_OFFSET => e.source_position = text(),
+                h::FAILED_AT => e.failed_at = text(),
+                h::WORKER => e.worker = text(),
+                h::SOURCE_TIMESTAMP => {}
+                key => {
+                    if key == REPLAY_COUNT {
+                        e.replay_count = text().parse().unwrap_or(0);
+                    }
+                    e.headers.push((key.to_owned(), value.to_vec()));
+                }
+            }
+        }
+    }
+    e.failed_at_ms = parse_failed_at(&e.failed_at);
+    e
+}

@@ -1,0 +1,223 @@
+//! The Redis dead-letter stream as `sessionizer dlq` reads and replays it.
+//!
+//! A replay adds the record back to its source shard stream and deletes the
+//! dead letter in one script: the entry leaves the DLQ exactly when it is
+//! back in the input, so a replay can be interrupted (even killed) and run
+//! again without sending anything twice, and two replays running at once
+//! cannot both send one entry.
+
+use std::collections::BTreeSet;
+
+use anyhow::Context as _;
+use redis::aio::ConnectionManager;
+use redis::Value;
+
+use super::entry::{parse_entries, Entry};
+use super::keys::ShardKeys;
+use crate::config::RedisSection;
+use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
+
+/// Deletes the dead letter (`KEYS[1]`, id `ARGV[1]`) and, only if it was
+/// still there, adds the record to `KEYS[2]`.
+static REPLAY: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[2], '*', 'payload', ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return 1
+",
+    )
+});
+
+const PAGE: usize = 1_000;
+
+/// The DLQ stream(s) of a `[redis]` configuration (one per shard on a
+/// cluster, else one).
+pub struct RedisDlq {
+    conn: ConnectionManager,
+    streams: Vec<String>,
+    /// For `follow`: the last id seen per stream.
+    last: Vec<String>,
+}
+
+impl std::fmt::Debug for RedisDlq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisDlq")
+            .field("streams", &self.streams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisDlq {
+    pub async fn open(section: &RedisSection) -> anyhow::Result<RedisDlq> {
+        let client = super::worker::client(section)?;
+        let conn = super::worker::connect(&client, std::time::Duration::from_secs(2))
+            .await
+            .context("connecting to Redis")?;
+        let streams: Vec<String> = ShardKeys::all(section)
+            .into_iter()
+            .map(|k| k.dlq)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let last = vec!["0-0".to_owned(); streams.len()];
+        Ok(RedisDlq {
+            conn,
+            streams,
+            last,
+        })
+    }
+
+    /// Every dead letter there now, oldest first (by entry id).
+    pub async fn snapshot(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        let mut all = Vec::new();
+        for (index, stream) in self.streams.iter().enumerate() {
+            let mut from = "-".to_owned();
+            loop {
+                let reply: Value = redis::cmd("XRANGE")
+                    .arg(stream)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut self.conn)
+                    .await
+                    .with_context(|| format!("reading {stream}"))?;
+                let page = parse_entries(reply).map_err(anyhow::Error::msg)?;
+                let Some(last) = page.last() else { break };
+                from = format!("({}", last.id);
+                self.last[index] = last.id.clone();
+                let full = page.len() == PAGE;
+                all.extend(page.iter().map(|e| entry(stream, e)));
+                if !full {
+                    break;
+                }
+            }
+        }
+        all.sort_by_key(|e| match &e.locator {
+            Locator::Redis { id, .. } => id_order(id),
+            _ => unreachable!("Redis entries"),
+        });
+        Ok(all)
+    }
+
+    /// New dead letters since the last read (blocks up to a second).
+    pub async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        let reply: Value = redis::cmd("XREAD")
+            .arg("BLOCK")
+            .arg(1_000)
+            .arg("STREAMS")
+            .arg(&self.streams)
+            .arg(&self.last)
+            .query_async(&mut self.conn)
+            .await?;
+        let mut out = Vec::new();
+        let Value::Array(streams) = reply else {
+            return Ok(out); // nil: nothing new
+        };
+        for item in streams {
+            let Value::Array(mut pair) = item else {
+                continue;
+            };
+            let entries =
+                parse_entries(pair.pop().unwrap_or(Value::Nil)).map_err(anyhow::Error::msg)?;
+            let name = super::entry::bulk_string(pair.pop().unwrap_or(Value::Nil))
+                .map_err(anyhow::Error::msg)?;
+            let Some(index) = self.streams.iter().position(|s| *s == name) else {
+                continue;
+            };
+            if let Some(last) = entries.last() {
+                self.last[index] = last.id.clone();
+            }
+            out.extend(entries.iter().map(|e| entry(&name, e)));
+        }
+        Ok(out)
+    }
+
+    /// Adds the record to `target` and removes the dead letter, atomically;
+    /// `false` when the dead letter was gone already.
+    pub async fn republish(
+        &mut self,
+        e: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        let Locator::Redis { stream, id } = &e.locator else {
+            anyhow::bail!("not a Redis dead letter: {}", e.position);
+        };
+        let done: i64 = REPLAY
+            .key(stream)
+            .key(target)
+            .arg(id)
+            .arg(payload)
+            .arg(REPLAY_FROM)
+            .arg(&e.position)
+            .arg(REPLAY_COUNT)
+            .arg(e.replay_count + 1)
+            .invoke_async(&mut self.conn)
+            .await
+            .with_context(|| format!("replaying {}", e.position))?;
+        Ok(done == 1)
+    }
+}
+
+/// An entry id as a number pair, for ordering across streams.
+fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+/// The shard index of a shard stream name (`chat:{3}` → 3; an untagged
+/// single stream is shard 0).
+fn shard_index(stream: &str) -> String {
+    stream
+        .rsplit_once(":{")
+        .and_then(|(_, rest)| rest.strip_suffix('}'))
+        .unwrap_or("0")
+        .to_owned()
+}
+
+fn entry(stream: &str, e: &Entry) -> DlqEntry {
+    let field = |name: &str| {
+        e.fields
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    };
+    let text = |name: &str| String::from_utf8_lossy(field(name).unwrap_or_default()).into_owned();
+    let source = text("source_stream");
+    let failed_at = text("failed_at");
+    DlqEntry {
+        position: format!("{stream}/{}", e.id),
+        locator: Locator::Redis {
+            stream: stream.to_owned(),
+            id: e.id.clone(),
+        },
+        failed_at_ms: parse_failed_at(&failed_at),
+        failed_at,
+        reason: text("reason"),
+        error: text("error"),
+        source_partition: Some(shard_index(&source)),
+        source,
+        source_position: text("source_id"),
+        worker: text("worker"),
+        replay_count: text(REPLAY_COUNT).parse().unwrap_or(0),
+        key: None,
+        payload: field("payload").unwrap_or_default().to_vec(),
+        headers: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_index_of_stream_names() {
+        assert_eq!(shard_index("chat:{3}"), "3");
+        assert_eq!(shard_index("chat"), "0");
+        assert_eq!(id_order("1700000000000-5"), (1_700_000_000_000, 5));
+    }
+}
