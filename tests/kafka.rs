@@ -469,3 +469,214 @@ async fn exactly_once_shows_no_duplicate_after_sigkill() {
     }
     assert_complete_without_partial_duplicates(&want, &turns);
 }
+
+/// `sessionizer produce` sends the requested count and poison fraction, and
+/// a worker's `/metrics` counts what it consumed; `/readyz` turns ready once
+/// partitions are assigned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn produce_and_metrics_count_what_was_sent() {
+    use sessionizer::metrics as m;
+    use support::{http_get, metric};
+    let broker = Broker::start();
+    let t = topics(&broker, "metrics", 2).await;
+    let port = support::free_port();
+    let config_text = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        worker_config(&broker, &t, "")
+    );
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let _worker = Worker::start(&config_text);
+    wait_for("/readyz to say ready", TIMEOUT, || {
+        http_get(port, "/readyz").filter(|(status, _)| *status == 200)
+    });
+
+    let (sent, poison, _) = support::run_produce(
+        &config_text,
+        &["--count", "2000", "--rate", "0", "--poison-fraction", "0.1"],
+    );
+    assert_eq!(sent, 2000);
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() >= 2000
+    });
+    assert_eq!(input.len(), 2000, "exactly the requested count");
+    let decoder = sessionizer::codec::Decoder::new(config.input_format(), config.decode_limits());
+    let undecodable = input
+        .iter()
+        .filter(|r| {
+            decoder
+                .decode(&r.payload, sessionizer::wall_clock::now_ms())
+                .is_err()
+        })
+        .count() as u64;
+    assert_eq!(
+        undecodable, poison,
+        "the poison records, and only them, fail"
+    );
+    assert!(
+        (0.07..0.13).contains(&(poison as f64 / 2000.0)),
+        "poison fraction"
+    );
+    for r in &input {
+        let user = std::str::from_utf8(&r.key).unwrap();
+        assert!(user.starts_with("user-"), "keyed by user id");
+    }
+
+    let (want_turns, want_dead) = reference(&config, &input);
+    let exposition = wait_for("the turn counters", TIMEOUT, || {
+        let (_, text) = http_get(port, "/metrics")?;
+        (metric(&text, m::TURNS, &[]) as usize == want_turns.len()).then_some(text)
+    });
+    let count = |name: &str, labels: &[(&str, &str)]| metric(&exposition, name, labels) as usize;
+    assert_eq!(count(m::RECORDS_CONSUMED, &[]), 2000);
+    for reason in ["decode", "invalid", "oversize"] {
+        let want = want_dead.iter().filter(|(_, _, r)| r == reason).count();
+        assert_eq!(
+            count(m::DEAD_LETTERS, &[("reason", reason)]),
+            want,
+            "{reason}"
+        );
+    }
+    assert_eq!(
+        count(m::EVENTS, &[("kind", "message")]),
+        2000 - want_dead.len()
+    );
+    assert_eq!(count(m::OWNED, &[]), 2);
+    assert_eq!(count(m::OWNERSHIP_CHANGES, &[("change", "assigned")]), 2);
+    assert!(exposition.contains(&format!("{}_bucket", m::EMIT_DELAY)));
+}
+
+/// `dlq stats`, `inspect` and `replay` on the Kafka DLQ: filters select the
+/// right records, `--json` parses, a replay after a config fix (and one
+/// through `--transform`) turns dead letters into turns, a repeated replay
+/// sends nothing, and `--max-replays` stops a record that never succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_stats_and_replay_after_a_fix() {
+    use support::{inspect_json, run_replay, stats_json};
+    let broker = Broker::start();
+    let t = topics(&broker, "dlqops", 2).await;
+    let records = workload(30, 600, 21);
+    produce(broker.client_config(), &t.input, &records).await;
+    let text = worker_config(&broker, &t, "");
+    let config = Config::from_toml(&text, Vec::new()).unwrap();
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let (want_turns, want_dead) = reference(&config, &input);
+    let mut worker = Worker::start(&text);
+    read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        r.len() >= want_dead.len()
+    });
+    let count_of = |reason: &str| want_dead.iter().filter(|(_, _, r)| r == reason).count();
+
+    let stats = stats_json(&text, &[]);
+    assert_eq!(stats["total"], want_dead.len());
+    for reason in ["decode", "invalid", "oversize"] {
+        assert!(count_of(reason) > 0, "the workload has {reason} poison");
+        assert_eq!(stats["by_reason"][reason], count_of(reason), "{reason}");
+    }
+    let in_partition_1 = want_dead.iter().filter(|(p, _, _)| *p == 1).count();
+    assert_eq!(
+        stats["by_source_partition"][format!("{}[1]", t.input)],
+        in_partition_1
+    );
+
+    let invalid = inspect_json(&text, &["--reason", "invalid"]);
+    assert_eq!(invalid.len(), count_of("invalid"));
+    assert!(invalid.iter().all(|e| e["reason"] == "invalid"));
+    let partition_1 = inspect_json(&text, &["--source-partition", "1"]);
+    assert_eq!(partition_1.len(), in_partition_1);
+    assert!(partition_1.iter().all(|e| e["source"]["partition"] == "1"));
+    let oldest_first = inspect_json(&text, &["--oldest-first"]);
+    assert_eq!(oldest_first.len(), want_dead.len());
+    let newest_two = inspect_json(&text, &["--limit", "2"]);
+    assert_eq!(
+        newest_two[..],
+        [
+            oldest_first[oldest_first.len() - 1].clone(),
+            oldest_first[oldest_first.len() - 2].clone()
+        ]
+    );
+    assert!(inspect_json(&text, &["--since", "2h", "--until", "1h"]).is_empty());
+    let by_offset: BTreeMap<(String, String), &Read> = input
+        .iter()
+        .map(|r| ((r.partition.to_string(), r.offset.to_string()), r))
+        .collect();
+    for e in &oldest_first {
+        let at = |k: &str| e["source"][k].as_str().unwrap().to_owned();
+        let original = by_offset[&(at("partition"), at("position"))];
+        assert!(
+            e["payload"].as_str().unwrap().as_bytes() == original.payload.as_slice()
+                && e["key"].as_str().unwrap().as_bytes() == original.key.as_slice(),
+            "key and payload kept at {}",
+            e["position"]
+        );
+    }
+
+    // The fix: longer texts allowed. Restart the worker with it, replay.
+    assert!(worker.terminate().success());
+    let fixed = text.replace("[kafka]\n", "[input]\nmax_text_bytes = 65536\n[kafka]\n");
+    let _worker = Worker::start(&fixed);
+    let ids_of = |entries: &[serde_json::Value]| -> BTreeSet<String> {
+        entries
+            .iter()
+            .map(|e| {
+                let payload: serde_json::Value =
+                    serde_json::from_str(e["payload"].as_str().unwrap()).unwrap();
+                payload["message_id"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    };
+    let oversize = inspect_json(&text, &["--reason", "oversize"]);
+    let n = oversize.len() as u64;
+    assert_eq!(
+        run_replay(&text, &["--reason", "oversize", "--dry-run"]),
+        (n, 0)
+    );
+    assert_eq!(
+        run_replay(&text, &["--reason", "oversize"]),
+        (n, 0),
+        "the dry run recorded nothing"
+    );
+    let fix = r#"sed 's/}$/,"text":"fixed"}/'"#;
+    assert_eq!(
+        run_replay(&text, &["--reason", "invalid", "--transform", fix]),
+        (invalid.len() as u64, 0)
+    );
+    let mut want = ids_of(&oversize);
+    want.extend(ids_of(&invalid));
+    read_until(broker.client_config(), &t.output, false, TIMEOUT, |turns| {
+        let ids: BTreeSet<String> = turns.iter().flat_map(|r| message_ids(&r.json())).collect();
+        ids.is_superset(&want)
+    });
+    assert_eq!(
+        run_replay(&text, &["--reason", "oversize"]),
+        (0, 0),
+        "nothing twice"
+    );
+    assert_eq!(
+        run_replay(&text, &["--reason", "invalid", "--transform", fix]),
+        (0, 0)
+    );
+    let replayed = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() >= records.len() + want.len()
+    });
+    let with_origin: Vec<&Read> = replayed
+        .iter()
+        .filter(|r| r.header("sessionizer.replay.from").is_some())
+        .collect();
+    assert_eq!(with_origin.len(), want.len(), "each replayed once");
+    assert!(with_origin
+        .iter()
+        .all(|r| r.header("sessionizer.replay.count") == Some("1")));
+
+    // Records that never decode come back with their replay count and are
+    // skipped once replayed --max-replays times.
+    let decode = count_of("decode") as u64;
+    let replay_decode = ["--reason", "decode", "--max-replays", "1"];
+    assert_eq!(run_replay(&text, &replay_decode), (decode, 0));
+    wait_for("the replayed records back in the DLQ", TIMEOUT, || {
+        let back = inspect_json(&text, &["--reason", "decode"]);
+        (back.iter().filter(|e| e["replay_count"] == 1).count() as u64 == decode).then_some(())
+    });
+    assert_eq!(run_replay(&text, &replay_decode), (0, decode));
+}

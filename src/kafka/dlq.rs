@@ -1,7 +1,7 @@
 //! The Kafka dead-letter topic as `sessionizer dlq` reads and replays it.
 //!
 //! Reading assigns every partition of the DLQ topic from its beginning and
-//! stops at the high watermarks taken at the start. A replay's progress is a
+//! stops when each has reported its end. A replay's progress is a
 //! consumer group of its own: each DLQ position is committed once its record
 //! was acknowledged (acks all, idempotent producer), so a repeated or resumed
 //! replay starts after it. Positions below the group's commit are skipped in
@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -54,7 +55,8 @@ fn client_config(kafka: &KafkaSection, group: &str) -> ClientConfig {
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed");
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true");
     for (k, v) in &kafka.properties {
         c.set(k, v);
     }
@@ -113,30 +115,28 @@ impl KafkaDlq {
             }
             self.group = Some(consumer);
         }
-        let mut ends = HashMap::new();
+        // The end is where librdkafka reports the partition's EOF (the
+        // high watermark of the fetch responses), not a ListOffsets answer:
+        // tansu 0.6 answers that with the last batch's base offset + 1.
         let mut assignment = TopicPartitionList::new();
         for p in &partitions {
-            let (_, high) = self
-                .consumer
-                .fetch_watermarks(&self.topic, *p, TIMEOUT)
-                .with_context(|| format!("reading the end of {}/{p}", self.topic))?;
-            ends.insert(*p, high);
             assignment.add_partition_offset(&self.topic, *p, Offset::Beginning)?;
         }
         self.consumer.assign(&assignment)?;
-        let mut next: HashMap<i32, i64> = partitions.iter().map(|p| (*p, 0)).collect();
+        let mut at_end = std::collections::HashSet::new();
         let mut entries = Vec::new();
         let mut last_progress = Instant::now();
-        while next.iter().any(|(p, o)| *o < ends[p]) {
+        while at_end.len() < partitions.len() {
             match self.consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) => {
                     last_progress = Instant::now();
-                    next.insert(m.partition(), m.offset() + 1);
-                    if m.offset() < ends[&m.partition()]
-                        && m.offset() >= from.get(&m.partition()).copied().unwrap_or(0)
-                    {
+                    if m.offset() >= from.get(&m.partition()).copied().unwrap_or(0) {
                         entries.push(entry(&m));
                     }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    last_progress = Instant::now();
+                    at_end.insert(p);
                 }
                 Some(Err(e)) => tracing::debug!(error = %e, "DLQ consumer error; retrying"),
                 None => anyhow::ensure!(
@@ -160,6 +160,7 @@ impl KafkaDlq {
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.consumer.poll(left) {
                 Some(Ok(m)) => entries.push(entry(&m)),
+                Some(Err(KafkaError::PartitionEOF(_))) => {}
                 Some(Err(e)) => tracing::debug!(error = %e, "DLQ consumer error; retrying"),
                 None => break,
             }

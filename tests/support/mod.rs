@@ -594,7 +594,11 @@ pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String
         .arg("--config")
         .arg(file.path())
         .args(args)
-        .env("SESSIONIZER_LOG", "warn,rdkafka=off")
+        .env(
+            "SESSIONIZER_LOG",
+            std::env::var("SESSIONIZER_TEST_LOG_FILTER")
+                .unwrap_or_else(|_| "warn,rdkafka=off".into()),
+        )
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -605,6 +609,9 @@ pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String
         out.status.success(),
         "sessionizer {command:?} {args:?} failed: {stderr}"
     );
+    if std::env::var_os("SESSIONIZER_TEST_LOG_FILTER").is_some() {
+        eprintln!("sessionizer {command:?} {args:?}: {stderr}");
+    }
     (stdout, stderr)
 }
 
