@@ -561,7 +561,7 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
         r.len() == records.len()
     });
-    let (want_turns, want_dead) = reference(&config, &input);
+    let (_, want_dead) = reference(&config, &input);
     let mut worker = Worker::start(&text);
     read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
         r.len() >= want_dead.len()
