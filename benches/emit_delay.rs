@@ -1,23 +1,23 @@
 //! Emit delay of the Redis worker under steady load: for every turn, the time
 //! Redis stamped its output entry minus (its last event time + gap), over a
-//! run where a producer writes live chat traffic (event time = now) at the
-//! pace the workload generator gives, then stops, so the last turns come out
+//! run where `sessionizer produce --real-time` writes live chat traffic
+//! (event time = now) at the pace the workload model gives, then stops, so the last turns come out
 //! through the caught-up idle advance.
 //!
 //! `cargo bench --bench emit_delay` (env `DURATION_SECS`, default 30; `USERS`,
-//! default 20,000: about 1,100 events/s; `IDLE_TIMEOUT`, default "100ms").
+//! default 20,000: about 1,100 events/s; `SHARDS`, default 4; `IDLE_TIMEOUT`,
+//! default "100ms").
 //! Needs `redis-server`.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sessionizer::config::Config;
-use sessionizer::redis::keys::{shard_of, ShardKeys};
+use sessionizer::redis::keys::ShardKeys;
 use sessionizer::wall_clock::now_ms;
-use sessionizer::workload::{Workload, WorkloadSpec};
 use support::redis_server::RedisServer;
 use support::{wait_for, Worker};
 
@@ -32,6 +32,7 @@ fn main() {
     let seconds = env("DURATION_SECS", 30);
     let users = env("USERS", 20_000) as u32;
     let server = RedisServer::start();
+    let shard_count = env("SHARDS", 4);
     let idle_timeout = std::env::var("IDLE_TIMEOUT").unwrap_or_else(|_| "100ms".into());
     let config_text = format!(
         r#"source = "redis"
@@ -40,7 +41,7 @@ idle_timeout = "{idle_timeout}"
 [redis]
 url = "{}"
 input_stream = "chat"
-shards = 4
+shards = {shard_count}
 output_stream = "turns"
 dlq_stream = "dlq"
 lease_ttl = "3s"
@@ -71,35 +72,18 @@ block = "100ms"
         },
     );
 
-    // Live traffic: each record is written at its arrival time.
-    let start = now_ms();
-    let spec = WorkloadSpec {
-        users,
-        start_ms: start,
-        ..WorkloadSpec::default()
-    };
-    let began = Instant::now();
-    let mut produced = 0u64;
-    for record in Workload::new(spec) {
-        let due = record.arrival - start;
-        if due > (seconds * 1000) as i64 {
-            break;
-        }
-        let wait = due - began.elapsed().as_millis() as i64;
-        if wait > 0 {
-            std::thread::sleep(Duration::from_millis(wait as u64));
-        }
-        let user = format!("user-{}", record.user);
-        let shard = &shards[shard_of(&user, None, shards.len() as u32) as usize];
-        redis::cmd("XADD")
-            .arg(&shard.stream)
-            .arg("*")
-            .arg("payload")
-            .arg(&record.payload)
-            .query::<String>(&mut conn)
-            .unwrap();
-        produced += 1;
-    }
+    // Live traffic from the load generator: each record is written at its
+    // modeled arrival time (event time = now).
+    let (produced, _, _) = support::run_produce(
+        &config_text,
+        &[
+            "--real-time",
+            "--duration",
+            &format!("{seconds}s"),
+            "--users",
+            &users.to_string(),
+        ],
+    );
     let stopped = now_ms();
     // Every entry acked means every session closed (the idle advance closes
     // the last ones).
@@ -151,7 +135,7 @@ block = "100ms"
         }
     }
     println!(
-        "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
+        "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users over {shard_count} shards, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
         config.window.max_out_of_orderness.0, config.window.idle_timeout
     );
     support::print_percentiles("under load", &mut under_load);

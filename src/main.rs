@@ -84,6 +84,10 @@ struct ProduceArgs {
     /// keeps the modeled event times, starting a day ago).
     #[arg(long, default_value_t = 1000)]
     rate: u64,
+    /// Send each event at its modeled arrival time instead: exact modeled
+    /// gaps, at the rate `--users` make (about users / 10 per second).
+    #[arg(long)]
+    real_time: bool,
     /// Stop after this many records.
     #[arg(long)]
     count: Option<u64>,
@@ -324,11 +328,16 @@ fn run(command: Command) -> anyhow::Result<()> {
                     start_ms: 0,
                     seed: args.seed,
                 },
-                rate: args.rate,
+                pace: match (args.real_time, args.rate) {
+                    (true, _) => sessionizer::produce::Pace::ModelTime,
+                    (false, 0) => sessionizer::produce::Pace::Unpaced,
+                    (false, rate) => sessionizer::produce::Pace::Rate(rate),
+                },
                 count: args.count,
                 duration: args.duration,
                 protobuf: matches!(args.format, EventFormat::Protobuf),
                 to: args.to,
+                progress: true,
             };
             let produced = runtime()?.block_on(sessionizer::produce::run(
                 &config,

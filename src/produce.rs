@@ -4,7 +4,7 @@
 //! event in the shard of its session key, as one `payload` field), or a
 //! file of JSON lines.
 //!
-//! Event times. At a target `rate` each valid event is stamped with the wall
+//! Event times. At a target `rate` ([`Pace::Rate`]) each valid event is stamped with the wall
 //! clock at sending minus its modeled arrival delay, so the worker sees live
 //! traffic whose disorder stays below `disorder`. The modeled gaps hold
 //! when the users, at their modeled pace, make about `rate` events per
@@ -12,7 +12,8 @@
 //! users time is compressed, and the progress line shows by how much
 //! (`time ×`). Unpaced (`rate = 0`), the modeled event times are kept,
 //! starting a day in the past, so the worker sessionizes a backlog exactly as
-//! the model wrote it.
+//! the model wrote it. In model time (`--real-time`, the demo) each event
+//! is sent at its modeled arrival from now: exact gaps, at the users' rate.
 
 use std::io::Write as _;
 use std::time::{Duration, Instant};
@@ -27,12 +28,23 @@ use crate::redis::keys::{shard_of, ShardKeys};
 use crate::wall_clock::now_ms;
 use crate::workload::{GeneratedRecord, Workload, WorkloadSpec};
 
+/// How fast records go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// As fast as the sink takes them; modeled event times from a day ago.
+    Unpaced,
+    /// Records per second; event times follow the wall clock.
+    Rate(u64),
+    /// Each record at its modeled arrival time from now: modeled gaps and
+    /// event times exactly, at the rate the users make (the demo).
+    ModelTime,
+}
+
 /// What to generate and how fast.
 #[derive(Debug, Clone)]
 pub struct ProduceOptions {
     pub spec: WorkloadSpec,
-    /// Records per second; 0 sends as fast as the broker takes them.
-    pub rate: u64,
+    pub pace: Pace,
     /// Stop after this many records.
     pub count: Option<u64>,
     /// Stop after this long.
@@ -40,6 +52,8 @@ pub struct ProduceOptions {
     pub protobuf: bool,
     /// Another topic, stream prefix or file than the configured input.
     pub to: Option<String>,
+    /// A progress line on stderr every second.
+    pub progress: bool,
 }
 
 /// What was sent.
@@ -162,6 +176,15 @@ impl Sink {
         Ok(())
     }
 
+    /// Sends what waits in a batch (Redis pipeline, file buffer), so a paced
+    /// record is not held back until the batch fills.
+    async fn push_out(&mut self) -> anyhow::Result<()> {
+        match self {
+            Sink::Kafka { .. } => Ok(()), // librdkafka sends within linger.ms
+            Sink::Redis { .. } | Sink::File(_) => self.flush().await,
+        }
+    }
+
     /// Waits until everything sent is acknowledged (or written).
     async fn flush(&mut self) -> anyhow::Result<()> {
         match self {
@@ -239,12 +262,10 @@ pub async fn run(
     mut options: ProduceOptions,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<Produced> {
-    let paced = options.rate > 0;
     let started_ms = now_ms();
-    options.spec.start_ms = if paced {
-        started_ms
-    } else {
-        started_ms - 86_400_000
+    options.spec.start_ms = match options.pace {
+        Pace::Unpaced => started_ms - 86_400_000,
+        Pace::Rate(_) | Pace::ModelTime => started_ms,
     };
     let mut sink = Sink::open(config, options.to.as_deref()).await?;
     let mut workload = Workload::new(options.spec.clone());
@@ -260,23 +281,33 @@ pub async fn run(
         {
             break;
         }
-        if paced {
-            let due =
-                started + Duration::from_secs_f64(produced.records as f64 / options.rate as f64);
-            if due > Instant::now() {
+        let record = workload.next().expect("the workload never ends");
+        let due = match options.pace {
+            Pace::Unpaced => None,
+            Pace::Rate(rate) => Some(
+                started + Duration::from_secs_f64(produced.records as f64 / rate.max(1) as f64),
+            ),
+            Pace::ModelTime => {
+                Some(started + Duration::from_millis((record.arrival - started_ms).max(0) as u64))
+            }
+        };
+        match due.filter(|due| *due > Instant::now()) {
+            Some(due) => {
+                sink.push_out().await?;
                 tokio::select! {
                     () = &mut stop => break,
                     () = tokio::time::sleep_until(due.into()) => {}
                 }
             }
-        } else if futures::poll!(&mut stop).is_ready() {
-            break;
+            None => {
+                if futures::poll!(&mut stop).is_ready() {
+                    break;
+                }
+            }
         }
-        let record = workload.next().expect("the workload never ends");
-        let event_time = if paced {
-            now_ms() - (record.arrival - record.event_time)
-        } else {
-            record.event_time
+        let event_time = match options.pace {
+            Pace::Rate(_) => now_ms() - (record.arrival - record.event_time),
+            Pace::Unpaced | Pace::ModelTime => record.event_time,
         };
         first_arrival.get_or_insert(record.arrival);
         sink.send(
@@ -287,7 +318,7 @@ pub async fn run(
         produced.records += 1;
         produced.poison += u64::from(record.poison);
         produced.duplicates += u64::from(record.duplicate);
-        if Instant::now() >= next_progress {
+        if options.progress && Instant::now() >= next_progress {
             next_progress += Duration::from_secs(1);
             let elapsed = started.elapsed().as_secs_f64();
             let modeled =

@@ -1,7 +1,7 @@
 //! `sessionizer demo`: the whole pipeline with nothing installed. librdkafka's
 //! in-process mock cluster stands in for Kafka; two workers share one
-//! consumer group; a synthetic producer sends bursty chat traffic (with some
-//! poison records) in real time; each turn is printed as it is emitted; a
+//! consumer group; the load generator ([`crate::produce`], in model time)
+//! sends bursty chat traffic (with some poison records) in real time; each turn is printed as it is emitted; a
 //! summary closes the run.
 
 use std::collections::BTreeMap;
@@ -11,13 +11,11 @@ use std::time::Duration;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::util::Timeout;
 use rdkafka::ClientConfig;
 
 use crate::config::Config;
 use crate::wall_clock::now_ms;
-use crate::workload::{Workload, WorkloadSpec};
+use crate::workload::WorkloadSpec;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -46,6 +44,8 @@ pub enum DemoError {
     Config(#[from] crate::config::ConfigError),
     #[error("a worker stopped: {0}")]
     Worker(#[from] super::WorkerError),
+    #[error("the producer stopped: {0:#}")]
+    Producer(#[from] anyhow::Error),
 }
 
 const TOPICS: [(&str, i32); 3] = [("chat", 4), ("turns", 2), ("dlq", 1)];
@@ -94,7 +94,6 @@ pub async fn run(
     turns.subscribe(&["turns"])?;
     let dlq: StreamConsumer = client("demo-dlq").create()?;
     dlq.subscribe(&["dlq"])?;
-    let producer: FutureProducer = client("demo-producer").create()?;
 
     let start = now_ms();
     let spec = WorkloadSpec {
@@ -108,16 +107,31 @@ pub async fn run(
         seed: start as u64,
         ..WorkloadSpec::default()
     };
-    let mut workload = Workload::new(spec).peekable();
+    let producer = {
+        let config = config.clone();
+        let options = crate::produce::ProduceOptions {
+            spec,
+            pace: crate::produce::Pace::ModelTime,
+            count: None,
+            duration: None,
+            protobuf: false,
+            to: None,
+            progress: false,
+        };
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            crate::produce::run(&config, options, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        })
+    };
     let mut summary = DemoSummary::default();
     let mut delays = Vec::new();
     let deadline = tokio::time::Instant::now() + options.duration;
     tokio::pin!(interrupt);
     let _ = writeln!(out, "sessionizer demo: 2 workers, mock Kafka cluster at {bootstrap}, {} users, gap {gap} ms; Ctrl-C to stop", options.users);
     loop {
-        let next_arrival = workload.peek().map(|r| r.arrival).unwrap_or(i64::MAX);
-        let wait =
-            Duration::from_millis(next_arrival.saturating_sub(now_ms()).clamp(0, 1_000) as u64);
         tokio::select! {
             () = &mut interrupt => break,
             () = tokio::time::sleep_until(deadline) => break,
@@ -152,19 +166,12 @@ pub async fn run(
                 let _ = writeln!(out, "{:>8.1}s  dead letter: {reason}", (now_ms() - start) as f64 / 1000.0);
                 *summary.dead_letters.entry(reason).or_default() += 1;
             }
-            () = tokio::time::sleep(wait) => {
-                while workload.peek().is_some_and(|r| r.arrival <= now_ms()) {
-                    let record = workload.next().expect("peeked");
-                    let key = format!("user-{}", record.user);
-                    let send = producer.send(FutureRecord::to("chat").key(&key).payload(&record.payload), Timeout::Never);
-                    if send.await.is_ok() {
-                        summary.events += 1;
-                    }
-                }
-            }
         }
     }
     let _ = stop_tx.send(true);
+    if let Ok(produced) = producer.await {
+        summary.events = produced?.records;
+    }
     for worker in workers {
         if let Ok(result) = worker.await {
             result?;

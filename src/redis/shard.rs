@@ -344,12 +344,12 @@ impl ShardTask {
                     return failure;
                 }
                 // Nothing new: wait for an entry after the last delivered
-                // one, or for the block time (the idle advance's tick).
+                // one, or until the idle advance can close a session.
                 let mut wait = redis::cmd("XREAD");
                 wait.arg("COUNT")
                     .arg(1)
                     .arg("BLOCK")
-                    .arg(self.settings.block.as_millis() as u64)
+                    .arg(self.wait_ms(now_ms()))
                     .arg("STREAMS")
                     .arg(&self.keys.stream)
                     .arg(from);
@@ -362,6 +362,22 @@ impl ShardTask {
                     },
                 }
             }
+        }
+    }
+
+    /// How long a caught-up shard waits for new entries: the block time, or
+    /// less when the idle advance can close a session sooner (at wall clock
+    /// `deadline + max_out_of_orderness + 1`, once the shard counts as idle),
+    /// so a quiet user's turn is not held back by up to a block time.
+    fn wait_ms(&self, now: i64) -> u64 {
+        let block = self.settings.block.as_millis() as i64;
+        let engine = self.pipeline.engine();
+        let close_at = engine
+            .next_deadline()
+            .map(|d| d + engine.config().max_out_of_orderness_ms + 1);
+        match (close_at, self.idle.idle_since()) {
+            (Some(close), Some(idle)) => (close.max(idle) - now).clamp(1, block) as u64,
+            _ => block as u64,
         }
     }
 
