@@ -365,3 +365,110 @@ fn bad_config_fails_before_reading_with_the_key_and_reason() {
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("nope.toml"));
 }
+
+/// `dlq stats`, `inspect` and `replay` on a file-mode dead-letter file: the
+/// counts match what was written, `--json` parses, and the replayed records
+/// (after a configuration fix) become turns in the next file-mode run.
+#[test]
+fn dlq_commands_on_a_dead_letter_file() {
+    let dir = golden_dir("poison");
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = tmp.path().join("config.toml");
+    let dlq_path = tmp.path().join("dlq.jsonl");
+    let base = std::fs::read_to_string(dir.join("config.toml")).unwrap();
+    let write_config = |text: &str, input: &Path, output: &Path| {
+        let text = text.replace(
+            "dlq = \"dlq.jsonl\"",
+            &format!(
+                "input = {:?}\noutput = {:?}\ndlq = {:?}",
+                input.to_str().unwrap(),
+                output.to_str().unwrap(),
+                dlq_path.to_str().unwrap()
+            ),
+        );
+        std::fs::write(&config_path, text).unwrap();
+    };
+    let run = |args: &[&str]| -> String {
+        let out = bin()
+            .args(args)
+            .arg("--config")
+            .arg(&config_path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    write_config(
+        &base,
+        &dir.join("input.jsonl"),
+        &tmp.path().join("turns.jsonl"),
+    );
+    run(&["run"]);
+    let written = read_lines(&dlq_path);
+
+    let stats: Value = serde_json::from_str(&run(&["dlq", "stats", "--json"])).unwrap();
+    assert_eq!(stats["total"], written.len());
+    for reason in ["decode", "invalid", "oversize", "late"] {
+        let want = written.iter().filter(|d| d["reason"] == reason).count();
+        assert_eq!(stats["by_reason"][reason], want, "{reason}");
+    }
+    let oversize: Vec<Value> = run(&[
+        "dlq",
+        "inspect",
+        "--json",
+        "--reason",
+        "oversize",
+        "--oldest-first",
+    ])
+    .lines()
+    .map(|l| serde_json::from_str(l).unwrap())
+    .collect();
+    assert_eq!(oversize.len(), 2);
+    for (entry, original) in oversize
+        .iter()
+        .zip(written.iter().filter(|d| d["reason"] == "oversize"))
+    {
+        assert_eq!(entry["payload"], original["payload"]);
+        assert_eq!(
+            entry["source"]["position"],
+            original["source"]["position"].to_string()
+        );
+    }
+    let table = run(&["dlq", "inspect", "--limit", "1"]);
+    assert!(
+        table.starts_with("POSITION") && table.lines().count() == 2,
+        "{table}"
+    );
+
+    // The fix: longer records and texts allowed; the replay is the next
+    // run's input.
+    let replayed = tmp.path().join("replayed.jsonl");
+    let out = bin()
+        .args(["dlq", "replay", "--reason", "oversize", "--to"])
+        .arg(&replayed)
+        .arg("--config")
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&replayed).unwrap().lines().count(),
+        2
+    );
+    let fixed = base
+        .replace("max_record_bytes = 512", "max_record_bytes = 65536")
+        .replace("max_text_bytes = 64", "max_text_bytes = 1024");
+    let turns_path = tmp.path().join("replayed-turns.jsonl");
+    write_config(&fixed, &replayed, &turns_path);
+    run(&["run"]);
+    let ids: Vec<String> = read_lines(&turns_path)
+        .iter()
+        .flat_map(|t| t["messages"].as_array().unwrap().clone())
+        .map(|m| m["message_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids, ["p5", "p6"], "the replayed records became turns");
+}

@@ -800,3 +800,59 @@ fn dlq_inspect_stats_and_replay_after_a_fix() {
         (0, decode)
     );
 }
+
+/// `dlq inspect --follow` prints dead letters added after it started.
+#[test]
+fn dlq_inspect_follow_prints_new_dead_letters() {
+    use std::io::BufRead;
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "follow", 1, "", "");
+    let dlq = setup.section().dlq_stream.clone();
+    let add = |conn: &mut redis::Connection, payload: &str| {
+        let fields = [
+            ("payload", payload),
+            ("reason", "decode"),
+            ("error", "not valid JSON"),
+            ("source_stream", "follow-chat"),
+            ("source_id", "1-0"),
+            ("failed_at", "2026-11-23T00:00:00.000Z"),
+            ("worker", "test"),
+        ];
+        let _: String = conn.xadd(&dlq, "*", &fields).unwrap();
+    };
+    add(&mut conn, "first");
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, setup.config_text.as_bytes()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+        .args(["dlq", "inspect", "--follow", "--json", "--config"])
+        .arg(file.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if tx.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    let next = || -> serde_json::Value {
+        let line = rx
+            .recv_timeout(TIMEOUT)
+            .expect("a line from inspect --follow");
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next()["payload"], "first", "the existing dead letter first");
+    add(&mut conn, "second");
+    let second = next();
+    assert_eq!(
+        (second["payload"].as_str(), second["reason"].as_str()),
+        (Some("second"), Some("decode"))
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}
