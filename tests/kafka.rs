@@ -50,12 +50,13 @@ commit_interval = "200ms"
 "session.timeout.ms" = "6000"
 "heartbeat.interval.ms" = "500"
 "topic.metadata.refresh.interval.ms" = "1000"
-"#,
+{}"#,
         broker.bootstrap(),
         t.group,
         t.input,
         t.output,
-        t.dlq
+        t.dlq,
+        broker.worker_properties()
     )
 }
 
@@ -679,4 +680,35 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
         (back.iter().filter(|e| e["replay_count"] == 1).count() as u64 == decode).then_some(())
     });
     assert_eq!(run_replay(&text, &replay_decode), (0, decode));
+}
+
+/// The worker talks to a broker it can reach over TLS only (verifying the
+/// broker's certificate against a CA given in `[kafka.properties]`), with
+/// the same turns as the reference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_talks_to_a_broker_over_tls() {
+    let broker = Broker::start_tls();
+    let plain: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    assert!(
+        rdkafka::consumer::Consumer::fetch_metadata(&plain, None, Duration::from_secs(3)).is_err(),
+        "a plaintext client cannot talk to the broker"
+    );
+    let t = topics(&broker, "tls", 2).await;
+    let records = workload(10, 200, 3);
+    produce(broker.client_config(), &t.input, &records).await;
+    let config_text = worker_config(&broker, &t, "");
+    assert!(config_text.contains("\"security.protocol\" = \"ssl\""));
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let (want_turns, _) = reference(&config, &input);
+    let _worker = Worker::start(&config_text);
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= want_turns.len()
+    });
+    assert_eq!(sorted_turns(&turns), want_turns);
 }

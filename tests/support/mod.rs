@@ -72,7 +72,19 @@ pub struct Broker {
     pub port: u16,
     storage: Option<PathBuf>,
     child: Option<Child>,
+    /// With [`Broker::start_tls`]: the TLS front clients connect to.
+    tls: Option<TlsFront>,
     _dir: tempfile::TempDir,
+}
+
+/// `socat` terminating TLS (a certificate for 127.0.0.1 from a CA made by
+/// `openssl`) in front of the broker's plain port. tansu 0.6 cannot serve
+/// TLS itself: its `--cert` and `--key` flags are declared in one exclusive
+/// argument group, and it needs both.
+struct TlsFront {
+    port: u16,
+    ca: PathBuf,
+    child: Child,
 }
 
 impl Broker {
@@ -90,11 +102,56 @@ impl Broker {
         broker
     }
 
+    /// A broker clients reach over TLS only: it advertises the TLS front's
+    /// port, so every connection (bootstrap and partition leader) is TLS.
+    pub fn start_tls() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        redis_server::make_certificates(dir.path());
+        let port = free_port();
+        let tls_port = free_port();
+        let child = Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                dir.path().join("server.crt").display(),
+                dir.path().join("server.key").display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat is missing: run scripts/install-test-deps");
+        let mut broker = Broker {
+            port,
+            storage: None,
+            child: None,
+            tls: Some(TlsFront {
+                port: tls_port,
+                ca: dir.path().join("ca.crt"),
+                child,
+            }),
+            _dir: dir,
+        };
+        broker.spawn();
+        broker
+    }
+
+    /// The `[kafka.properties]` lines a worker needs to reach this broker.
+    pub fn worker_properties(&self) -> String {
+        match &self.tls {
+            Some(tls) => format!(
+                "\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{}\"\n",
+                tls.ca.display()
+            ),
+            None => String::new(),
+        }
+    }
+
     fn start_with(storage: Option<PathBuf>) -> Broker {
         let mut broker = Broker {
             port: free_port(),
             storage,
             child: None,
+            tls: None,
             _dir: tempfile::tempdir().unwrap(),
         };
         broker.spawn();
@@ -103,13 +160,17 @@ impl Broker {
 
     fn spawn(&mut self) {
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = match &self.tls {
+            Some(tls) => format!("tcp://127.0.0.1:{}", tls.port),
+            None => url.clone(),
+        };
         let mut cmd = Command::new(tansu_binary());
         cmd.args([
             "broker",
             "--listener-url",
             &url,
             "--advertised-listener-url",
-            &url,
+            &advertised,
         ]);
         if let Some(db) = &self.storage {
             // tansu resolves a sqlite path against its working directory
@@ -122,15 +183,12 @@ impl Broker {
             .unwrap();
         cmd.stdout(Stdio::null()).stderr(log);
         self.child = Some(cmd.spawn().expect("start tansu"));
-        let bootstrap = self.bootstrap();
+        let client = self.client_config();
         wait_for(
             "the broker to answer metadata requests",
             Duration::from_secs(60),
             || {
-                let consumer: BaseConsumer = ClientConfig::new()
-                    .set("bootstrap.servers", &bootstrap)
-                    .create()
-                    .ok()?;
+                let consumer: BaseConsumer = client.create().ok()?;
                 consumer
                     .fetch_metadata(None, Duration::from_secs(2))
                     .ok()
@@ -140,7 +198,8 @@ impl Broker {
     }
 
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        let port = self.tls.as_ref().map_or(self.port, |t| t.port);
+        format!("127.0.0.1:{port}")
     }
 
     /// Kills the broker (SIGKILL) and starts it again on the same port and
@@ -160,6 +219,10 @@ impl Broker {
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap());
+        if let Some(tls) = &self.tls {
+            c.set("security.protocol", "ssl")
+                .set("ssl.ca.location", tls.ca.to_str().unwrap());
+        }
         c
     }
 
@@ -171,6 +234,10 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        if let Some(tls) = self.tls.as_mut() {
+            let _ = tls.child.kill();
+            let _ = tls.child.wait();
+        }
     }
 }
 

@@ -172,7 +172,9 @@ fn connect(url: &str, ca_file: Option<&str>) -> redis::RedisResult<redis::Connec
 }
 
 /// A throwaway CA and a server certificate for 127.0.0.1 signed by it.
-fn make_certificates(dir: &std::path::Path) {
+/// A CA (`ca.crt`) and a server certificate for 127.0.0.1 (`server.crt`,
+/// `server.key`) in `dir`, made with `openssl`.
+pub fn make_certificates(dir: &std::path::Path) {
     let run = |args: &[&str]| {
         let out = Command::new("openssl")
             .args(args)
