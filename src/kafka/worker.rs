@@ -492,9 +492,9 @@ impl Worker {
                     let now = now_ms();
                     self.mark_caught_up(consumer, now, None);
                     self.advance_idle(now);
+                    self.update_gauges(consumer, now);
                     if now - last_commit >= self.kafka.commit_interval.0 {
                         self.commit(consumer)?;
-                        self.update_gauges(consumer, now);
                         last_commit = now;
                     }
                 }
