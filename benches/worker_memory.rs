@@ -8,7 +8,7 @@
 //! `tansu` and `redis-server`.
 
 #[path = "../tests/support/mod.rs"]
-#[allow(unused_imports, dead_code)]
+#[allow(unused_imports)]
 mod support;
 
 use std::time::Duration;
