@@ -405,19 +405,23 @@ async fn every_acks_setting_delivers_and_commits() {
     }
 }
 
-/// Exactly-once on librdkafka's mock cluster (tansu has no transactions): a
-/// worker killed with SIGKILL while its transaction is open, then restarted
-/// with the same transactional id. A `read_committed` reader sees every valid
-/// message in a turn and no turn twice, although the killed worker had already
-/// sent turns (visible to `read_uncommitted`). The mock cluster does not store
-/// offsets committed in a transaction (its TxnOffsetCommit is a stub), so the
-/// restarted worker replays from the start: what is tested is that aborted
-/// output never becomes visible.
+/// Exactly-once mode on librdkafka's mock cluster (tansu has no
+/// transactions): the worker runs its transactions (one per commit
+/// interval, offsets included), is killed with -9 inside one, and a worker
+/// restarted with the same `transactional.id` initializes its transactions
+/// (bumping the producer epoch, which fences the killed one's) and finishes: every valid message in a turn, duplicates only as re-emissions
+/// of the same turn.
+///
+/// What this cannot show is `read_committed` isolation (no duplicate visible
+/// to such a reader): the mock broker of librdkafka 2.12.1 answers every
+/// Fetch with `LastStableOffset` = the end offset and no aborted
+/// transactions, and its EndTxn writes no commit or abort markers
+/// (`rdkafka_mock_handlers.c`), so a `read_committed` reader there sees
+/// aborted records too. That part needs a real Kafka (docker-compose.yml).
+/// The mock's TxnOffsetCommit does not store offsets either, so the restarted
+/// worker replays from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fails: on librdkafka's mock cluster a read_committed reader still sees turns of the killed worker's \
-            transaction after the restarted worker (same transactional.id) took over; not yet known whether the mock \
-            or the worker is at fault; see the issue #3 note"]
-async fn exactly_once_shows_no_duplicate_after_sigkill() {
+async fn exactly_once_mode_survives_sigkill_and_restart() {
     let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
     let t = Topics {
         input: "eos-chat".into(),
@@ -459,15 +463,7 @@ async fn exactly_once_shows_no_duplicate_after_sigkill() {
     read_until(client(), &t.output, false, TIMEOUT, |r| {
         r.len() >= sent_by_the_killed + want_turns.len()
     });
-    let turns = read_until(client(), &t.output, true, TIMEOUT, covers(&want));
-    let mut seen = BTreeSet::new();
-    for turn in &turns {
-        let id = turn.json()["turn_id"].as_str().unwrap().to_owned();
-        assert!(
-            seen.insert(id.clone()),
-            "turn {id} seen twice by a read_committed reader"
-        );
-    }
+    let turns = read_until(client(), &t.output, false, TIMEOUT, covers(&want));
     assert_complete_without_partial_duplicates(&want, &turns);
 }
 
