@@ -613,16 +613,6 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     assert!(worker.terminate().success());
     let fixed = text.replace("[kafka]\n", "[input]\nmax_text_bytes = 65536\n[kafka]\n");
     let _worker = Worker::start(&fixed);
-    let ids_of = |entries: &[serde_json::Value]| -> BTreeSet<String> {
-        entries
-            .iter()
-            .map(|e| {
-                let payload: serde_json::Value =
-                    serde_json::from_str(e["payload"].as_str().unwrap()).unwrap();
-                payload["message_id"].as_str().unwrap().to_owned()
-            })
-            .collect()
-    };
     let oversize = inspect_json(&text, &["--reason", "oversize"]);
     let n = oversize.len() as u64;
     assert_eq!(
@@ -639,8 +629,8 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
         run_replay(&text, &["--reason", "invalid", "--transform", fix]),
         (invalid.len() as u64, 0)
     );
-    let mut want = ids_of(&oversize);
-    want.extend(ids_of(&invalid));
+    let mut want = support::payload_message_ids(&oversize);
+    want.extend(support::payload_message_ids(&invalid));
     read_until(broker.client_config(), &t.output, false, TIMEOUT, |turns| {
         let ids: BTreeSet<String> = turns.iter().flat_map(|r| message_ids(&r.json())).collect();
         ids.is_superset(&want)

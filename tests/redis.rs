@@ -727,16 +727,6 @@ fn dlq_inspect_stats_and_replay_after_a_fix() {
     assert!(worker.terminate().success());
     let fixed = format!("{text}\n[input]\nmax_text_bytes = 65536\n");
     let _worker = Worker::start(&fixed);
-    let ids_of = |entries: &[serde_json::Value]| -> BTreeSet<String> {
-        entries
-            .iter()
-            .map(|e| {
-                let payload: serde_json::Value =
-                    serde_json::from_str(e["payload"].as_str().unwrap()).unwrap();
-                payload["message_id"].as_str().unwrap().to_owned()
-            })
-            .collect()
-    };
     let oversize = inspect_json(text, &["--reason", "oversize"]);
     assert_eq!(
         run_replay(text, &["--reason", "oversize", "--dry-run"]),
@@ -756,8 +746,8 @@ fn dlq_inspect_stats_and_replay_after_a_fix() {
         run_replay(text, &["--reason", "invalid", "--transform", fix]),
         (invalid.len() as u64, 0)
     );
-    let mut want = ids_of(&oversize);
-    want.extend(ids_of(&invalid));
+    let mut want = support::payload_message_ids(&oversize);
+    want.extend(support::payload_message_ids(&invalid));
     let output = setup.section().output_stream.clone();
     wait_for("the replayed records in turns", TIMEOUT, || {
         message_ids(&turns(&mut conn, &output))

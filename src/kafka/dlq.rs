@@ -19,7 +19,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::client::producer_config;
+use super::client::{consumer_config, producer_config};
 use super::dead_letter as h;
 use crate::config::{Acks, KafkaSection};
 use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
@@ -49,17 +49,11 @@ impl std::fmt::Debug for KafkaDlq {
     }
 }
 
+/// The worker's consumer settings (TLS, SASL, `read_committed`, partition
+/// EOF events) under another group id; the DLQ is read by assignment only.
 fn client_config(kafka: &KafkaSection, group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true");
-    for (k, v) in &kafka.properties {
-        c.set(k, v);
-    }
+    let mut c = consumer_config(kafka);
+    c.set("group.id", group);
     c
 }
 

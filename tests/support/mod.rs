@@ -719,6 +719,18 @@ pub fn inspect_json(config: &str, args: &[&str]) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The `message_id`s of `dlq inspect --json` entries' JSON payloads.
+pub fn payload_message_ids(entries: &[serde_json::Value]) -> std::collections::BTreeSet<String> {
+    entries
+        .iter()
+        .map(|e| {
+            let payload: serde_json::Value =
+                serde_json::from_str(e["payload"].as_str().unwrap()).unwrap();
+            payload["message_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// `sessionizer dlq stats --json …`, parsed.
 pub fn stats_json(config: &str, args: &[&str]) -> serde_json::Value {
     let mut all = vec!["--json"];
