@@ -23,6 +23,10 @@ pub struct ShardKeys {
     /// The pending entry being replayed, so the next owner knows which entry
     /// a worker died on (see `shard::ShardTask::replay_pending`).
     pub in_flight: String,
+    /// Touched by the fence check when the lease is not the caller's, so
+    /// the `WATCH` on it aborts the step's transaction (see
+    /// `scripts::FENCE_CHECK`).
+    pub fence: String,
     pub output: String,
     pub dlq: String,
 }
@@ -49,6 +53,7 @@ impl ShardKeys {
             lease: format!("{stream}:lease"),
             epoch: format!("{stream}:epoch"),
             in_flight: format!("{stream}:in-flight"),
+            fence: format!("{stream}:fence"),
             stream,
             output,
             dlq,

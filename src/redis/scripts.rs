@@ -1,6 +1,6 @@
 //! The Lua scripts of the shard leases. The fenced steps themselves (reading
 //! new entries, emitting and acking) are `WATCH`/`MULTI` transactions in
-//! [`super::shard`]; every key they touch is in the shard's hash slot (see
+//! [`super::shard`], guarded by [`FENCE_CHECK`]; every key they touch is in the shard's hash slot (see
 //! [`super::keys`]).
 
 use std::sync::LazyLock;
@@ -45,6 +45,16 @@ return 1
 ",
     )
 });
+
+/// KEYS: lease, fence. ARGV: token. Replies 1 while the lease is the
+/// token's; otherwise touches the fence key, which the caller `WATCH`es, so
+/// its `EXEC` that follows in the same pipeline aborts, and replies 0. Only
+/// keys and a token pass through Lua, never entries or turns.
+pub const FENCE_CHECK: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
+redis.call('INCR', KEYS[2])
+return 0
+";
 
 /// Whether an error is the fencing error.
 pub fn is_fenced(error: &redis::RedisError) -> bool {

@@ -405,7 +405,6 @@ impl ShardTask {
     ) -> Result<(Vec<Entry>, Option<String>), RedisError> {
         let s = self.settings.clone();
         let mut read = redis::pipe();
-        read.atomic();
         if let Some(step) = step {
             self.add_step(&mut read, step);
         }
@@ -415,7 +414,7 @@ impl ShardTask {
             count_commit(&reply);
         }
         let reply = reply?;
-        let entries = parse_read_reply(first(reply)).map_err(protocol_error)?;
+        let entries = parse_read_reply(last(reply)).map_err(protocol_error)?;
         if !entries.is_empty() {
             return Ok((entries, None));
         }
@@ -432,38 +431,47 @@ impl ShardTask {
         Ok((entries, last))
     }
 
-    /// Runs `transaction` (an atomic pipeline) only while this task's token
-    /// is the lease's value: `WATCH` the lease, check it, then `MULTI … EXEC`,
-    /// which Redis refuses if the lease key changed meanwhile (taken by
-    /// another worker, or only renewed: a `TryAgain` error the retry loops
-    /// repeat at once). A lease held by another token is the fencing error. Native commands, not
-    /// a script: Lua would copy every entry read and every turn written
-    /// through its own values, which costs Redis more than the commands.
+    /// Runs `transaction`'s commands in `MULTI … EXEC` only while this task's
+    /// token is the lease's value, in one round trip: `WATCH` the lease and
+    /// the fence key, run [`scripts::FENCE_CHECK`] (which touches the fence
+    /// key unless the lease is ours), then the transaction. Redis refuses the
+    /// `EXEC` if either key changed after the `WATCH`: the lease taken, or
+    /// only renewed (a `TryAgain` error the retry loops repeat at once), or
+    /// the check failing (the fencing error). `WATCH` lives on the connection
+    /// and `EXEC` ends it, so a reconnect between steps cannot leave a stale
+    /// one behind. Returns `EXEC`'s replies, one per command.
     async fn fenced(&mut self, transaction: &redis::Pipeline) -> Result<Value, RedisError> {
-        let (holder,): (Option<String>,) = redis::pipe()
-            .cmd("WATCH")
+        let mut step = redis::pipe();
+        step.cmd("WATCH")
             .arg(&self.keys.lease)
+            .arg(&self.keys.fence)
             .ignore()
-            .cmd("GET")
+            .cmd("EVAL")
+            .arg(scripts::FENCE_CHECK)
+            .arg(2)
             .arg(&self.keys.lease)
-            .query_async(&mut self.conn)
-            .await?;
-        if holder.as_deref() != Some(self.token.as_str()) {
-            let _: Result<(), _> = redis::cmd("UNWATCH").query_async(&mut self.conn).await;
-            return Err(RedisError::from((
+            .arg(&self.keys.fence)
+            .arg(&self.token)
+            .cmd("MULTI")
+            .ignore();
+        for command in transaction.cmd_iter() {
+            step.add_command(command.clone()).ignore();
+        }
+        step.cmd("EXEC");
+        let (held, applied): (i64, Option<Value>) = step.query_async(&mut self.conn).await?;
+        match (held, applied) {
+            (0, _) => Err(RedisError::from((
                 redis::ErrorKind::ExtensionError,
                 scripts::FENCED,
                 "the shard lease is no longer held".to_owned(),
-            )));
-        }
-        let applied: Option<Value> = transaction.query_async(&mut self.conn).await?;
-        applied.ok_or_else(|| {
-            RedisError::from((
+            ))),
+            (_, None) => Err(RedisError::from((
                 redis::ErrorKind::TryAgain,
                 "transaction aborted",
                 "the lease key changed".to_owned(),
-            ))
-        })
+            ))),
+            (_, Some(replies)) => Ok(replies),
+        }
     }
 
     /// Hands one entry to the pipeline and collects what it resolved;
@@ -607,7 +615,6 @@ impl ShardTask {
     /// one fenced transaction.
     async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
         let mut step = redis::pipe();
-        step.atomic();
         self.add_step(&mut step, args);
         let written = self.fenced(&step).await;
         count_commit(&written);
@@ -735,10 +742,10 @@ fn count_commit(result: &Result<Value, RedisError>) {
     }
 }
 
-/// The first reply of a transaction's `EXEC`.
-fn first(reply: Value) -> Value {
+/// The last reply of a transaction's `EXEC` (the read comes last).
+fn last(reply: Value) -> Value {
     match reply {
-        Value::Array(mut replies) if !replies.is_empty() => replies.swap_remove(0),
+        Value::Array(mut replies) => replies.pop().unwrap_or(Value::Nil),
         other => other,
     }
 }
