@@ -416,6 +416,9 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 .into_iter()
                 .filter(|e| filter.matches(e))
                 .collect();
+            // By failure time across partitions (a stable sort keeps each
+            // partition's order among equal times).
+            entries.sort_by_key(|e| e.failed_at_ms);
             if !oldest_first {
                 entries.reverse();
             }
@@ -477,9 +480,12 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     .kafka
                     .as_ref()
                     .map_or("sessionizer", |k| k.group_id.as_str());
-                match select.reasons.is_empty() {
+                let mut reasons = select.reasons.clone();
+                reasons.sort();
+                reasons.dedup();
+                match reasons.is_empty() {
                     true => format!("{base}.dlq-replay"),
-                    false => format!("{base}.dlq-replay.{}", select.reasons.join("+")),
+                    false => format!("{base}.dlq-replay.{}", reasons.join("+")),
                 }
             });
             let options = replay::ReplayOptions {

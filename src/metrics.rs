@@ -37,9 +37,11 @@ pub const DUPLICATES: &str = "sessionizer_duplicates_total";
 pub const DROPPED: &str = "sessionizer_dropped_total";
 /// Messages per turn.
 pub const TURN_MESSAGES: &str = "sessionizer_turn_messages";
-/// Seconds from the moment a turn could close (last event time + gap, or the
-/// closing event's time for the other closures) to the moment the worker
-/// hands it to the output, by the wall clock.
+/// Seconds from the moment a turn could close by event time (its last
+/// event's time + gap for `gap`; its last event's time for the other
+/// closures, so for a cap this includes the pause before the event that
+/// broke it) to the moment the worker hands it to the output, by the wall
+/// clock.
 pub const EMIT_DELAY: &str = "sessionizer_emit_delay_seconds";
 /// Open sessions, by `partition`.
 pub const OPEN_SESSIONS: &str = "sessionizer_open_sessions";
@@ -256,7 +258,11 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
                 Ok((stream, _)) => {
                     tokio::spawn(answer(stream, handle.clone()));
                 }
-                Err(e) => tracing::warn!(error = %e, "metrics listener accept failed"),
+                Err(e) => {
+                    // Out of file descriptors, say: do not spin on it.
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
     });
@@ -267,10 +273,13 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
 async fn answer(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
+    // A client that never finishes its request head is dropped.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        match stream.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
+            Err(_) => return,
         }
     }
     let request_line =

@@ -26,7 +26,7 @@ fn cell(bytes: &[u8], width: usize) -> String {
 pub fn table_header(out: &mut (impl Write + ?Sized)) -> io::Result<()> {
     writeln!(
         out,
-        "{:<28} {:<24} {:<14} {:<40} {:<28} PAYLOAD",
+        "{:<36} {:<24} {:<14} {:<40} {:<28} PAYLOAD",
         "POSITION", "FAILED AT", "REASON", "ERROR", "SOURCE"
     )
 }
@@ -38,8 +38,8 @@ pub fn table_row(out: &mut (impl Write + ?Sized), e: &DlqEntry) -> io::Result<()
     };
     writeln!(
         out,
-        "{:<28} {:<24} {:<14} {:<40} {:<28} {}",
-        cell(e.position.as_bytes(), 28),
+        "{:<36} {:<24} {:<14} {:<40} {:<28} {}",
+        cell(e.position.as_bytes(), 36),
         e.failed_at,
         e.reason,
         cell(e.error.as_bytes(), 40),

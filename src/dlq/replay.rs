@@ -57,9 +57,26 @@ pub async fn run(
     tokio::pin!(stop);
     let candidates = store.replay_candidates(&options.group).await?;
     let mut report = ReplayReport::default();
+    let replayed = replay_each(store, options, candidates, &mut stop, out, &mut report).await;
+    // Whatever happened, record what was sent (Kafka commits the progress),
+    // so a failed or interrupted run repeated sends nothing twice.
+    if !options.dry_run {
+        store.finish().await?;
+    }
+    replayed.map(|()| report)
+}
+
+async fn replay_each(
+    store: &mut Store,
+    options: &ReplayOptions,
+    candidates: Vec<DlqEntry>,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    out: &mut impl Write,
+    report: &mut ReplayReport,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     for entry in candidates {
-        if futures::poll!(&mut stop).is_ready() {
+        if futures::poll!(stop.as_mut()).is_ready() {
             writeln!(out, "interrupted")?;
             break;
         }
@@ -81,9 +98,16 @@ pub async fn run(
             continue;
         }
         let payload = match &options.transform {
-            Some(command) => transform(command, &entry)
-                .await
-                .with_context(|| format!("--transform on {}", entry.position))?,
+            Some(command) => match transform(command, &entry).await {
+                Ok(payload) => payload,
+                // Ctrl-C reaches the transform too: an interruption, not a
+                // failure of the record.
+                Err(_) if futures::poll!(stop.as_mut()).is_ready() => {
+                    writeln!(out, "interrupted")?;
+                    break;
+                }
+                Err(e) => return Err(e.context(format!("--transform on {}", entry.position))),
+            },
             None => entry.payload.clone(),
         };
         let target = store.target(&entry, options.to.as_deref());
@@ -113,10 +137,7 @@ pub async fn run(
             )?;
         }
     }
-    if !options.dry_run {
-        store.finish().await?;
-    }
-    Ok(report)
+    Ok(())
 }
 
 /// Pipes the payload through `sh -c command`; a non-zero exit stops the
@@ -146,8 +167,9 @@ async fn transform(command: &str, entry: &DlqEntry) -> anyhow::Result<Vec<u8>> {
         "the transform exited with {}",
         output.status
     );
+    // Commands like `jq -c` end their output with one newline: drop that one.
     let mut bytes = output.stdout;
-    while bytes.last() == Some(&b'\n') {
+    if bytes.last() == Some(&b'\n') {
         bytes.pop();
     }
     Ok(bytes)

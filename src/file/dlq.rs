@@ -63,6 +63,11 @@ impl FileDlq {
     fn read_more(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
         let mut file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening the dead-letter file {}", self.path))?;
+        if file.metadata()?.len() < self.offset {
+            // Rewritten by a new file-mode run: start over.
+            self.offset = 0;
+            self.lines = 0;
+        }
         file.seek(SeekFrom::Start(self.offset))?;
         let mut reader = BufReader::new(file);
         let mut out = Vec::new();

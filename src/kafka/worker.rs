@@ -152,9 +152,14 @@ impl ClientContext for WorkerContext {
     /// librdkafka reports a partition's end as an error event too; it is the
     /// normal signal of a caught-up partition, handled in the loop.
     fn error(&self, error: KafkaError, reason: &str) {
-        if error.rdkafka_error_code() == Some(rdkafka::error::RDKafkaErrorCode::PartitionEOF) {
+        let code = error.rdkafka_error_code();
+        if code == Some(RDKafkaErrorCode::PartitionEOF) {
             tracing::trace!(reason, "partition end");
         } else {
+            if code == Some(RDKafkaErrorCode::AllBrokersDown) {
+                // Not ready until a record or a partition end comes again.
+                metrics::READINESS.set_connected(false);
+            }
             tracing::warn!(%error, reason, "librdkafka error");
         }
     }
@@ -480,6 +485,9 @@ impl Worker {
                 }
                 message = consumer.recv() => {
                     self.apply_rebalance_events();
+                    if matches!(message, Ok(_) | Err(KafkaError::PartitionEOF(_))) {
+                        metrics::READINESS.set_connected(true);
+                    }
                     match message {
                         Ok(m) => self.on_message(consumer, &m),
                         Err(KafkaError::PartitionEOF(partition)) => self.mark_caught_up(consumer, now_ms(), Some(partition)),

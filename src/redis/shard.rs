@@ -462,13 +462,9 @@ impl ShardTask {
         // twice to look for errors nested in it, a tenth of the worker's CPU
         // for big reads; errors can only stand at the top level here.
         let count = transaction.cmd_iter().count() + 4;
-        let mut replies = redis::aio::ConnectionLike::req_packed_commands(
-            &mut self.conn,
-            &step,
-            0,
-            count,
-        )
-        .await?;
+        let mut replies =
+            redis::aio::ConnectionLike::req_packed_commands(&mut self.conn, &step, 0, count)
+                .await?;
         let applied = replies.pop().unwrap_or(Value::Nil);
         for reply in replies.iter().chain(match &applied {
             Value::Array(inner) => inner.as_slice(),

@@ -323,7 +323,9 @@ impl Coordinator {
         match owned.task.await {
             Ok((exit, stats)) => {
                 self.stats.add(&stats);
-                if exit == ShardExit::Fenced {
+                // A task that ended on its own found its lease taken (a
+                // lease lost at renewal was counted there).
+                if release && exit == ShardExit::Fenced {
                     metrics::ownership_change("lost", 1);
                 }
                 if release && exit == ShardExit::Stopped {
