@@ -3,9 +3,10 @@
 //! JSON turns out, acks all, offsets committed after delivery) and through an
 //! rdkafka consumer that reads the same topic and does nothing else.
 //!
-//! Then the emit delay under live load: a producer writes traffic with event
-//! time = now at the generator's pace (`DURATION_SECS`, default 20) through
-//! a second worker, and each turn's record timestamp is compared with its
+//! Then the emit delay under live load: `sessionizer produce --real-time`
+//! writes traffic with event time = now at the workload model's pace
+//! (`DURATION_SECS`, default 20; `LIVE_PARTITIONS`, default 4) through a
+//! second worker, and each turn's record timestamp is compared with its
 //! last event time + gap, under load and after the producer stops (idle
 //! advance). `LIVE_KAFKA_PROPERTIES` adds `[kafka.properties]` lines to that
 //! worker (e.g. `'"fetch.wait.max.ms" = "50"'`).
@@ -45,7 +46,7 @@ fn main() {
     runtime.block_on(produce(&broker, events));
     eprintln!("produced {events} events in {:.1?}", started.elapsed());
 
-    let (plain, ends) = consume_only(&broker, "chat", events);
+    let (plain, ends) = consume_only(&broker, "chat", PARTITIONS, events);
     let worker = run_worker(&broker, &ends);
     println!(
         "kafka (tansu, in memory), {events} events, {PARTITIONS} partitions, on the same two cores"
@@ -68,12 +69,16 @@ fn emit_delay(broker: &Broker, runtime: &tokio::runtime::Runtime) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let partitions: i32 = std::env::var("LIVE_PARTITIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PARTITIONS);
     runtime.block_on(async {
-        broker.create_topic("live", PARTITIONS).await;
+        broker.create_topic("live", partitions).await;
         broker.create_topic("live-turns", PARTITIONS).await;
         broker.create_topic("live-dlq", 1).await;
     });
-    let config = format!(
+    let config_text = format!(
         r#"source = "kafka"
 [kafka]
 brokers = "{}"
@@ -89,9 +94,9 @@ commit_interval = "200ms"
             .map(|p| format!("[kafka.properties]\n{p}"))
             .unwrap_or_default()
     );
-    let parsed = sessionizer::config::Config::from_toml(&config, Vec::new()).unwrap();
+    let parsed = sessionizer::config::Config::from_toml(&config_text, Vec::new()).unwrap();
     let gap = parsed.window.gap.0;
-    let _worker = Worker::start(&config);
+    let _worker = Worker::start(&config_text);
     let mut config = broker.client_config();
     let producer: FutureProducer = config
         .set("acks", "all")
@@ -115,41 +120,28 @@ commit_interval = "200ms"
         "the worker to join and emit the warm-up turn",
         Duration::from_secs(120),
         || {
-            committed(broker.client_config(), "live", "live", PARTITIONS)
+            committed(broker.client_config(), "live", "live", partitions)
                 .iter()
                 .any(|&o| o >= 1)
                 .then_some(())
         },
     );
-    let start = sessionizer::wall_clock::now_ms();
-    let spec = WorkloadSpec {
-        users: 20_000,
-        start_ms: start,
-        ..WorkloadSpec::default()
-    };
-    let began = Instant::now();
-    let mut produced = 0usize;
-    let mut in_flight = Vec::new();
-    for record in Workload::new(spec) {
-        let due = record.arrival - start;
-        if due > seconds * 1000 {
-            break;
-        }
-        let wait = due - began.elapsed().as_millis() as i64;
-        if wait > 0 {
-            std::thread::sleep(Duration::from_millis(wait as u64));
-        }
-        let key = format!("user-{}", record.user);
-        let future =
-            producer.send_result(FutureRecord::to("live").key(&key).payload(&record.payload));
-        in_flight.push(future.map_err(|(e, _)| e).unwrap());
-        produced += 1;
-    }
+    // Live traffic from the load generator: each record at its modeled
+    // arrival time (event time = now).
+    let (produced, _, _) = support::run_produce(
+        &config_text,
+        &[
+            "--real-time",
+            "--duration",
+            &format!("{seconds}s"),
+            "--users",
+            "20000",
+        ],
+    );
     let stopped = sessionizer::wall_clock::now_ms();
-    runtime.block_on(futures::future::join_all(in_flight));
-    let (_, ends) = consume_only(broker, "live", produced + 1);
+    let (_, ends) = consume_only(broker, "live", partitions, produced as usize + 1);
     wait_for("every offset committed", Duration::from_secs(300), || {
-        (committed(broker.client_config(), "live", "live", PARTITIONS) == ends).then_some(())
+        (committed(broker.client_config(), "live", "live", partitions) == ends).then_some(())
     });
     let (mut under_load, mut after) = (Vec::new(), Vec::new());
     for (timestamp, payload) in read_all(broker, "live-turns") {
@@ -235,18 +227,18 @@ async fn produce(broker: &Broker, events: usize) {
 /// Reads every record once, from the beginning, and nothing else; returns
 /// the time and each partition's end (last offset + 1: tansu's high
 /// watermark is not exact after batched produce).
-fn consume_only(broker: &Broker, topic: &str, events: usize) -> (f64, Vec<i64>) {
+fn consume_only(broker: &Broker, topic: &str, partitions: i32, events: usize) -> (f64, Vec<i64>) {
     let mut config = broker.client_config();
     let consumer: BaseConsumer = config
         .set("group.id", format!("consume-only-{topic}"))
         .set("enable.auto.commit", "false")
         .create()
         .unwrap();
-    support::assign_from_beginning(&consumer, topic, PARTITIONS);
+    support::assign_from_beginning(&consumer, topic, partitions);
     let started = Instant::now();
     let mut read = 0usize;
     let mut bytes = 0usize;
-    let mut ends = vec![0i64; PARTITIONS as usize];
+    let mut ends = vec![0i64; partitions as usize];
     while read < events {
         if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
             bytes += m.payload().map_or(0, <[u8]>::len);
