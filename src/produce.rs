@@ -72,9 +72,10 @@ enum Sink {
         in_flight: FuturesUnordered<rdkafka::producer::DeliveryFuture>,
     },
     Redis {
-        conn: redis::aio::ConnectionManager,
+        conn: crate::redis::connection::RedisConn,
         shards: Vec<String>,
-        pipe: redis::Pipeline,
+        /// One pipeline per shard: on a cluster each goes to its own node.
+        pipes: Vec<redis::Pipeline>,
         queued: usize,
     },
     File(Box<dyn std::io::Write + Send>),
@@ -103,17 +104,18 @@ impl Sink {
                 if let Some(to) = to {
                     section.input_stream = to.to_owned();
                 }
-                let client = crate::redis::worker::client(&section)?;
-                let conn = crate::redis::worker::connect(&client, Duration::from_secs(1))
+                let client = crate::redis::connection::client(&section)?;
+                let conn = crate::redis::connection::connect(&client, Duration::from_secs(1))
                     .await
                     .context("connecting to Redis")?;
+                let shards: Vec<String> = ShardKeys::all(&section)
+                    .into_iter()
+                    .map(|k| k.stream)
+                    .collect();
                 Sink::Redis {
                     conn,
-                    shards: ShardKeys::all(&section)
-                        .into_iter()
-                        .map(|k| k.stream)
-                        .collect(),
-                    pipe: redis::pipe(),
+                    pipes: vec![redis::pipe(); shards.len()],
+                    shards,
                     queued: 0,
                 }
             }
@@ -147,25 +149,22 @@ impl Sink {
                 in_flight.push(future);
             }
             Sink::Redis {
-                conn,
                 shards,
-                pipe,
+                pipes,
                 queued,
+                ..
             } => {
-                let shard = &shards[shard_of(user, None, shards.len() as u32) as usize];
-                pipe.cmd("XADD")
-                    .arg(shard)
+                let shard = shard_of(user, None, shards.len() as u32) as usize;
+                pipes[shard]
+                    .cmd("XADD")
+                    .arg(&shards[shard])
                     .arg("*")
                     .arg("payload")
                     .arg(payload)
                     .ignore();
                 *queued += 1;
                 if *queued >= REDIS_BATCH {
-                    pipe.query_async::<()>(conn)
-                        .await
-                        .context("adding entries")?;
-                    pipe.clear();
-                    *queued = 0;
+                    self.flush().await?;
                 }
             }
             Sink::File(out) => {
@@ -194,15 +193,18 @@ impl Sink {
                 }
             }
             Sink::Redis {
-                conn, pipe, queued, ..
+                conn,
+                pipes,
+                queued,
+                ..
             } => {
-                if *queued > 0 {
+                for pipe in pipes.iter_mut().filter(|p| p.cmd_iter().next().is_some()) {
                     pipe.query_async::<()>(conn)
                         .await
                         .context("adding entries")?;
                     pipe.clear();
-                    *queued = 0;
                 }
+                *queued = 0;
             }
             Sink::File(out) => out.flush()?,
         }

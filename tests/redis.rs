@@ -10,7 +10,7 @@ use redis::Commands;
 use sessionizer::config::Config;
 use sessionizer::redis::entry::Entry;
 use sessionizer::redis::keys::{shard_of, ShardKeys};
-use support::redis_server::{RedisOptions, RedisServer};
+use support::redis_server::{RedisCluster, RedisOptions, RedisServer};
 use support::{wait_for, workload, Worker};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,8 +29,25 @@ impl Setup {
         extra_redis: &str,
         window: &str,
     ) -> Setup {
-        let ca = server
-            .ca_file()
+        Self::with_url(
+            &server.url(),
+            server.ca_file(),
+            name,
+            shards,
+            extra_redis,
+            window,
+        )
+    }
+
+    fn with_url(
+        url: &str,
+        ca_file: Option<String>,
+        name: &str,
+        shards: u32,
+        extra_redis: &str,
+        window: &str,
+    ) -> Setup {
+        let ca = ca_file
             .map(|f| format!("tls_ca_file = \"{f}\"\n"))
             .unwrap_or_default();
         let window = if window.is_empty() {
@@ -52,7 +69,7 @@ lease_ttl = "1500ms"
 block = "100ms"
 {ca}{extra_redis}
 "#,
-            server.url()
+            url
         );
         let config = Config::from_toml(&config_text, Vec::new()).unwrap();
         Setup {
@@ -72,7 +89,7 @@ block = "100ms"
 
 /// Adds the records to their shards: most as a `payload` field, every third
 /// valid JSON event as flat fields (both forms producers may use).
-fn produce(conn: &mut redis::Connection, setup: &Setup, records: &[(String, Vec<u8>)]) {
+fn produce(conn: &mut impl redis::ConnectionLike, setup: &Setup, records: &[(String, Vec<u8>)]) {
     let shards = setup.shards();
     let mut pipe = redis::pipe();
     for (i, (user, payload)) in records.iter().enumerate() {
@@ -108,7 +125,7 @@ type Fields = BTreeMap<String, Vec<u8>>;
 type RawFields = Vec<(String, Vec<u8>)>;
 
 /// Every entry of a stream, oldest first.
-fn read_stream(conn: &mut redis::Connection, key: &str) -> Vec<(String, Fields)> {
+fn read_stream(conn: &mut impl redis::ConnectionLike, key: &str) -> Vec<(String, Fields)> {
     let mut out = Vec::new();
     let mut from = "-".to_owned();
     loop {
@@ -130,14 +147,14 @@ fn read_stream(conn: &mut redis::Connection, key: &str) -> Vec<(String, Fields)>
     out
 }
 
-fn turns(conn: &mut redis::Connection, key: &str) -> Vec<serde_json::Value> {
+fn turns(conn: &mut impl redis::ConnectionLike, key: &str) -> Vec<serde_json::Value> {
     read_stream(conn, key)
         .into_iter()
         .map(|(_, f)| serde_json::from_slice(&f["turn"]).unwrap())
         .collect()
 }
 
-fn pending(conn: &mut redis::Connection, setup: &Setup) -> usize {
+fn pending(conn: &mut impl redis::ConnectionLike, setup: &Setup) -> usize {
     setup
         .shards()
         .iter()
@@ -161,7 +178,7 @@ fn pending(conn: &mut redis::Connection, setup: &Setup) -> usize {
 /// What the worker must produce: each shard's entries in id order through
 /// the pipeline, then every session closed.
 fn reference(
-    conn: &mut redis::Connection,
+    conn: &mut impl redis::ConnectionLike,
     setup: &Setup,
 ) -> (Vec<serde_json::Value>, BTreeSet<(String, String, String)>) {
     let mut turns = Vec::new();
@@ -200,23 +217,25 @@ fn message_ids(turns: &[serde_json::Value]) -> BTreeSet<String> {
 
 /// Waits until the turns cover every wanted message and nothing is pending.
 fn wait_until_done(
-    conn: &mut redis::Connection,
+    conn: &mut impl redis::ConnectionLike,
     setup: &Setup,
     want: &BTreeSet<String>,
 ) -> Vec<serde_json::Value> {
-    let output = setup.section().output_stream.clone();
+    // One output stream, or one per shard on a cluster.
+    let outputs: BTreeSet<String> = setup.shards().into_iter().map(|s| s.output).collect();
     wait_for(
         "every message in a turn and nothing pending",
         TIMEOUT,
         || {
-            let turns = turns(conn, &output);
+            let turns: Vec<serde_json::Value> =
+                outputs.iter().flat_map(|o| turns(conn, o)).collect();
             (message_ids(&turns).is_superset(want) && pending(conn, setup) == 0).then_some(turns)
         },
     )
 }
 
 /// The lease holders' pids (a lease value is `<host>-<pid>#<epoch>`).
-fn lease_holders(conn: &mut redis::Connection, setup: &Setup) -> Vec<Option<u32>> {
+fn lease_holders(conn: &mut impl redis::ConnectionLike, setup: &Setup) -> Vec<Option<u32>> {
     setup
         .shards()
         .iter()
@@ -845,4 +864,57 @@ fn dlq_inspect_follow_prints_new_dead_letters() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// The worker on a Redis Cluster (three primaries): shard keys hash-tagged
+/// so each fenced step stays on one node, shards spread over the nodes,
+/// output and DLQ sharded like the input; the turns equal the reference and
+/// `dlq stats` counts the poison.
+#[test]
+fn end_to_end_on_a_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let mut conn = cluster.conn();
+    let setup = Setup::with_url(&cluster.url(), None, "cluster", 6, "cluster = true\n", "");
+    let slots: BTreeSet<i64> = setup
+        .shards()
+        .iter()
+        .map(|s| {
+            redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(&s.stream)
+                .query::<i64>(&mut conn)
+                .unwrap()
+                / 5462
+        })
+        .collect();
+    assert!(slots.len() >= 2, "the shards live on more than one node");
+    let (sent, poison, _) = support::run_produce(
+        &setup.config_text,
+        &[
+            "--count",
+            "1500",
+            "--rate",
+            "0",
+            "--users",
+            "40",
+            "--poison-fraction",
+            "0.05",
+            "--duplicate-fraction",
+            "0.05",
+        ],
+    );
+    assert_eq!(sent, 1500);
+    let (want_turns, want_dead) = reference(&mut conn, &setup);
+    assert_eq!(want_dead.len() as u64, poison);
+    let _worker = Worker::start(&setup.config_text);
+    let got = wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    assert_eq!(sorted(got), want_turns);
+    let dead: usize = setup
+        .shards()
+        .iter()
+        .map(|s| read_stream(&mut conn, &s.dlq).len())
+        .sum();
+    assert_eq!(dead, want_dead.len());
+    let stats = support::stats_json(&setup.config_text, &[]);
+    assert_eq!(stats["total"], want_dead.len());
 }

@@ -9,9 +9,9 @@
 use std::collections::BTreeSet;
 
 use anyhow::Context as _;
-use redis::aio::ConnectionManager;
 use redis::Value;
 
+use super::connection::RedisConn;
 use super::entry::{parse_entries, Entry};
 use super::keys::ShardKeys;
 use crate::config::RedisSection;
@@ -34,7 +34,7 @@ const PAGE: usize = 1_000;
 /// The DLQ stream(s) of a `[redis]` configuration (one per shard on a
 /// cluster, else one).
 pub struct RedisDlq {
-    conn: ConnectionManager,
+    conn: RedisConn,
     streams: Vec<String>,
     /// For `follow`: the last id seen per stream.
     last: Vec<String>,
@@ -50,8 +50,8 @@ impl std::fmt::Debug for RedisDlq {
 
 impl RedisDlq {
     pub async fn open(section: &RedisSection) -> anyhow::Result<RedisDlq> {
-        let client = super::worker::client(section)?;
-        let conn = super::worker::connect(&client, std::time::Duration::from_secs(2))
+        let client = super::connection::client(section)?;
+        let conn = super::connection::connect(&client, std::time::Duration::from_secs(2))
             .await
             .context("connecting to Redis")?;
         let streams: Vec<String> = ShardKeys::all(section)
@@ -101,16 +101,39 @@ impl RedisDlq {
         Ok(all)
     }
 
-    /// New dead letters since the last read (blocks up to a second).
+    /// New dead letters since the last read (waits up to a second). One
+    /// blocking `XREAD` of the DLQ stream; on a cluster, where each shard
+    /// has its own DLQ stream in its own slot, one non-blocking read each.
     pub async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
-        let reply: Value = redis::cmd("XREAD")
-            .arg("BLOCK")
-            .arg(1_000)
-            .arg("STREAMS")
-            .arg(&self.streams)
-            .arg(&self.last)
-            .query_async(&mut self.conn)
-            .await?;
+        if self.streams.len() == 1 {
+            let reply: Value = redis::cmd("XREAD")
+                .arg("BLOCK")
+                .arg(1_000)
+                .arg("STREAMS")
+                .arg(&self.streams)
+                .arg(&self.last)
+                .query_async(&mut self.conn)
+                .await?;
+            return self.new_entries(reply);
+        }
+        let mut out = Vec::new();
+        for index in 0..self.streams.len() {
+            let reply: Value = redis::cmd("XREAD")
+                .arg("STREAMS")
+                .arg(&self.streams[index])
+                .arg(&self.last[index])
+                .query_async(&mut self.conn)
+                .await?;
+            out.extend(self.new_entries(reply)?);
+        }
+        if out.is_empty() {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        Ok(out)
+    }
+
+    /// The entries of an `XREAD` reply; moves the read positions past them.
+    fn new_entries(&mut self, reply: Value) -> anyhow::Result<Vec<DlqEntry>> {
         let mut out = Vec::new();
         let Value::Array(streams) = reply else {
             return Ok(out); // nil: nothing new

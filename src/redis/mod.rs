@@ -10,6 +10,7 @@
 //! acked in one script that checks the lease first ([`scripts`]): a stale
 //! owner can neither emit nor ack.
 
+pub mod connection;
 pub mod dlq;
 pub mod entry;
 pub mod keys;

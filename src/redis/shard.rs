@@ -14,10 +14,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Value};
 use tokio::sync::watch;
 
+use super::connection::RedisConn;
 use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
@@ -80,7 +80,7 @@ const RETRY_PAUSE: Duration = Duration::from_millis(250);
 pub struct ShardTask {
     keys: ShardKeys,
     token: String,
-    conn: ConnectionManager,
+    conn: RedisConn,
     settings: Arc<Settings>,
     pipeline: PartitionPipeline,
     gauges: PartitionGauges,
@@ -124,12 +124,7 @@ enum Failure {
 }
 
 impl ShardTask {
-    pub fn new(
-        keys: ShardKeys,
-        token: String,
-        conn: ConnectionManager,
-        settings: Arc<Settings>,
-    ) -> Self {
+    pub fn new(keys: ShardKeys, token: String, conn: RedisConn, settings: Arc<Settings>) -> Self {
         ShardTask {
             pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window),
             gauges: PartitionGauges::new(&keys.stream),

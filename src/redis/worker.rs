@@ -12,11 +12,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, RedisError};
+use redis::RedisError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::connection::{client, connect, RedisClient, RedisConn};
 use super::keys::{members_key, ShardKeys};
 use super::scripts;
 use super::shard::{Settings, ShardExit, ShardTask};
@@ -110,64 +110,11 @@ pub async fn run(
     Ok(coordinator.stats)
 }
 
-/// The client for `[redis]`: the URL, with `username` / `password` and a
-/// private CA applied when given.
-pub fn client(section: &RedisSection) -> Result<Client, WorkerError> {
-    use redis::IntoConnectionInfo;
-    let mut info = section
-        .url
-        .as_str()
-        .into_connection_info()
-        .map_err(WorkerError::Url)?;
-    if let Some(user) = &section.username {
-        info.redis.username = Some(user.clone());
-    }
-    if let Some(password) = &section.password {
-        info.redis.password = Some(password.clone());
-    }
-    if section.url.starts_with("rediss://") {
-        install_tls_provider();
-    }
-    match &section.tls_ca_file {
-        None => Client::open(info).map_err(WorkerError::Url),
-        Some(path) => {
-            let root_cert = std::fs::read(path).map_err(|source| WorkerError::CaFile {
-                path: path.clone(),
-                source,
-            })?;
-            Client::build_with_tls(
-                info,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(root_cert),
-                },
-            )
-            .map_err(WorkerError::Url)
-        }
-    }
-}
-
-/// rustls needs one process-wide crypto provider; ring is the one built in.
-pub fn install_tls_provider() {
-    // An error only says a provider is installed already.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-/// A connection that reconnects on its own after errors. Replies may take up
-/// to the read block time, plus slack.
-pub async fn connect(client: &Client, block: Duration) -> Result<ConnectionManager, RedisError> {
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Duration::from_secs(5))
-        .set_response_timeout(block + Duration::from_secs(10))
-        .set_number_of_retries(2);
-    ConnectionManager::new_with_config(client.clone(), config).await
-}
-
 struct Coordinator {
     section: RedisSection,
     shards: Vec<ShardKeys>,
-    client: Client,
-    conn: Option<ConnectionManager>,
+    client: RedisClient,
+    conn: Option<RedisConn>,
     settings: Arc<Settings>,
     worker: String,
     owned: HashMap<u32, Owned>,
@@ -176,7 +123,7 @@ struct Coordinator {
 }
 
 impl Coordinator {
-    async fn conn(&mut self) -> Result<ConnectionManager, RedisError> {
+    async fn conn(&mut self) -> Result<RedisConn, RedisError> {
         if let Some(conn) = &self.conn {
             return Ok(conn.clone());
         }
@@ -390,7 +337,7 @@ impl Coordinator {
 /// Creates the consumer group at the start of the stream (creating the
 /// stream too), so entries written before the first worker are processed.
 pub async fn create_group(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     stream: &str,
     group: &str,
 ) -> Result<(), RedisError> {

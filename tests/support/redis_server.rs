@@ -16,6 +16,8 @@ pub struct RedisOptions {
     pub acl_user: Option<(String, String)>,
     /// Serve TLS only, with a CA and server certificate made by `openssl`.
     pub tls: bool,
+    /// A Redis Cluster node (see [`RedisCluster`]).
+    pub cluster: bool,
 }
 
 pub struct RedisServer {
@@ -77,6 +79,16 @@ impl RedisServer {
             cmd.args(["--tls-auth-clients", "no"]);
         } else {
             cmd.args(["--port", &port]);
+        }
+        if self.options.cluster {
+            cmd.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+                "--cluster-node-timeout",
+                "5000",
+            ]);
         }
         if self.options.aof {
             cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
@@ -148,6 +160,59 @@ impl RedisServer {
     }
 }
 
+/// A Redis Cluster of three primaries (no replicas) on free loopback ports,
+/// made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let options = RedisOptions {
+            cluster: true,
+            ..RedisOptions::default()
+        };
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| RedisServer::start_with(options.clone()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .expect("redis-cli is missing: run scripts/install-test-deps");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for node in &nodes {
+            wait_for("the cluster to be ready", Duration::from_secs(30), || {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut node.conn())
+                    .ok()?;
+                info.contains("cluster_state:ok").then_some(())
+            });
+        }
+        RedisCluster { nodes }
+    }
+
+    /// A node's URL (any node leads a cluster client to all of them).
+    pub fn url(&self) -> String {
+        self.nodes[0].url()
+    }
+
+    /// A cluster connection: each command goes to the node of its key.
+    pub fn conn(&self) -> redis::cluster::ClusterConnection {
+        redis::cluster::ClusterClient::new(vec![self.url()])
+            .unwrap()
+            .get_connection()
+            .expect("connect to the test cluster")
+    }
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
@@ -158,7 +223,7 @@ fn connect(url: &str, ca_file: Option<&str>) -> redis::RedisResult<redis::Connec
     let client = match ca_file {
         None => redis::Client::open(url)?,
         Some(ca) => {
-            sessionizer::redis::worker::install_tls_provider();
+            sessionizer::redis::connection::install_tls_provider();
             redis::Client::build_with_tls(
                 url,
                 redis::TlsCertificates {

@@ -1,0 +1,164 @@
+//! Connections for `[redis]`: one node (`cluster = false`) through a
+//! reconnecting `ConnectionManager`, or a Redis Cluster (`cluster = true`)
+//! through the redis crate's cluster client, which routes each command or
+//! pipeline to the node owning its hash slot and follows `MOVED`/`ASK`.
+//! Every key of one shard shares a hash slot (see [`super::keys`]), so each
+//! fenced step (`WATCH` … `EXEC` in one pipeline) goes to one node whole.
+//! Both kinds look the same to the rest of the worker: [`RedisConn`].
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
+
+use super::worker::WorkerError;
+use crate::config::RedisSection;
+
+/// Where connections come from.
+#[derive(Clone)]
+pub enum RedisClient {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+impl std::fmt::Debug for RedisClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisClient::Single(_) => "RedisClient::Single",
+            RedisClient::Cluster(_) => "RedisClient::Cluster",
+        })
+    }
+}
+
+/// A connection to one node or to a cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RedisConn::Single(_) => "RedisConn::Single",
+            RedisConn::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_command(cmd),
+            RedisConn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConn::Single(c) => c.get_db(),
+            RedisConn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// The client for `[redis]`: the URL (on a cluster: any node's), with
+/// `username` / `password` and a private CA applied when given.
+pub fn client(section: &RedisSection) -> Result<RedisClient, WorkerError> {
+    let mut info = section
+        .url
+        .as_str()
+        .into_connection_info()
+        .map_err(WorkerError::Url)?;
+    if let Some(user) = &section.username {
+        info.redis.username = Some(user.clone());
+    }
+    if let Some(password) = &section.password {
+        info.redis.password = Some(password.clone());
+    }
+    let tls = section.url.starts_with("rediss://");
+    if tls {
+        install_tls_provider();
+    }
+    let root_cert = section
+        .tls_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| WorkerError::CaFile {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()?;
+    let certificates = |root_cert| redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(root_cert),
+    };
+    if section.cluster {
+        let mut builder = ClusterClientBuilder::new(vec![info.clone()])
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(section.block.as_duration() + Duration::from_secs(10));
+        if let Some(user) = &info.redis.username {
+            builder = builder.username(user.clone());
+        }
+        if let Some(password) = &info.redis.password {
+            builder = builder.password(password.clone());
+        }
+        if tls {
+            builder = builder.tls(redis::cluster::TlsMode::Secure);
+        }
+        if let Some(root_cert) = root_cert {
+            builder = builder.certs(certificates(root_cert));
+        }
+        return builder
+            .build()
+            .map(RedisClient::Cluster)
+            .map_err(WorkerError::Url);
+    }
+    match root_cert {
+        None => Client::open(info),
+        Some(root_cert) => Client::build_with_tls(info, certificates(root_cert)),
+    }
+    .map(RedisClient::Single)
+    .map_err(WorkerError::Url)
+}
+
+/// rustls needs a process-wide crypto provider before the first TLS
+/// connection.
+pub fn install_tls_provider() {
+    // An error only says a provider is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A connection that reconnects on its own; `block` is the longest a
+/// command waits on the server (`XREAD BLOCK`), so replies may take that
+/// long. Each shard task has its own, so its blocking wait and its
+/// `WATCH` … `EXEC` steps never share a connection with another task's.
+pub async fn connect(client: &RedisClient, block: Duration) -> Result<RedisConn, RedisError> {
+    match client {
+        RedisClient::Single(client) => {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Duration::from_secs(5))
+                .set_response_timeout(block + Duration::from_secs(10))
+                .set_number_of_retries(2);
+            ConnectionManager::new_with_config(client.clone(), config)
+                .await
+                .map(RedisConn::Single)
+        }
+        RedisClient::Cluster(client) => client.get_async_connection().await.map(RedisConn::Cluster),
+    }
+}
