@@ -7,8 +7,10 @@
 //! ([`worker`]). The consumer name inside the group is the shard's name, so a
 //! new owner replays its predecessor's pending entries and rebuilds the open
 //! sessions ([`shard`]). A turn or dead letter is written and its entries
-//! acked in one script that checks the lease first ([`scripts`]): a stale
-//! owner can neither emit nor ack.
+//! acked in one `WATCH` … `EXEC` step guarded by a lease check
+//! ([`scripts::FENCE_CHECK`]): a stale owner can neither emit nor ack.
+//! [`connection`] talks to one node or a Redis Cluster; [`dlq`] is the
+//! dead-letter stream as `sessionizer dlq` reads and replays it.
 
 pub mod connection;
 pub mod dlq;
