@@ -4,9 +4,9 @@
 //! event in the shard of its session key, as one `payload` field), or a
 //! file of JSON lines.
 //!
-//! Event times. At a target `rate` ([`Pace::Rate`]) each valid event is stamped with the wall
-//! clock at sending minus its modeled arrival delay, so the worker sees live
-//! traffic whose disorder stays below `disorder`. The modeled gaps hold
+//! Event times. At a target `rate` ([`Pace::Rate`]) each valid event is
+//! stamped with the wall clock at sending minus its modeled arrival delay,
+//! so the worker sees live traffic whose disorder stays below `disorder`. The modeled gaps hold
 //! when the users, at their modeled pace, make about `rate` events per
 //! second (about `rate × 10` users with the default burst shape); with fewer
 //! users time is compressed, and the progress line shows by how much
@@ -293,6 +293,9 @@ pub async fn run(
                 Some(started + Duration::from_millis((record.arrival - started_ms).max(0) as u64))
             }
         };
+        if due.zip(deadline).is_some_and(|(due, end)| due > end) {
+            break; // due after the run's end
+        }
         match due.filter(|due| *due > Instant::now()) {
             Some(due) => {
                 sink.push_out().await?;
