@@ -74,16 +74,7 @@ block = "100ms"
 
     // Live traffic from the load generator: each record is written at its
     // modeled arrival time (event time = now).
-    let (produced, _, _) = support::run_produce(
-        &config_text,
-        &[
-            "--real-time",
-            "--duration",
-            &format!("{seconds}s"),
-            "--users",
-            &users.to_string(),
-        ],
-    );
+    let produced = support::run_live_traffic(&config_text, seconds, users);
     let stopped = now_ms();
     // Every entry acked means every session closed (the idle advance closes
     // the last ones).

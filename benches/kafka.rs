@@ -128,16 +128,7 @@ commit_interval = "200ms"
     );
     // Live traffic from the load generator: each record at its modeled
     // arrival time (event time = now).
-    let (produced, _, _) = support::run_produce(
-        &config_text,
-        &[
-            "--real-time",
-            "--duration",
-            &format!("{seconds}s"),
-            "--users",
-            "20000",
-        ],
-    );
+    let produced = support::run_live_traffic(&config_text, seconds as u64, 20_000);
     let stopped = sessionizer::wall_clock::now_ms();
     let (_, ends) = consume_only(broker, "live", partitions, produced as usize + 1);
     wait_for("every offset committed", Duration::from_secs(300), || {

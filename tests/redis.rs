@@ -570,20 +570,13 @@ fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
     let (want_turns, want_dead) = reference(&mut conn, &setup);
     wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
 
-    let exposition = wait_for("the turn counters", TIMEOUT, || {
-        let (_, text) = http_get(port, "/metrics")?;
-        (metric(&text, m::TURNS, &[]) as usize == want_turns.len()).then_some(text)
-    });
+    let exposition = support::scrape_when_turns(port, want_turns.len());
     let count = |name: &str, labels: &[(&str, &str)]| metric(&exposition, name, labels) as usize;
     assert_eq!(count(m::RECORDS_CONSUMED, &[]), records.len());
-    for reason in ["decode", "invalid", "oversize"] {
-        let want = want_dead.iter().filter(|(_, _, r)| r == reason).count();
-        assert_eq!(
-            count(m::DEAD_LETTERS, &[("reason", reason)]),
-            want,
-            "{reason}"
-        );
-    }
+    support::assert_dead_letters_by_reason(
+        &exposition,
+        want_dead.iter().map(|(_, _, r)| r.as_str()),
+    );
     assert_eq!(count(m::DEAD_LETTERS, &[]), want_dead.len());
     let valid = records.len() - want_dead.len();
     assert_eq!(count(m::EVENTS, &[("kind", "message")]), valid);

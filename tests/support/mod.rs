@@ -738,3 +738,45 @@ pub fn stats_json(config: &str, args: &[&str]) -> serde_json::Value {
     let (stdout, _) = run_cli(&["dlq", "stats"], config, &all);
     serde_json::from_str(stdout.trim()).unwrap()
 }
+
+/// Scrapes `/metrics` until the worker counted `turns` turns; returns that
+/// exposition.
+pub fn scrape_when_turns(port: u16, turns: usize) -> String {
+    wait_for("the turn counters", Duration::from_secs(90), || {
+        let (_, text) = http_get(port, "/metrics")?;
+        (metric(&text, sessionizer::metrics::TURNS, &[]) as usize == turns).then_some(text)
+    })
+}
+
+/// The dead-letter counters of an exposition equal the reasons given (one
+/// per dead letter).
+pub fn assert_dead_letters_by_reason<'a>(exposition: &str, reasons: impl Iterator<Item = &'a str>) {
+    let mut want: BTreeMap<&str, usize> = BTreeMap::new();
+    for reason in reasons {
+        *want.entry(reason).or_default() += 1;
+    }
+    for reason in ["decode", "invalid", "oversize"] {
+        let got = metric(
+            exposition,
+            sessionizer::metrics::DEAD_LETTERS,
+            &[("reason", reason)],
+        ) as usize;
+        assert_eq!(got, want.get(reason).copied().unwrap_or(0), "{reason}");
+    }
+}
+
+/// Runs `sessionizer produce --real-time` for `seconds` from `users`
+/// users (live traffic: event time = now); returns the records sent.
+pub fn run_live_traffic(config: &str, seconds: u64, users: u32) -> u64 {
+    run_produce(
+        config,
+        &[
+            "--real-time",
+            "--duration",
+            &format!("{seconds}s"),
+            "--users",
+            &users.to_string(),
+        ],
+    )
+    .0
+}
