@@ -617,10 +617,20 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
         (n, 0),
         "the dry run recorded nothing"
     );
+    // In two runs: the first stops after two records and records its
+    // progress; the second sends only the rest.
     let fix = r#"sed 's/}$/,"text":"fixed"}/'"#;
+    assert!(invalid.len() > 2);
+    assert_eq!(
+        run_replay(
+            &text,
+            &["--reason", "invalid", "--transform", fix, "--limit", "2"]
+        ),
+        (2, 0)
+    );
     assert_eq!(
         run_replay(&text, &["--reason", "invalid", "--transform", fix]),
-        (invalid.len() as u64, 0)
+        (invalid.len() as u64 - 2, 0)
     );
     let mut want = support::payload_message_ids(&oversize);
     want.extend(support::payload_message_ids(&invalid));
@@ -648,6 +658,16 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     assert!(with_origin
         .iter()
         .all(|r| r.header("sessionizer.replay.count") == Some("1")));
+    // Back to the partition the record came from (its user's partition).
+    let dead_by_position: BTreeMap<String, &serde_json::Value> = oldest_first
+        .iter()
+        .map(|e| (e["position"].as_str().unwrap().to_owned(), e))
+        .collect();
+    for r in &with_origin {
+        let origin = dead_by_position[r.header("sessionizer.replay.from").unwrap()];
+        assert_eq!(origin["source"]["partition"], r.partition.to_string());
+        assert_eq!(origin["key"].as_str().unwrap().as_bytes(), r.key.as_slice());
+    }
 
     // Records that never decode come back with their replay count and are
     // skipped once replayed --max-replays times.
