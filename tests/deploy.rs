@@ -26,10 +26,10 @@ fn the_deployed_worker_configs_load() {
     }
 }
 
-#[test]
-fn the_dashboard_queries_only_exported_metrics() {
+/// Every metric name the workers export.
+fn exported() -> BTreeSet<&'static str> {
     use sessionizer::metrics as m;
-    let exported: BTreeSet<&str> = [
+    [
         m::RECORDS_CONSUMED,
         m::EVENTS,
         m::TURNS,
@@ -47,27 +47,41 @@ fn the_dashboard_queries_only_exported_metrics() {
         m::OWNED,
     ]
     .into_iter()
-    .collect();
+    .collect()
+}
+
+/// The `sessionizer_*` metric names a PromQL expression uses, histogram
+/// suffixes removed.
+fn metric_names(expr: &str) -> Vec<String> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("sessionizer_"))
+        .map(|w| {
+            ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| w.strip_suffix(s))
+                .unwrap_or(w)
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_dashboard_queries_only_exported_metrics() {
+    use sessionizer::metrics as m;
+    let exported = exported();
     let text =
         std::fs::read_to_string(root().join("deploy/grafana/dashboards/sessionizer.json")).unwrap();
     let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
     let mut used = BTreeSet::new();
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if let Some(name) = word.strip_prefix("sessionizer_").map(|_| word) {
-                    let base = ["_bucket", "_count", "_sum"]
-                        .iter()
-                        .find_map(|s| name.strip_suffix(s))
-                        .unwrap_or(name);
-                    assert!(
-                        exported.contains(base),
-                        "{} queries unknown {name}",
-                        panel["title"]
-                    );
-                    used.insert(base.to_owned());
-                }
+            for name in metric_names(target["expr"].as_str().unwrap()) {
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{} queries unknown {name}",
+                    panel["title"]
+                );
+                used.insert(name);
             }
         }
     }
@@ -80,4 +94,27 @@ fn the_dashboard_queries_only_exported_metrics() {
     ] {
         assert!(used.contains(name), "the dashboard shows {name}");
     }
+}
+
+/// The alert rules (loaded by deploy/prometheus.yml) use only exported
+/// metrics.
+#[test]
+fn the_alert_rules_use_only_exported_metrics() {
+    let text = std::fs::read_to_string(root().join("deploy/alerts.yml")).unwrap();
+    let exported = exported();
+    let mut rules = 0;
+    for line in text.lines() {
+        if let Some(expr) = line.trim().strip_prefix("expr:") {
+            rules += 1;
+            for name in metric_names(expr) {
+                assert!(
+                    exported.contains(name.as_str()),
+                    "alert uses unknown {name}: {expr}"
+                );
+            }
+        }
+    }
+    assert!(rules >= 5, "the rules were read");
+    let prometheus = std::fs::read_to_string(root().join("deploy/prometheus.yml")).unwrap();
+    assert!(prometheus.contains("/etc/prometheus/alerts.yml"));
 }
