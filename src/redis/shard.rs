@@ -399,12 +399,12 @@ impl ShardTask {
         step: Option<&EmitArgs>,
     ) -> Result<(Vec<Entry>, Option<String>), RedisError> {
         let s = self.settings.clone();
-        let mut read = redis::pipe();
+        let mut read = self.begin_fenced();
         if let Some(step) = step {
             self.add_step(&mut read, step);
         }
         read.add_command(self.read_group(">"));
-        let reply = self.fenced(&read).await;
+        let reply = self.fenced(read).await;
         if step.is_some_and(|step| !step.acks.is_empty()) {
             count_commit(&reply);
         }
@@ -426,37 +426,38 @@ impl ShardTask {
         Ok((entries, last))
     }
 
-    /// Runs `transaction`'s commands in `MULTI … EXEC` only while this task's
-    /// token is the lease's value, in one round trip: `WATCH` the lease and
-    /// the fence key, run [`scripts::FENCE_CHECK`] (which touches the fence
-    /// key unless the lease is ours), then the transaction. Redis refuses the
-    /// `EXEC` if either key changed after the `WATCH`: the lease taken, or
-    /// only renewed (a `TryAgain` error the retry loops repeat at once), or
-    /// the check failing (the fencing error). `WATCH` lives on the connection
-    /// and `EXEC` ends it, so a reconnect between steps cannot leave a stale
-    /// one behind. Returns `EXEC`'s replies, one per command.
-    async fn fenced(&mut self, transaction: &redis::Pipeline) -> Result<Value, RedisError> {
+    /// A fenced step's start: `WATCH` the lease and the fence key, run
+    /// [`scripts::FENCE_CHECK`] (which touches the fence key unless the
+    /// lease is ours), `MULTI`. The caller adds the step's commands and hands
+    /// it to [`Self::fenced`].
+    fn begin_fenced(&self) -> redis::Pipeline {
         let mut step = redis::pipe();
         step.cmd("WATCH")
             .arg(&self.keys.lease)
             .arg(&self.keys.fence)
-            .ignore()
             .cmd("EVAL")
             .arg(scripts::FENCE_CHECK)
             .arg(2)
             .arg(&self.keys.lease)
             .arg(&self.keys.fence)
             .arg(&self.token)
-            .cmd("MULTI")
-            .ignore();
-        for command in transaction.cmd_iter() {
-            step.add_command(command.clone()).ignore();
-        }
+            .cmd("MULTI");
+        step
+    }
+
+    /// Runs a step begun by [`Self::begin_fenced`] in one round trip. Redis
+    /// refuses its `EXEC` if either watched key changed after the `WATCH`:
+    /// the lease taken, or only renewed (a `TryAgain` error the retry loops
+    /// repeat at once), or the check failing (the fencing error). `WATCH`
+    /// lives on the connection and `EXEC` ends it, so a reconnect between
+    /// steps cannot leave a stale one behind. Returns `EXEC`'s replies, one
+    /// per command.
+    async fn fenced(&mut self, mut step: redis::Pipeline) -> Result<Value, RedisError> {
         step.cmd("EXEC");
         // The raw replies: `query_async` would rebuild the whole reply tree
         // twice to look for errors nested in it, a tenth of the worker's CPU
         // for big reads; errors can only stand at the top level here.
-        let count = transaction.cmd_iter().count() + 4;
+        let count = step.cmd_iter().count();
         let mut replies =
             redis::aio::ConnectionLike::req_packed_commands(&mut self.conn, &step, 0, count)
                 .await?;
@@ -630,9 +631,9 @@ impl ShardTask {
     /// Writes one step's turns and dead letters and acks their entries in
     /// one fenced transaction.
     async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
-        let mut step = redis::pipe();
+        let mut step = self.begin_fenced();
         self.add_step(&mut step, args);
-        let written = self.fenced(&step).await;
+        let written = self.fenced(step).await;
         count_commit(&written);
         written.map(drop)
     }
