@@ -132,7 +132,11 @@ pub fn observe_emit(session: &ClosedSession, gap_ms: i64, now_ms: i64) {
         ClosedBy::Gap => session.end_time + gap_ms,
         _ => session.end_time,
     };
-    histogram!(EMIT_DELAY).record((now_ms - could_close).max(0) as f64 / 1000.0);
+    // Registered once: the recorder is installed before any worker starts.
+    static HANDLE: std::sync::OnceLock<Histogram> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| histogram!(EMIT_DELAY))
+        .record((now_ms - could_close).max(0) as f64 / 1000.0);
 }
 
 /// Gauges for one owned partition or shard.

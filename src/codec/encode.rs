@@ -57,11 +57,27 @@ pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
     }
 }
 
+/// The session's `turn_id` (see [`turn_id`]).
+pub fn session_turn_id(session: &ClosedSession) -> String {
+    let first = session.messages.first().map_or("", |m| m.message_id());
+    turn_id(&session.user_id, session.conversation_id.as_deref(), first)
+}
+
 /// Appends the session's turn, encoded, to `buf` (JSON without a trailing
 /// newline).
 pub fn encode_turn(session: &ClosedSession, format: OutputFormat, buf: &mut Vec<u8>) {
+    encode_turn_with_id(session, &session_turn_id(session), format, buf);
+}
+
+/// [`encode_turn`] for a caller that has the turn id already.
+pub fn encode_turn_with_id(
+    session: &ClosedSession,
+    turn_id: &str,
+    format: OutputFormat,
+    buf: &mut Vec<u8>,
+) {
     match format {
-        OutputFormat::Json => super::json_writer::write_turn(session, buf),
+        OutputFormat::Json => super::json_writer::write_turn(session, turn_id, buf),
         OutputFormat::Protobuf => to_proto(&turn_from_session(session))
             .encode(buf)
             .expect("a Vec grows as needed"),

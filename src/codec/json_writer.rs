@@ -5,15 +5,14 @@
 //! holds it to that), so the schema and the model stay the one contract.
 
 use crate::engine::ClosedSession;
-use crate::model::{turn_id, Attributes};
+use crate::model::Attributes;
 
-/// Appends the session's turn as one JSON object (no trailing newline).
-pub fn write_turn(session: &ClosedSession, buf: &mut Vec<u8>) {
-    let first = session.messages[0].message_id();
+/// Appends the session's turn as one JSON object (no trailing newline);
+/// `turn_id` is the session's [`crate::model::turn_id`], computed by the
+/// caller, who may need it too.
+pub fn write_turn(session: &ClosedSession, turn_id: &str, buf: &mut Vec<u8>) {
     buf.extend_from_slice(b"{\"turn_id\":\"");
-    buf.extend_from_slice(
-        turn_id(&session.user_id, session.conversation_id.as_deref(), first).as_bytes(),
-    );
+    buf.extend_from_slice(turn_id.as_bytes());
     buf.extend_from_slice(b"\",\"user_id\":");
     write_str(buf, &session.user_id);
     if let Some(c) = &session.conversation_id {
@@ -149,7 +148,7 @@ fn write_str_contents(buf: &mut Vec<u8>, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::codec::turn_from_session;
+    use crate::codec::{session_turn_id, turn_from_session};
     use crate::engine::{LatePolicy, Resolution, SessionEngine, WindowConfig};
     use crate::model::{ChatEvent, EventKind};
     use proptest::prelude::*;
@@ -190,7 +189,7 @@ mod tests {
         fn same_json_as_serde(texts in proptest::collection::vec("\\PC{1,40}|[\"\\\\\\x00-\\x1f\\u{7f}é😀a]{1,20}", 1..5), conversation in proptest::option::of("[a-z]{1,5}"), attributes in any::<bool>()) {
             let s = session(&texts, conversation.as_deref(), attributes);
             let mut fast = Vec::new();
-            write_turn(&s, &mut fast);
+            write_turn(&s, &session_turn_id(&s), &mut fast);
             let serde = serde_json::to_vec(&turn_from_session(&s)).unwrap();
             prop_assert_eq!(String::from_utf8(fast).unwrap(), String::from_utf8(serde).unwrap());
         }

@@ -10,4 +10,6 @@ mod json_writer;
 pub mod proto;
 
 pub use decode::{DecodeLimits, Decoder, InputFormat, Poison};
-pub use encode::{encode_turn, turn_from_session, OutputFormat};
+pub use encode::{
+    encode_turn, encode_turn_with_id, session_turn_id, turn_from_session, OutputFormat,
+};

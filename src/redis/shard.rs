@@ -21,10 +21,10 @@ use super::connection::RedisConn;
 use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
-use crate::codec::{encode_turn, Decoder, OutputFormat};
+use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
 use crate::engine::{IdleClock, WindowConfig};
 use crate::metrics::{self, PartitionGauges};
-use crate::model::{turn_id, DeadLetterReason};
+use crate::model::DeadLetterReason;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms};
 
@@ -548,10 +548,9 @@ impl ShardTask {
             match outcome {
                 Outcome::Turn(session) => {
                     metrics::observe_emit(&session, self.settings.window.gap_ms, now_ms());
+                    let id = session_turn_id(&session);
                     let mut turn = Vec::with_capacity(512);
-                    encode_turn(&session, self.settings.format, &mut turn);
-                    let first = session.messages.first().map_or("", |m| m.message_id());
-                    let id = turn_id(&session.user_id, session.conversation_id.as_deref(), first);
+                    encode_turn_with_id(&session, &id, self.settings.format, &mut turn);
                     let user = session.user_id;
                     let acks: Vec<String> = session
                         .seqs
