@@ -711,3 +711,53 @@ async fn the_worker_talks_to_a_broker_over_tls() {
     });
     assert_eq!(sorted_turns(&turns), want_turns);
 }
+
+/// `dlq inspect --follow` prints dead letters written after it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_inspect_follow_prints_new_dead_letters() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let broker = Broker::start();
+    let t = topics(&broker, "follow", 1).await;
+    let text = worker_config(&broker, &t, "");
+    let producer: FutureProducer = broker.client_config().create().unwrap();
+    let dead_letter = |payload: &'static str| {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "sessionizer.dlq.reason",
+                value: Some("decode"),
+            })
+            .insert(Header {
+                key: "sessionizer.dlq.source.partition",
+                value: Some("0"),
+            });
+        let producer = producer.clone();
+        let topic = t.dlq.clone();
+        async move {
+            producer
+                .send(
+                    FutureRecord::to(&topic)
+                        .key("user-1")
+                        .payload(payload)
+                        .headers(headers),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+    dead_letter("first").await;
+    let follow = support::FollowDlq::start(&text);
+    assert_eq!(
+        follow.next()["payload"],
+        "first",
+        "the existing dead letter first"
+    );
+    dead_letter("second").await;
+    let second = follow.next();
+    assert_eq!(
+        (second["payload"].as_str(), second["reason"].as_str()),
+        (Some("second"), Some("decode"))
+    );
+}

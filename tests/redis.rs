@@ -806,7 +806,6 @@ fn dlq_inspect_stats_and_replay_after_a_fix() {
 /// `dlq inspect --follow` prints dead letters added after it started.
 #[test]
 fn dlq_inspect_follow_prints_new_dead_letters() {
-    use std::io::BufRead;
     let server = RedisServer::start();
     let mut conn = server.conn();
     let setup = Setup::new(&server, "follow", 1, "", "");
@@ -824,39 +823,18 @@ fn dlq_inspect_follow_prints_new_dead_letters() {
         let _: String = conn.xadd(&dlq, "*", &fields).unwrap();
     };
     add(&mut conn, "first");
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut file, setup.config_text.as_bytes()).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sessionizer"))
-        .args(["dlq", "inspect", "--follow", "--json", "--config"])
-        .arg(file.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if tx.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    let next = || -> serde_json::Value {
-        let line = rx
-            .recv_timeout(TIMEOUT)
-            .expect("a line from inspect --follow");
-        serde_json::from_str(&line).unwrap()
-    };
-    assert_eq!(next()["payload"], "first", "the existing dead letter first");
+    let follow = support::FollowDlq::start(&setup.config_text);
+    assert_eq!(
+        follow.next()["payload"],
+        "first",
+        "the existing dead letter first"
+    );
     add(&mut conn, "second");
-    let second = next();
+    let second = follow.next();
     assert_eq!(
         (second["payload"].as_str(), second["reason"].as_str()),
         (Some("second"), Some("decode"))
     );
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// The worker on a Redis Cluster (three primaries): shard keys hash-tagged

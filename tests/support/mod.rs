@@ -780,3 +780,58 @@ pub fn run_live_traffic(config: &str, seconds: u64, users: u32) -> u64 {
     )
     .0
 }
+
+/// `sessionizer dlq inspect --follow --json` running in the background; its
+/// lines arrive through a channel. Killed when dropped.
+pub struct FollowDlq {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    _config: tempfile::NamedTempFile,
+}
+
+impl FollowDlq {
+    pub fn start(config: &str) -> FollowDlq {
+        use std::io::BufRead;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
+            .args(["dlq", "inspect", "--follow", "--json", "--config"])
+            .arg(file.path())
+            .env("SESSIONIZER_LOG", "warn,rdkafka=off")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        FollowDlq {
+            child,
+            lines,
+            _config: file,
+        }
+    }
+
+    /// The next dead letter it prints (panics after 90 s).
+    pub fn next(&self) -> serde_json::Value {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(90))
+            .expect("a line from dlq inspect --follow");
+        serde_json::from_str(&line).unwrap()
+    }
+}
+
+impl Drop for FollowDlq {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
