@@ -625,25 +625,12 @@ impl KafkaSection {
                 "must name at least one topic, none empty",
             ));
         }
-        for (key, topic) in [
+        check_destinations(
+            &self.input_topics,
+            "an input topic",
             ("kafka.output_topic", &self.output_topic),
             ("kafka.dlq_topic", &self.dlq_topic),
-        ] {
-            if self.input_topics.contains(topic) {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "{topic:?} is also an input topic: the worker would read its own output"
-                    ),
-                ));
-            }
-        }
-        if self.output_topic == self.dlq_topic {
-            return Err(ConfigError::new(
-                "kafka.dlq_topic",
-                "must differ from kafka.output_topic",
-            ));
-        }
+        )?;
         if self.exactly_once {
             for (key, acks) in [
                 ("kafka.output_acks", self.output_acks),
@@ -696,25 +683,12 @@ impl RedisSection {
                 return Err(ConfigError::new(key, "must not be empty"));
             }
         }
-        for (key, stream) in [
+        check_destinations(
+            std::slice::from_ref(&self.input_stream),
+            "the input stream",
             ("redis.output_stream", &self.output_stream),
             ("redis.dlq_stream", &self.dlq_stream),
-        ] {
-            if stream == &self.input_stream {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "{stream:?} is also the input stream: the worker would read its own output"
-                    ),
-                ));
-            }
-        }
-        if self.output_stream == self.dlq_stream {
-            return Err(ConfigError::new(
-                "redis.dlq_stream",
-                "must differ from redis.output_stream",
-            ));
-        }
+        )?;
         if self.shards == 0 || self.shards > 16_384 {
             return Err(ConfigError::new("redis.shards", "must be from 1 to 16384"));
         }
@@ -741,6 +715,31 @@ impl RedisSection {
         }
         Ok(())
     }
+}
+
+/// The output and the dead letters must go somewhere the worker does not
+/// read, and not to the same place: `(key, name)` of each.
+fn check_destinations(
+    inputs: &[String],
+    inputs_are: &str,
+    output: (&str, &str),
+    dlq: (&str, &str),
+) -> Result<(), ConfigError> {
+    for (key, name) in [output, dlq] {
+        if inputs.iter().any(|i| i == name) {
+            return Err(ConfigError::new(
+                key,
+                format!("{name:?} is also {inputs_are}: the worker would read its own output"),
+            ));
+        }
+    }
+    if output.1 == dlq.1 {
+        return Err(ConfigError::new(
+            dlq.0,
+            format!("must differ from {}", output.0),
+        ));
+    }
+    Ok(())
 }
 
 fn set_path(table: &mut toml::Table, parts: &[String], value: String) -> Result<(), String> {

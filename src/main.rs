@@ -239,33 +239,32 @@ enum EventFormat {
     Protobuf,
 }
 
-fn split_range(s: &str) -> Result<(&str, &str), String> {
-    s.split_once('-')
-        .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))
+/// "MIN-MAX", each side parsed by `parse`, at least `least` and MIN <= MAX.
+fn range<T: PartialOrd + std::fmt::Display + Copy>(
+    s: &str,
+    least: T,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Result<(T, T), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))?;
+    let (lo, hi) = (parse(lo.trim())?, parse(hi.trim())?);
+    if lo < least || lo > hi {
+        return Err(format!("need {least} <= MIN <= MAX, got {s:?}"));
+    }
+    Ok((lo, hi))
 }
 
 fn count_range(s: &str) -> Result<(u32, u32), String> {
-    let (lo, hi) = split_range(s)?;
-    let parse = |v: &str| v.trim().parse::<u32>().map_err(|e| format!("{v:?}: {e}"));
-    let (lo, hi) = (parse(lo)?, parse(hi)?);
-    if lo == 0 || lo > hi {
-        return Err(format!("need 1 <= MIN <= MAX, got {s:?}"));
-    }
-    Ok((lo, hi))
+    range(s, 1, |v| v.parse().map_err(|e| format!("{v:?}: {e}")))
 }
 
 fn duration_range(s: &str) -> Result<(i64, i64), String> {
-    let (lo, hi) = split_range(s)?;
-    let parse = |v: &str| {
-        humantime::parse_duration(v.trim())
+    range(s, 0, |v| {
+        humantime::parse_duration(v)
             .map(|d| d.as_millis() as i64)
             .map_err(|e| format!("{v:?}: {e}"))
-    };
-    let (lo, hi) = (parse(lo)?, parse(hi)?);
-    if lo > hi {
-        return Err(format!("need MIN <= MAX, got {s:?}"));
-    }
-    Ok((lo, hi))
+    })
 }
 
 fn main() -> ExitCode {
@@ -501,18 +500,16 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             // Replaying a file DLQ to stdout: the report goes to stderr.
             let to_stdout =
                 config.source == SourceKind::File && to.as_deref().unwrap_or("-") == "-";
-            let report = if to_stdout {
-                let stop = sessionizer::shutdown::signal();
-                replay::run(&mut store, &options, stop, &mut std::io::stderr()).await?
-            } else {
-                replay::run(
-                    &mut store,
-                    &options,
-                    sessionizer::shutdown::signal(),
-                    &mut out,
-                )
-                .await?
-            };
+            let mut stderr = std::io::stderr();
+            let mut report_to: &mut dyn std::io::Write =
+                if to_stdout { &mut stderr } else { &mut out };
+            let report = replay::run(
+                &mut store,
+                &options,
+                sessionizer::shutdown::signal(),
+                &mut report_to,
+            )
+            .await?;
             out.flush()?;
             eprintln!(
                 "replay: {} {}, {} skipped after --max-replays {}",

@@ -102,24 +102,16 @@ impl PipelineMetrics {
     pub fn outcome(&self, outcome: &Outcome) {
         match outcome {
             Outcome::Turn(s) => {
-                self.turns[index_of(&ClosedBy::ALL, &s.closed_by)].increment(1);
+                self.turns[s.closed_by.index()].increment(1);
                 if s.late {
                     self.late_turns.increment(1);
                 }
                 self.turn_messages.record(s.messages.len() as f64);
             }
-            Outcome::DeadLetter { reason, .. } => {
-                self.dead_letters[index_of(&DeadLetterReason::ALL, reason)].increment(1)
-            }
-            Outcome::Dropped { reason, .. } => {
-                self.dropped[index_of(&DropReason::ALL, reason)].increment(1)
-            }
+            Outcome::DeadLetter { reason, .. } => self.dead_letters[reason.index()].increment(1),
+            Outcome::Dropped { reason, .. } => self.dropped[reason.index()].increment(1),
         }
     }
-}
-
-fn index_of<T: PartialEq>(all: &[T], x: &T) -> usize {
-    all.iter().position(|a| a == x).unwrap_or(0)
 }
 
 /// Records a turn's emit delay as it is handed to the output. Late turns are

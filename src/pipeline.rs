@@ -5,7 +5,7 @@
 use crate::codec::{Decoder, Poison};
 use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, WindowConfig};
 use crate::metrics::PipelineMetrics;
-use crate::model::{ClosedBy, DeadLetterReason, EventKind};
+use crate::model::{DeadLetterReason, EventKind};
 
 /// What became of records (see `DESIGN.md`: every record ends in exactly one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,24 +72,11 @@ impl Stats {
     fn count(&mut self, outcome: &Outcome) {
         match outcome {
             Outcome::Turn(s) => {
-                self.turns[ClosedBy::ALL
-                    .iter()
-                    .position(|c| *c == s.closed_by)
-                    .unwrap_or(0)] += 1;
+                self.turns[s.closed_by.index()] += 1;
                 self.late_turns += u64::from(s.late);
             }
-            Outcome::DeadLetter { reason, .. } => {
-                self.dead_letters[DeadLetterReason::ALL
-                    .iter()
-                    .position(|r| r == reason)
-                    .unwrap_or(0)] += 1;
-            }
-            Outcome::Dropped { reason, .. } => {
-                self.dropped[DropReason::ALL
-                    .iter()
-                    .position(|r| r == reason)
-                    .unwrap_or(0)] += 1;
-            }
+            Outcome::DeadLetter { reason, .. } => self.dead_letters[reason.index()] += 1,
+            Outcome::Dropped { reason, .. } => self.dropped[reason.index()] += 1,
         }
     }
 }
@@ -240,5 +227,24 @@ impl PartitionPipeline {
         self.stats.count(&outcome);
         self.metrics.outcome(&outcome);
         out.push(outcome);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ClosedBy;
+
+    #[test]
+    fn kinds_index_their_all_arrays() {
+        for (i, c) in ClosedBy::ALL.into_iter().enumerate() {
+            assert_eq!(c.index(), i);
+        }
+        for (i, r) in DeadLetterReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
+        for (i, r) in DropReason::ALL.into_iter().enumerate() {
+            assert_eq!(r.index(), i);
+        }
     }
 }

@@ -25,7 +25,6 @@ impl OutputFormat {
 
 /// The turn of a closed session, borrowing its texts.
 pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
-    let first = session.messages[0].message_id();
     let text_len: usize = session.messages.iter().map(|m| m.text().len() + 1).sum();
     let mut text = String::with_capacity(text_len);
     for (i, m) in session.messages.iter().enumerate() {
@@ -35,7 +34,7 @@ pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
         text.push_str(m.text());
     }
     Turn {
-        turn_id: turn_id(&session.user_id, session.conversation_id.as_deref(), first),
+        turn_id: session_turn_id(session),
         user_id: Cow::Borrowed(&session.user_id),
         conversation_id: session.conversation_id.as_deref().map(Cow::Borrowed),
         start_time: session.start_time,

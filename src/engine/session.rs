@@ -59,6 +59,11 @@ impl DropReason {
         DropReason::NoMessage,
     ];
 
+    /// Its place in [`DropReason::ALL`] (declaration order), for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DropReason::Duplicate => "duplicate",

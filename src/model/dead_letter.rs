@@ -28,6 +28,11 @@ impl DeadLetterReason {
         DeadLetterReason::Panic,
     ];
 
+    /// Its place in [`DeadLetterReason::ALL`] (declaration order), for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::Decode => "decode",

@@ -28,6 +28,11 @@ impl ClosedBy {
         ClosedBy::MaxBytes,
     ];
 
+    /// Its place in [`ClosedBy::ALL`] (declaration order), for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             ClosedBy::Gap => "gap",

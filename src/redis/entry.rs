@@ -74,14 +74,12 @@ impl Entry {
 
 impl Entry {
     /// The `sessionizer.replay.*` fields a `dlq replay` added.
-    pub fn replay_fields(&self) -> Vec<(&[u8], &[u8])> {
+    pub fn replay_fields(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
         self.fields
             .as_deref()
             .unwrap_or_default()
             .iter()
-            .filter(|(k, _)| k.starts_with(b"sessionizer.replay."))
-            .map(|(k, v)| (k.as_slice(), v.as_slice()))
-            .collect()
+            .filter_map(|(k, v)| Some((crate::dlq::replay_field_name(k)?, v.as_slice())))
     }
 }
 

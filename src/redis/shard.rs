@@ -526,10 +526,9 @@ impl ShardTask {
             }
         }
         let about = DeadLetterAbout {
-            id: &entry.id,
+            entry: &entry,
             payload: &payload,
             form: form.as_str(),
-            replay: entry.replay_fields(),
             // The delivery that dead-letters an exhausted entry is not an attempt.
             deliveries: if exhausted {
                 deliveries - 1
@@ -570,16 +569,16 @@ impl ShardTask {
                         ("reason", reason.as_str().as_bytes().to_vec()),
                         ("error", error.into_bytes()),
                         ("source_stream", self.keys.stream.clone().into_bytes()),
-                        ("source_id", about.id.as_bytes().to_vec()),
+                        ("source_id", about.entry.id.as_bytes().to_vec()),
                         ("failed_at", rfc3339_ms(now_ms()).into_bytes()),
                         ("worker", self.settings.worker.clone().into_bytes()),
                         ("deliveries", about.deliveries.to_string().into_bytes()),
                         ("form", about.form.as_bytes().to_vec()),
                     ];
-                    for (name, value) in &about.replay {
-                        if let Some(name) = crate::dlq::replay_field_name(name) {
-                            fields.push((name, value.to_vec()));
-                        }
+                    // A record that fails again after a `dlq replay` keeps
+                    // its replay count.
+                    for (name, value) in about.entry.replay_fields() {
+                        fields.push((name, value.to_vec()));
                     }
                     let acks = self.take_id(seq);
                     let step = self.step();
@@ -717,13 +716,11 @@ impl ShardTask {
 
 /// The entry a dead letter is about.
 struct DeadLetterAbout<'a> {
-    id: &'a str,
+    entry: &'a Entry,
+    /// What was decoded (see [`Entry::payload`]).
     payload: &'a [u8],
     form: &'static str,
     deliveries: u64,
-    /// The entry's `sessionizer.replay.*` fields, kept on the dead letter so
-    /// a record that fails again after a replay carries its replay count.
-    replay: Vec<(&'a [u8], &'a [u8])>,
 }
 
 /// Delivery counts from an extended `XPENDING` reply
