@@ -18,21 +18,14 @@ use std::time::Duration;
 use sessionizer::config::Config;
 use sessionizer::redis::keys::ShardKeys;
 use sessionizer::wall_clock::now_ms;
-use support::redis_server::RedisServer;
-use support::{wait_for, Worker};
-
-fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::redis_server::{all_acked, RedisServer};
+use support::{env_or, wait_for, Worker};
 
 fn main() {
-    let seconds = env("DURATION_SECS", 30);
-    let users = env("USERS", 20_000) as u32;
+    let seconds: u64 = env_or("DURATION_SECS", 30);
+    let users: u32 = env_or("USERS", 20_000);
     let server = RedisServer::start();
-    let shard_count = env("SHARDS", 4);
+    let shard_count: u32 = env_or("SHARDS", 4);
     let idle_timeout = std::env::var("IDLE_TIMEOUT").unwrap_or_else(|_| "100ms".into());
     let config_text = format!(
         r#"source = "redis"
@@ -78,57 +71,28 @@ block = "100ms"
     let stopped = now_ms();
     // Every entry acked means every session closed (the idle advance closes
     // the last ones).
+    let streams: Vec<String> = shards.iter().map(|s| s.stream.clone()).collect();
     wait_for("every entry acked", Duration::from_secs(120), || {
-        shards
-            .iter()
-            .all(|s| {
-                let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
-                    .arg("GROUPS")
-                    .arg(&s.stream)
-                    .query(&mut conn)
-                    .unwrap();
-                let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
-                    .arg("STREAM")
-                    .arg(&s.stream)
-                    .query(&mut conn)
-                    .unwrap();
-                groups
-                    .groups
-                    .iter()
-                    .any(|g| g.pending == 0 && g.last_delivered_id == info.last_generated_id)
-            })
-            .then_some(())
+        all_acked(&mut conn, &streams, &section.group).then_some(())
     });
 
-    let mut under_load = Vec::new();
-    let mut after = Vec::new();
     let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
         .arg("turns")
         .arg("-")
         .arg("+")
         .query(&mut conn)
         .unwrap();
-    for entry in entries.ids {
+    let turns = entries.ids.into_iter().map(|entry| {
         let emitted: i64 = entry.id.split('-').next().unwrap().parse().unwrap();
         let turn: serde_json::Value = match entry.map.get("turn") {
             Some(redis::Value::BulkString(b)) => serde_json::from_slice(b).unwrap(),
             other => panic!("turn field: {other:?}"),
         };
-        if turn["late"].as_bool() == Some(true) {
-            continue;
-        }
-        let end = turn["end_time"].as_i64().unwrap();
-        let delay = emitted - (end + gap);
-        if emitted <= stopped {
-            under_load.push(delay);
-        } else {
-            after.push(delay);
-        }
-    }
+        (emitted, turn)
+    });
     println!(
         "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users over {shard_count} shards, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
         config.window.max_out_of_orderness.0, config.window.idle_timeout
     );
-    support::print_percentiles("under load", &mut under_load);
-    support::print_percentiles("after the producer stopped (idle advance)", &mut after);
+    support::print_emit_delays(turns, gap, stopped);
 }

@@ -31,10 +31,7 @@ use support::{committed, wait_for, Broker, Worker};
 const PARTITIONS: i32 = 4;
 
 fn main() {
-    let events: usize = std::env::var("EVENTS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+    let events: usize = support::env_or("EVENTS", 200_000);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let broker = Broker::start();
     runtime.block_on(async {
@@ -65,14 +62,8 @@ fn main() {
 
 /// Live traffic through a fresh worker; prints the emit delay percentiles.
 fn emit_delay(broker: &Broker, runtime: &tokio::runtime::Runtime) {
-    let seconds: i64 = std::env::var("DURATION_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
-    let partitions: i32 = std::env::var("LIVE_PARTITIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(PARTITIONS);
+    let seconds: u64 = support::env_or("DURATION_SECS", 20);
+    let partitions: i32 = support::env_or("LIVE_PARTITIONS", PARTITIONS);
     runtime.block_on(async {
         broker.create_topic("live", partitions).await;
         broker.create_topic("live-turns", PARTITIONS).await;
@@ -128,31 +119,21 @@ commit_interval = "200ms"
     );
     // Live traffic from the load generator: each record at its modeled
     // arrival time (event time = now).
-    let produced = support::run_live_traffic(&config_text, seconds as u64, 20_000);
+    let produced = support::run_live_traffic(&config_text, seconds, 20_000);
     let stopped = sessionizer::wall_clock::now_ms();
     let (_, ends) = consume_only(broker, "live", partitions, produced as usize + 1);
     wait_for("every offset committed", Duration::from_secs(300), || {
         (committed(broker.client_config(), "live", "live", partitions) == ends).then_some(())
     });
-    let (mut under_load, mut after) = (Vec::new(), Vec::new());
-    for (timestamp, payload) in read_all(broker, "live-turns") {
-        let json: serde_json::Value = serde_json::from_slice(&payload).unwrap();
-        if json["late"].as_bool() == Some(true) || json["user_id"] == "warm-up" {
-            continue;
-        }
-        let delay = timestamp - (json["end_time"].as_i64().unwrap() + gap);
-        if timestamp <= stopped {
-            under_load.push(delay);
-        } else {
-            after.push(delay);
-        }
-    }
+    let turns = read_all(broker, "live-turns")
+        .into_iter()
+        .map(|(timestamp, payload)| (timestamp, serde_json::from_slice(&payload).unwrap()))
+        .filter(|(_, turn): &(i64, serde_json::Value)| turn["user_id"] != "warm-up");
     println!(
         "emit delay (turn record timestamp - (last event + gap)), {produced} events in {seconds} s, max_out_of_orderness {} ms, idle_timeout {}:",
         parsed.window.max_out_of_orderness.0, parsed.window.idle_timeout
     );
-    support::print_percentiles("under load", &mut under_load);
-    support::print_percentiles("after the producer stopped (idle advance)", &mut after);
+    support::print_emit_delays(turns, gap, stopped);
 }
 
 /// Every record of a topic (timestamp, value): read from the beginning until

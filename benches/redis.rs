@@ -13,25 +13,42 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use sessionizer::redis::keys::shard_of;
+use sessionizer::redis::keys::{shard_of, ShardKeys};
 use sessionizer::workload::{Workload, WorkloadSpec};
-use support::redis_server::RedisServer;
-use support::{wait_for, Worker};
-
-fn env(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use support::redis_server::{all_acked, RedisServer};
+use support::{env_or, wait_for, Worker};
 
 fn main() {
-    let events = env("EVENTS", 1_000_000);
-    let shards = env("SHARDS", 4) as u32;
-    let batch = env("BATCH", 500);
+    let events: usize = env_or("EVENTS", 1_000_000);
+    let shards: u32 = env_or("SHARDS", 4);
+    let batch: usize = env_or("BATCH", 500);
     let server = RedisServer::start();
     let mut conn = server.conn();
-    let streams: Vec<String> = (0..shards).map(|i| format!("chat:{{{i}}}")).collect();
+    let config = format!(
+        r#"source = "redis"
+[window]
+idle_timeout = "100ms"
+[redis]
+url = "{}"
+input_stream = "chat"
+shards = {shards}
+output_stream = "turns"
+dlq_stream = "dlq"
+lease_ttl = "3s"
+block = "100ms"
+batch = {batch}
+"#,
+        server.url()
+    );
+    let section = sessionizer::config::Config::from_toml(&config, Vec::new())
+        .unwrap()
+        .redis
+        .unwrap();
+    // The worker's own shard names (one shard is the plain stream).
+    let streams: Vec<String> = ShardKeys::all(&section)
+        .into_iter()
+        .map(|k| k.stream)
+        .collect();
 
     let started = Instant::now();
     let spec = WorkloadSpec {
@@ -59,7 +76,7 @@ fn main() {
     );
 
     let plain = plain_consumer(&server, &streams, events, batch);
-    let worker = sessionizer_worker(&server, &streams, shards, batch);
+    let worker = sessionizer_worker(&server, &streams, &config, &section.group);
     println!("redis, {events} events, {shards} shards, one redis-server on the same two cores");
     println!(
         "  plain consumer (XREADGROUP {batch} + XACK): {:>9.0} ev/s ({plain:.2} s)",
@@ -137,50 +154,12 @@ fn plain_consumer(server: &RedisServer, streams: &[String], events: usize, batch
 }
 
 /// Runs the worker binary until every entry of every shard is acked.
-fn sessionizer_worker(server: &RedisServer, streams: &[String], shards: u32, batch: usize) -> f64 {
-    let config = format!(
-        r#"source = "redis"
-[window]
-idle_timeout = "100ms"
-[redis]
-url = "{}"
-input_stream = "chat"
-shards = {shards}
-output_stream = "turns"
-dlq_stream = "dlq"
-lease_ttl = "3s"
-block = "100ms"
-batch = {batch}
-"#,
-        server.url()
-    );
+fn sessionizer_worker(server: &RedisServer, streams: &[String], config: &str, group: &str) -> f64 {
     let mut conn = server.conn();
-    let last_ids: Vec<String> = streams
-        .iter()
-        .map(|s| {
-            let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(s)
-                .query(&mut conn)
-                .unwrap();
-            info.last_generated_id
-        })
-        .collect();
     let started = Instant::now();
-    let _worker = Worker::start(&config);
+    let _worker = Worker::start(config);
     wait_for("every entry acked", Duration::from_secs(600), || {
-        let done = streams.iter().zip(&last_ids).all(|(s, last)| {
-            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(s)
-                .query(&mut conn)
-                .unwrap();
-            groups
-                .groups
-                .iter()
-                .any(|g| g.name == "sessionizer" && g.pending == 0 && &g.last_delivered_id == last)
-        });
-        done.then_some(())
+        all_acked(&mut conn, streams, group).then_some(())
     });
     started.elapsed().as_secs_f64()
 }

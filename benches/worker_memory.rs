@@ -53,9 +53,9 @@ fn measure(name: &str, config: &str, users: u64) {
     );
     let open = wait_for("every record consumed", Duration::from_secs(300), || {
         let (_, text) = http_get(port, "/metrics")?;
-        let open = metric(&text, "sessionizer_open_sessions", &[]) as u64;
+        let open = metric(&text, sessionizer::metrics::OPEN_SESSIONS, &[]) as u64;
         // The gauges follow within a tick (Kafka 20 ms, Redis each read).
-        (metric(&text, "sessionizer_records_consumed_total", &[]) as u64 >= users && open > 0)
+        (metric(&text, sessionizer::metrics::RECORDS_CONSUMED, &[]) as u64 >= users && open > 0)
             .then_some(open)
     });
     let peak = kib(worker.pid(), "VmHWM:");
@@ -68,10 +68,7 @@ fn measure(name: &str, config: &str, users: u64) {
 }
 
 fn main() {
-    let users: u64 = std::env::var("USERS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000);
+    let users: u64 = support::env_or("USERS", 100_000);
 
     let broker = Broker::start();
     let runtime = tokio::runtime::Runtime::new().unwrap();

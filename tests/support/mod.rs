@@ -30,6 +30,15 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// An environment variable parsed, or `default` when unset or unparsable
+/// (the benchmarks' knobs).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
@@ -384,8 +393,33 @@ pub fn assign_from_beginning(consumer: &BaseConsumer, topic: &str, partitions: i
     consumer.assign(&assignment).unwrap();
 }
 
-/// Prints the percentiles of emit delays (ms), for the benchmarks.
-pub fn print_percentiles(what: &str, delays: &mut [i64]) {
+/// Prints the emit delays of turns, given as (emit time, turn JSON): emit
+/// time − (last event time + `gap_ms`), split at `stopped_ms` (when the
+/// producer stopped) into under load and after (the idle advance). Late
+/// turns are left out.
+pub fn print_emit_delays(
+    turns: impl IntoIterator<Item = (i64, serde_json::Value)>,
+    gap_ms: i64,
+    stopped_ms: i64,
+) {
+    let (mut under_load, mut after) = (Vec::new(), Vec::new());
+    for (emitted, turn) in turns {
+        if turn["late"].as_bool() == Some(true) {
+            continue;
+        }
+        let delay = emitted - (turn["end_time"].as_i64().unwrap() + gap_ms);
+        if emitted <= stopped_ms {
+            under_load.push(delay);
+        } else {
+            after.push(delay);
+        }
+    }
+    print_percentiles("under load", &mut under_load);
+    print_percentiles("after the producer stopped (idle advance)", &mut after);
+}
+
+/// Prints the percentiles of emit delays (ms).
+fn print_percentiles(what: &str, delays: &mut [i64]) {
     if delays.is_empty() {
         println!("  {what}: no turns");
         return;

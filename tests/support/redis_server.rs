@@ -160,6 +160,25 @@ impl RedisServer {
     }
 }
 
+/// Whether every entry of every stream was delivered to `group` and acked.
+pub fn all_acked(conn: &mut redis::Connection, streams: &[String], group: &str) -> bool {
+    streams.iter().all(|s| {
+        let info: redis::streams::StreamInfoStreamReply = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(s)
+            .query(conn)
+            .unwrap();
+        let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(s)
+            .query(conn)
+            .unwrap();
+        groups.groups.iter().any(|g| {
+            g.name == group && g.pending == 0 && g.last_delivered_id == info.last_generated_id
+        })
+    })
+}
+
 /// A Redis Cluster of three primaries (no replicas) on free loopback ports,
 /// made with `redis-cli --cluster create`.
 pub struct RedisCluster {
