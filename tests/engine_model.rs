@@ -573,8 +573,7 @@ proptest! {
                     for s in seqs { tracker.resolve(s); resolved[s as usize] = true; }
                 }
             }
-            let prefix = tracker.peek_committable().map_or(0, |p| p + 10);
-            let resume = tracker.held_from().map_or(prefix, |h| h.min(prefix));
+            let resume = tracker.resume_point(0, |p| p + 10);
             let resume_seq = resume / 10;
             prop_assert!(resolved[..resume_seq as usize].iter().all(|r| *r), "resume {} passes an unresolved record", resume);
             for (first, last) in &spans {

@@ -447,14 +447,14 @@ fn dlq_commands_on_a_dead_letter_file() {
     // The fix: longer records and texts allowed; the replay is the next
     // run's input.
     let replayed = tmp.path().join("replayed.jsonl");
-    let out = bin()
-        .args(["dlq", "replay", "--reason", "oversize", "--to"])
-        .arg(&replayed)
-        .arg("--config")
-        .arg(&config_path)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run(&[
+        "dlq",
+        "replay",
+        "--reason",
+        "oversize",
+        "--to",
+        replayed.to_str().unwrap(),
+    ]);
     assert_eq!(
         std::fs::read_to_string(&replayed).unwrap().lines().count(),
         2

@@ -119,6 +119,17 @@ impl<P: Copy> CompletionTracker<P> {
         position
     }
 
+    /// Where a restart must resume: after the resolved prefix (`next` of its
+    /// last position; `start` while nothing is resolved), or earlier where
+    /// [`Self::held_from`] says a resolved outcome reaches past it.
+    pub fn resume_point(&mut self, start: P, next: impl Fn(P) -> P) -> P
+    where
+        P: Ord,
+    {
+        let prefix = self.peek_committable().map_or(start, next);
+        self.held_from().map_or(prefix, |held| held.min(prefix))
+    }
+
     /// Positions resolved but not yet in the prefix (they wait behind an
     /// unresolved one). A restart from the commit position can skip them if
     /// they are recorded with the commit, so their turns are not re-emitted in

@@ -92,14 +92,9 @@ impl Tracked {
     /// the end of the resolved prefix, or earlier where an emitted turn
     /// reaches past it (see [`CompletionTracker::hold`]).
     fn commit_point(&mut self) -> (i64, String) {
-        let prefix = self
-            .tracker
-            .peek_committable()
-            .map_or(self.start_offset, |last| last + 1);
         let offset = self
             .tracker
-            .held_from()
-            .map_or(prefix, |held| held.min(prefix));
+            .resume_point(self.start_offset, |last| last + 1);
         (
             offset,
             offsets::encode(offset, self.tracker.resolved_beyond_prefix()),

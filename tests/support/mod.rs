@@ -54,26 +54,39 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
     }
 }
 
-/// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
-fn tansu_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("TANSU_BIN") {
-        return path.into();
+/// A program: `$<env_var>` when set, else the first `name` on PATH or
+/// among `also`.
+pub fn find_binary(env_var: &str, name: &str, also: &[PathBuf]) -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os(env_var) {
+        return Some(path.into());
     }
-    let candidates = std::env::var_os("PATH")
+    std::env::var_os("PATH")
         .map(|p| {
             std::env::split_paths(&p)
-                .map(|d| d.join("tansu"))
+                .map(|d| d.join(name))
                 .collect::<Vec<_>>()
         })
         .unwrap_or_default()
         .into_iter()
-        .chain(std::env::var_os("HOME").map(|h| Path::new(&h).join(".cargo/bin/tansu")));
-    for candidate in candidates {
-        if candidate.is_file() {
-            return candidate;
-        }
-    }
-    panic!("the Kafka-protocol broker `tansu` is missing: run scripts/install-test-deps (or set TANSU_BIN)");
+        .chain(also.iter().cloned())
+        .find(|c| c.is_file())
+}
+
+/// The tansu binary: `$TANSU_BIN`, else `tansu` on PATH, else `~/.cargo/bin/tansu`.
+fn tansu_binary() -> PathBuf {
+    let cargo_bin: Vec<PathBuf> = std::env::var_os("HOME")
+        .map(|h| Path::new(&h).join(".cargo/bin/tansu"))
+        .into_iter()
+        .collect();
+    find_binary("TANSU_BIN", "tansu", &cargo_bin).unwrap_or_else(|| {
+        panic!("the Kafka-protocol broker `tansu` is missing: run scripts/install-test-deps (or set TANSU_BIN)")
+    })
+}
+
+/// Kills a child process and reaps it (a test's cleanup: errors ignored).
+pub fn stop_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A tansu broker on a free loopback port; killed when dropped.
@@ -220,8 +233,7 @@ impl Broker {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop_child(&mut child);
         }
     }
 
@@ -244,8 +256,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
         if let Some(tls) = self.tls.as_mut() {
-            let _ = tls.child.kill();
-            let _ = tls.child.wait();
+            stop_child(&mut tls.child);
         }
     }
 }
@@ -457,6 +468,26 @@ pub fn committed(config: ClientConfig, group: &str, topic: &str, partitions: i32
         .collect()
 }
 
+/// The `sessionizer` binary with `args` and `--config <a file holding
+/// config>` (keep the file while it runs), the caller's `SESSIONIZER*`
+/// variables removed so they cannot leak into a test, and the log filter
+/// `$SESSIONIZER_TEST_LOG_FILTER` or `log`.
+fn sessionizer(args: &[&str], config: &str, log: &str) -> (Command, tempfile::NamedTempFile) {
+    let mut file = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionizer"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SESSIONIZER") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd.args(args).arg("--config").arg(file.path()).env(
+        "SESSIONIZER_LOG",
+        std::env::var("SESSIONIZER_TEST_LOG_FILTER").unwrap_or_else(|_| log.to_owned()),
+    );
+    (cmd, file)
+}
+
 /// The real `sessionizer` binary running a config, killed when dropped.
 pub struct Worker {
     pub child: Child,
@@ -470,14 +501,7 @@ impl Worker {
 
     /// Started with extra environment variables (e.g. the fault hook).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Worker {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sessionizer"));
-        for (name, _) in std::env::vars() {
-            if name.starts_with("SESSIONIZER") {
-                cmd.env_remove(name);
-            }
-        }
+        let (mut cmd, file) = sessionizer(&["run"], config, "info,rdkafka=warn");
         // The worker's logs only with SESSIONIZER_TEST_LOGS=1: they would
         // bypass the test harness's output capture.
         let logs = if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
@@ -486,13 +510,6 @@ impl Worker {
             Stdio::null()
         };
         let child = cmd
-            .args(["run", "--config"])
-            .arg(file.path())
-            .env(
-                "SESSIONIZER_LOG",
-                std::env::var("SESSIONIZER_TEST_LOG_FILTER")
-                    .unwrap_or_else(|_| "info,rdkafka=warn".into()),
-            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logs)
@@ -519,8 +536,7 @@ impl Worker {
 
     /// SIGKILL: no chance to commit or flush.
     pub fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 
     /// SIGTERM, then waits for the exit status (bounded).
@@ -540,8 +556,7 @@ impl Worker {
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 }
 
@@ -688,20 +703,8 @@ pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Runs `sessionizer <command> --config <config> <args>` to completion;
 /// panics with its stderr when it fails. Returns (stdout, stderr).
 pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String) {
-    let mut file = tempfile::NamedTempFile::new().unwrap();
-    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
-        .args(command)
-        .arg("--config")
-        .arg(file.path())
-        .args(args)
-        .env(
-            "SESSIONIZER_LOG",
-            std::env::var("SESSIONIZER_TEST_LOG_FILTER")
-                .unwrap_or_else(|_| "warn,rdkafka=off".into()),
-        )
-        .output()
-        .unwrap();
+    let (mut cmd, _file) = sessionizer(command, config, "warn,rdkafka=off");
+    let out = cmd.args(args).output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -826,12 +829,12 @@ pub struct FollowDlq {
 impl FollowDlq {
     pub fn start(config: &str) -> FollowDlq {
         use std::io::BufRead;
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sessionizer"))
-            .args(["dlq", "inspect", "--follow", "--json", "--config"])
-            .arg(file.path())
-            .env("SESSIONIZER_LOG", "warn,rdkafka=off")
+        let (mut cmd, file) = sessionizer(
+            &["dlq", "inspect", "--follow", "--json"],
+            config,
+            "warn,rdkafka=off",
+        );
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -865,7 +868,6 @@ impl FollowDlq {
 
 impl Drop for FollowDlq {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 }

@@ -29,15 +29,7 @@ pub struct RedisServer {
 
 /// The `redis-server` binary: `$REDIS_SERVER_BIN`, else on PATH.
 fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("REDIS_SERVER_BIN") {
-        return path.into();
-    }
-    let found = std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join("redis-server"))
-            .find(|c| c.is_file())
-    });
-    found.unwrap_or_else(|| {
+    super::find_binary("REDIS_SERVER_BIN", "redis-server", &[]).unwrap_or_else(|| {
         panic!("redis-server is missing: run scripts/install-test-deps (apt-get install redis-server) or set REDIS_SERVER_BIN")
     })
 }
@@ -154,8 +146,7 @@ impl RedisServer {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            super::stop_child(&mut child);
         }
     }
 }
@@ -255,7 +246,6 @@ fn connect(url: &str, ca_file: Option<&str>) -> redis::RedisResult<redis::Connec
     client.get_connection_with_timeout(Duration::from_secs(2))
 }
 
-/// A throwaway CA and a server certificate for 127.0.0.1 signed by it.
 /// A CA (`ca.crt`) and a server certificate for 127.0.0.1 (`server.crt`,
 /// `server.key`) in `dir`, made with `openssl`.
 pub fn make_certificates(dir: &std::path::Path) {
