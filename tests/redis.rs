@@ -147,6 +147,24 @@ fn read_stream(conn: &mut impl redis::ConnectionLike, key: &str) -> Vec<(String,
     out
 }
 
+/// Every input entry's fields by (shard stream, entry id): what a dead
+/// letter's `source_stream` and `source_id` point at.
+fn inputs_by_position(
+    conn: &mut impl redis::ConnectionLike,
+    setup: &Setup,
+) -> BTreeMap<(String, String), Fields> {
+    setup
+        .shards()
+        .into_iter()
+        .flat_map(|s| {
+            read_stream(conn, &s.stream)
+                .into_iter()
+                .map(move |(id, f)| ((s.stream.clone(), id), f))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
 fn turns(conn: &mut impl redis::ConnectionLike, key: &str) -> Vec<serde_json::Value> {
     read_stream(conn, key)
         .into_iter()
@@ -264,16 +282,7 @@ fn end_to_end_turns_equal_the_reference_and_poison_goes_to_the_dlq() {
     assert_eq!(sorted(got), want_turns);
 
     let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
-    let inputs: BTreeMap<(String, String), Fields> = setup
-        .shards()
-        .iter()
-        .flat_map(|s| {
-            read_stream(&mut conn, &s.stream)
-                .into_iter()
-                .map(|(id, f)| ((s.stream.clone(), id), f))
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let inputs = inputs_by_position(&mut conn, &setup);
     let mut got_dead = BTreeSet::new();
     for (_, f) in &dlq {
         let text = |k: &str| String::from_utf8(f[k].clone()).unwrap();
@@ -715,14 +724,7 @@ fn dlq_inspect_stats_and_replay_after_a_fix() {
         want_dead.len()
     );
     assert!(inspect_json(text, &["--since", "2h", "--until", "1h"]).is_empty());
-    let inputs: BTreeMap<(String, String), Fields> = shards
-        .iter()
-        .flat_map(|s| {
-            read_stream(&mut conn, &s.stream)
-                .into_iter()
-                .map(|(id, f)| ((s.stream.clone(), id), f))
-        })
-        .collect();
+    let inputs = inputs_by_position(&mut conn, &setup);
     for e in &oldest_first {
         let at = |k: &str| e["source"][k].as_str().unwrap().to_owned();
         let original = &inputs[&(at("name"), at("position"))];
