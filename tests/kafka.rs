@@ -60,6 +60,23 @@ commit_interval = "200ms"
     )
 }
 
+/// Produces `records` to the input topic and reads them back (with their
+/// partitions and offsets): the worker's config text, parsed, and the input.
+async fn load(
+    broker: &Broker,
+    t: &Topics,
+    records: &[(Vec<u8>, Vec<u8>)],
+    extra_kafka: &str,
+) -> (String, Config, Vec<Read>) {
+    produce(broker.client_config(), &t.input, records).await;
+    let config_text = worker_config(broker, t, extra_kafka);
+    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    (config_text, config, input)
+}
+
 /// [`support::workload`], keyed by user id.
 fn workload(users: u32, count: usize, seed: u64) -> Vec<(Vec<u8>, Vec<u8>)> {
     support::workload(users, count, seed)
@@ -104,13 +121,7 @@ async fn end_to_end_turns_equal_the_reference_and_poison_goes_to_the_dlq() {
     let broker = Broker::start();
     let t = topics(&broker, "e2e", 4).await;
     let records = workload(40, 800, 7);
-    produce(broker.client_config(), &t.input, &records).await;
-    let config_text = worker_config(&broker, &t, "");
-    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
-
-    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
-        r.len() == records.len()
-    });
+    let (config_text, config, input) = load(&broker, &t, &records, "").await;
     let (want_turns, want_dead) = reference(&config, &input);
     assert!(
         want_dead.len() > 10 && want_turns.len() > 50,
@@ -249,26 +260,16 @@ fn covers(want: &BTreeSet<String>) -> impl Fn(&[Read]) -> bool + '_ {
     }
 }
 
-/// A backlog big enough that group changes happen while it is processed.
-async fn backlog(broker: &Broker, t: &Topics, count: usize) -> (Config, String, BTreeSet<String>) {
-    let (config, text, want, _) = backlog_with_input(broker, t, count).await;
-    (config, text, want)
-}
-
-async fn backlog_with_input(
+/// A backlog big enough that group changes happen while it is processed:
+/// the config text, the messages that must arrive, and the input.
+async fn backlog(
     broker: &Broker,
     t: &Topics,
     count: usize,
-) -> (Config, String, BTreeSet<String>, Vec<Read>) {
-    let records = workload(300, count, 11);
-    produce(broker.client_config(), &t.input, &records).await;
-    let config_text = worker_config(broker, t, "");
-    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
-    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
-        r.len() == records.len()
-    });
+) -> (String, BTreeSet<String>, Vec<Read>) {
+    let (config_text, config, input) = load(broker, t, &workload(300, count, 11), "").await;
     let want = valid_message_ids(&config, &input);
-    (config, config_text, want, input)
+    (config_text, want, input)
 }
 
 fn wait_for_turns(broker: &Broker, topic: &str, at_least: usize) {
@@ -281,7 +282,7 @@ fn wait_for_turns(broker: &Broker, topic: &str, at_least: usize) {
 async fn workers_joining_and_leaving_lose_nothing() {
     let broker = Broker::start();
     let t = topics(&broker, "rebalance", 6).await;
-    let (_, config_text, want, input) = backlog_with_input(&broker, &t, 40_000).await;
+    let (config_text, want, input) = backlog(&broker, &t, 40_000).await;
     if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
         for r in &input {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.payload) {
@@ -312,7 +313,7 @@ async fn workers_joining_and_leaving_lose_nothing() {
 async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
     let broker = Broker::start();
     let t = topics(&broker, "kill", 4).await;
-    let (_, config_text, want) = backlog(&broker, &t, 40_000).await;
+    let (config_text, want, _) = backlog(&broker, &t, 40_000).await;
     let mut worker = Worker::start(&config_text);
     wait_for_turns(&broker, &t.output, 1_000);
     worker.kill9();
@@ -363,16 +364,8 @@ async fn every_acks_setting_delivers_and_commits() {
     for acks in ["0", "1", "all"] {
         let t = topics(&broker, &format!("acks-{acks}"), 2).await;
         let records = workload(20, 300, 17);
-        produce(broker.client_config(), &t.input, &records).await;
-        let config_text = worker_config(
-            &broker,
-            &t,
-            &format!("output_acks = \"{acks}\"\ndlq_acks = \"{acks}\""),
-        );
-        let config = Config::from_toml(&config_text, Vec::new()).unwrap();
-        let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
-            r.len() == records.len()
-        });
+        let extra = format!("output_acks = \"{acks}\"\ndlq_acks = \"{acks}\"");
+        let (config_text, config, input) = load(&broker, &t, &records, &extra).await;
         let (want_turns, want_dead) = reference(&config, &input);
         let mut worker = Worker::start(&config_text);
         let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
@@ -534,12 +527,7 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     let broker = Broker::start();
     let t = topics(&broker, "dlqops", 2).await;
     let records = workload(30, 600, 21);
-    produce(broker.client_config(), &t.input, &records).await;
-    let text = worker_config(&broker, &t, "");
-    let config = Config::from_toml(&text, Vec::new()).unwrap();
-    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
-        r.len() == records.len()
-    });
+    let (text, config, input) = load(&broker, &t, &records, "").await;
     let (_, want_dead) = reference(&config, &input);
     let mut worker = Worker::start(&text);
     read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
@@ -686,13 +674,8 @@ async fn the_worker_talks_to_a_broker_over_tls() {
     );
     let t = topics(&broker, "tls", 2).await;
     let records = workload(10, 200, 3);
-    produce(broker.client_config(), &t.input, &records).await;
-    let config_text = worker_config(&broker, &t, "");
+    let (config_text, config, input) = load(&broker, &t, &records, "").await;
     assert!(config_text.contains("\"security.protocol\" = \"ssl\""));
-    let config = Config::from_toml(&config_text, Vec::new()).unwrap();
-    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
-        r.len() == records.len()
-    });
     let (want_turns, _) = reference(&config, &input);
     let _worker = Worker::start(&config_text);
     let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
