@@ -69,21 +69,13 @@ fn emit_delay(broker: &Broker, runtime: &tokio::runtime::Runtime) {
         broker.create_topic("live-turns", PARTITIONS).await;
         broker.create_topic("live-dlq", 1).await;
     });
-    let config_text = format!(
-        r#"source = "kafka"
-[kafka]
-brokers = "{}"
-group_id = "live"
-input_topics = ["live"]
-output_topic = "live-turns"
-dlq_topic = "live-dlq"
-commit_interval = "200ms"
-{}
-"#,
-        broker.bootstrap(),
-        std::env::var("LIVE_KAFKA_PROPERTIES")
-            .map(|p| format!("[kafka.properties]\n{p}"))
-            .unwrap_or_default()
+    let properties = std::env::var("LIVE_KAFKA_PROPERTIES")
+        .map(|p| format!("[kafka.properties]\n{p}"))
+        .unwrap_or_default();
+    let config_text = worker_config(
+        broker,
+        ["live", "live", "live-turns", "live-dlq"],
+        &properties,
     );
     let parsed = sessionizer::config::Config::from_toml(&config_text, Vec::new()).unwrap();
     let gap = parsed.window.gap.0;
@@ -226,21 +218,27 @@ fn consume_only(broker: &Broker, topic: &str, partitions: i32, events: usize) ->
     (started.elapsed().as_secs_f64(), ends)
 }
 
-/// Runs the worker binary until its group has committed every partition to
-/// its end (every record resolved: turned, dead-lettered or dropped).
-fn run_worker(broker: &Broker, ends: &[i64]) -> f64 {
-    let config = format!(
+/// A worker config: `[group, input, output, dlq]`, then extra lines.
+fn worker_config(broker: &Broker, [group, input, output, dlq]: [&str; 4], extra: &str) -> String {
+    format!(
         r#"source = "kafka"
 [kafka]
 brokers = "{}"
-group_id = "sessionizer"
-input_topics = ["chat"]
-output_topic = "turns"
-dlq_topic = "dlq"
+group_id = "{group}"
+input_topics = ["{input}"]
+output_topic = "{output}"
+dlq_topic = "{dlq}"
 commit_interval = "200ms"
+{extra}
 "#,
         broker.bootstrap()
-    );
+    )
+}
+
+/// Runs the worker binary until its group has committed every partition to
+/// its end (every record resolved: turned, dead-lettered or dropped).
+fn run_worker(broker: &Broker, ends: &[i64]) -> f64 {
+    let config = worker_config(broker, ["sessionizer", "chat", "turns", "dlq"], "");
     let started = Instant::now();
     let _worker = Worker::start(&config);
     wait_for("every offset committed", Duration::from_secs(600), || {
