@@ -479,13 +479,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     .kafka
                     .as_ref()
                     .map_or("sessionizer", |k| k.group_id.as_str());
-                let mut reasons = select.reasons.clone();
-                reasons.sort();
-                reasons.dedup();
-                match reasons.is_empty() {
-                    true => format!("{base}.dlq-replay"),
-                    false => format!("{base}.dlq-replay.{}", reasons.join("+")),
-                }
+                replay::default_group(base, &select.reasons)
             });
             let options = replay::ReplayOptions {
                 filter,

@@ -269,6 +269,10 @@ pub async fn run(
         Pace::Unpaced => started_ms - 86_400_000,
         Pace::Rate(_) | Pace::ModelTime => started_ms,
     };
+    anyhow::ensure!(
+        !(options.protobuf && config.source == SourceKind::File),
+        "--format protobuf: file mode reads JSON lines; protobuf needs a Kafka or Redis input"
+    );
     let mut sink = Sink::open(config, options.to.as_deref()).await?;
     let mut workload = Workload::new(options.spec.clone());
     let mut produced = Produced::default();

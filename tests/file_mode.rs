@@ -472,3 +472,69 @@ fn dlq_commands_on_a_dead_letter_file() {
         .collect();
     assert_eq!(ids, ["p5", "p6"], "the replayed records became turns");
 }
+
+/// `sessionizer produce` at a rate stamps events with the wall clock (minus
+/// their modeled arrival delay, so the disorder stays below `--disorder`);
+/// protobuf cannot go into a file of JSON lines and is refused with the
+/// reason.
+#[test]
+fn produce_at_a_rate_stamps_wall_clock_times_and_refuses_protobuf_for_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("config.toml");
+    let events = tmp.path().join("events.jsonl");
+    std::fs::write(&config, "source = \"file\"\n[file]\ndlq = \"dlq.jsonl\"\n").unwrap();
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64
+    };
+    let before = now();
+    let out = bin()
+        .args([
+            "produce", "--rate", "2000", "--count", "300", "--users", "50",
+        ])
+        .args(["--disorder", "300ms", "--to"])
+        .arg(&events)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = now();
+    let times: Vec<i64> = read_lines(&events)
+        .iter()
+        .map(|e| e["event_time"].as_i64().unwrap())
+        .collect();
+    assert_eq!(times.len(), 300);
+    let mut max_seen = i64::MIN;
+    for t in &times {
+        assert!(
+            (before - 300..=after).contains(t),
+            "event time {t} near the run"
+        );
+        assert!(
+            max_seen.saturating_sub(*t) < 300,
+            "disorder below --disorder"
+        );
+        max_seen = max_seen.max(*t);
+    }
+
+    let out = bin()
+        .args([
+            "produce", "--count", "1", "--format", "protobuf", "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--format protobuf") && stderr.contains("JSON lines"),
+        "{stderr}"
+    );
+}

@@ -667,6 +667,36 @@ fn produce_emits_the_requested_count_and_poison_fraction_into_the_right_shards()
         "poison fraction {fraction}, expected {expected}"
     );
     assert!(duplicates > 0);
+
+    // Protobuf events, to another input stream (`--to`): every one decodes.
+    support::run_produce(
+        &setup.config_text,
+        &[
+            "--count",
+            "200",
+            "--rate",
+            "0",
+            "--format",
+            "protobuf",
+            "--to",
+            "proto-chat",
+        ],
+    );
+    let proto_shards = ShardKeys::all(&sessionizer::config::RedisSection {
+        input_stream: "proto-chat".into(),
+        ..setup.section().clone()
+    });
+    let mut decoded = 0;
+    for shard in &proto_shards {
+        for (_, fields) in read_stream(&mut conn, &shard.stream) {
+            assert_ne!(fields["payload"].first(), Some(&b'{'), "not JSON");
+            decoder
+                .decode(&fields["payload"], sessionizer::wall_clock::now_ms())
+                .unwrap();
+            decoded += 1;
+        }
+    }
+    assert_eq!(decoded, 200);
 }
 
 /// `dlq stats`, `inspect` and `replay` on the Redis DLQ: filters select the

@@ -37,6 +37,20 @@ pub struct ReplayOptions {
     pub group: String,
 }
 
+/// The consumer group that records a Kafka replay's progress by default:
+/// one per selection of reasons (in any order, repeats ignored), so
+/// replaying `invalid` and later `decode` does not skip either.
+pub fn default_group(base: &str, reasons: &[String]) -> String {
+    let mut reasons = reasons.to_vec();
+    reasons.sort();
+    reasons.dedup();
+    if reasons.is_empty() {
+        format!("{base}.dlq-replay")
+    } else {
+        format!("{base}.dlq-replay.{}", reasons.join("+"))
+    }
+}
+
 /// What a replay did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ReplayReport {
@@ -225,5 +239,21 @@ impl Store {
             Store::Redis(_) => Ok(()),
             Store::File(s) => s.finish(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_group_names_the_selection_whatever_its_order() {
+        let r = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(default_group("g", &[]), "g.dlq-replay");
+        assert_eq!(
+            default_group("g", &r(&["oversize", "invalid", "invalid"])),
+            default_group("g", &r(&["invalid", "oversize"]))
+        );
+        assert_eq!(default_group("g", &r(&["invalid"])), "g.dlq-replay.invalid");
     }
 }
