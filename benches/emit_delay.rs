@@ -4,6 +4,16 @@
 //! (event time = now) at the pace the workload model gives, then stops, so the last turns come out
 //! through the caught-up idle advance.
 //!
+//! It also splits each turn's delay in two: the *floor*, the earliest wall
+//! time DESIGN.md's semantics let the turn close given what had arrived in
+//! its shard (Redis stamps each entry's arrival in its id), and the worker's
+//! own part, emit time − floor. The floor is the first arrival that lifts
+//! the shard's event-time watermark past `last event + gap`, or, sooner, the
+//! caught-up idle advance (wall clock past `last event + gap +
+//! max_out_of_orderness`, the shard quiet for `idle_timeout`). It depends on
+//! the traffic alone: any engine with these semantics (Flink's bounded
+//! out-of-orderness watermark, Kafka Streams' stream time) waits as long.
+//!
 //! `cargo bench --bench emit_delay` (env `DURATION_SECS`, default 30; `USERS`,
 //! default 20,000: about 1,100 events/s; `SHARDS`, default 4; `IDLE_TIMEOUT`,
 //! default "100ms").
@@ -16,7 +26,7 @@ mod support;
 use std::time::Duration;
 
 use sessionizer::config::Config;
-use sessionizer::redis::keys::ShardKeys;
+use sessionizer::redis::keys::{shard_of, ShardKeys};
 use sessionizer::wall_clock::now_ms;
 use support::redis_server::{all_acked, RedisServer};
 use support::{env_or, wait_for, Worker};
@@ -82,17 +92,116 @@ block = "100ms"
         .arg("+")
         .query(&mut conn)
         .unwrap();
-    let turns = entries.ids.into_iter().map(|entry| {
-        let emitted: i64 = entry.id.split('-').next().unwrap().parse().unwrap();
-        let turn: serde_json::Value = match entry.map.get("turn") {
-            Some(redis::Value::BulkString(b)) => serde_json::from_slice(b).unwrap(),
-            other => panic!("turn field: {other:?}"),
-        };
-        (emitted, turn)
-    });
+    let turns: Vec<(i64, serde_json::Value)> = entries
+        .ids
+        .into_iter()
+        .map(|entry| {
+            let emitted = entry_time(&entry.id);
+            let turn: serde_json::Value = match entry.map.get("turn") {
+                Some(redis::Value::BulkString(b)) => serde_json::from_slice(b).unwrap(),
+                other => panic!("turn field: {other:?}"),
+            };
+            (emitted, turn)
+        })
+        .collect();
     println!(
         "emit delay (Redis entry time − (last event + gap)), {produced} events in {seconds} s from {users} users over {shard_count} shards, max_out_of_orderness {} ms, idle_timeout {}, arrival disorder < 400 ms:",
         config.window.max_out_of_orderness.0, config.window.idle_timeout
     );
-    support::print_emit_delays(turns, gap, stopped);
+    support::print_emit_delays(turns.iter().cloned(), gap, stopped);
+
+    let arrivals: Vec<Arrivals> = shards
+        .iter()
+        .map(|s| Arrivals::read(&mut conn, &s.stream, &config))
+        .collect();
+    let ooo = config.window.max_out_of_orderness.0;
+    let idle = config.window.idle_timeout.0;
+    let mut floors = Vec::new();
+    for (emitted, turn) in &turns {
+        if turn["late"].as_bool() == Some(true) || turn["closed_by"] != "gap" {
+            continue;
+        }
+        let user = turn["user_id"].as_str().unwrap();
+        let shard = shard_of(user, turn["conversation_id"].as_str(), shard_count);
+        let last = turn["end_time"].as_i64().unwrap();
+        let floor = arrivals[shard as usize].floor(last + gap, ooo, idle);
+        floors.push((floor, last + gap, *emitted));
+    }
+    println!("split at the semantic floor (gap-closed turns):");
+    let split = |under_load: bool| {
+        floors
+            .iter()
+            .filter(|(_, _, emitted)| (*emitted <= stopped) == under_load)
+            .map(|(floor, due, emitted)| (floor - due, emitted - floor))
+            .unzip::<i64, i64, Vec<_>, Vec<_>>()
+    };
+    for (under_load, what) in [(true, "under load"), (false, "after the producer stopped")] {
+        let (mut floor, mut own) = split(under_load);
+        support::print_percentiles(&format!("{what}, floor − (last event + gap)"), &mut floor);
+        let early = own.iter().filter(|d| **d < 0).count();
+        support::print_percentiles(&format!("{what}, emit − floor (the worker)"), &mut own);
+        // A turn out before its floor would mean the floor is computed wrong.
+        println!("  {what}: turns out before their floor: {early}");
+    }
+}
+
+/// The ms part of a stream entry id: when Redis added the entry.
+fn entry_time(id: &str) -> i64 {
+    id.split('-').next().unwrap().parse().unwrap()
+}
+
+/// One shard's input in arrival order: each entry's arrival time and the
+/// highest event time seen up to and including it.
+struct Arrivals {
+    at: Vec<i64>,
+    max_event_time: Vec<i64>,
+}
+
+impl Arrivals {
+    fn read(conn: &mut redis::Connection, stream: &str, config: &Config) -> Arrivals {
+        let decoder =
+            sessionizer::codec::Decoder::new(config.input_format(), config.decode_limits());
+        let entries: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(stream)
+            .arg("-")
+            .arg("+")
+            .query(conn)
+            .unwrap();
+        let (mut at, mut max_event_time) = (Vec::new(), Vec::new());
+        let mut max = i64::MIN;
+        for entry in entries.ids {
+            let arrived = entry_time(&entry.id);
+            if let Some(redis::Value::BulkString(payload)) = entry.map.get("payload") {
+                if let Ok(event) = decoder.decode(payload, arrived) {
+                    max = max.max(event.event_time);
+                }
+            }
+            at.push(arrived);
+            max_event_time.push(max);
+        }
+        Arrivals { at, max_event_time }
+    }
+
+    /// The earliest wall time a session due at `due` (last event + gap)
+    /// may close: the watermark must pass `due`, by event time (an arrival
+    /// with event time > `due + ooo`) or by the idle advance (wall clock >
+    /// `due + ooo`, nothing arrived for `idle`).
+    fn floor(&self, due: i64, ooo: i64, idle: i64) -> i64 {
+        let by_event_time = self.max_event_time.partition_point(|&max| max <= due + ooo);
+        let by_event_time = self.at.get(by_event_time).copied().unwrap_or(i64::MAX);
+        let wall = due + ooo + 1;
+        // The last arrival at or before `wall`, then the first quiet spell.
+        let mut k = self.at.partition_point(|&a| a <= wall);
+        let by_idle = loop {
+            let Some(previous) = k.checked_sub(1).map(|i| self.at[i]) else {
+                break wall;
+            };
+            let quiet_from = previous + idle;
+            match self.at.get(k) {
+                Some(&next) if next <= quiet_from.max(wall) => k += 1,
+                _ => break quiet_from.max(wall),
+            }
+        };
+        by_event_time.min(by_idle)
+    }
 }

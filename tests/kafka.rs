@@ -335,11 +335,24 @@ async fn the_worker_recovers_from_a_broker_restart() {
     let records = workload(100, 4_000, 13);
     let (first, second) = records.split_at(2_000);
     produce(broker.client_config(), &t.input, first).await;
-    let config_text = worker_config(&broker, &t, "");
+    let port = support::free_port();
+    let config_text = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        worker_config(&broker, &t, "")
+    );
     let config = Config::from_toml(&config_text, Vec::new()).unwrap();
     let _worker = Worker::start(&config_text);
+    let readyz = |status: u16| {
+        wait_for(&format!("/readyz to answer {status}"), TIMEOUT, || {
+            support::http_get(port, "/readyz").filter(|(s, _)| *s == status)
+        })
+    };
     wait_for_turns(&broker, &t.output, 10);
-    broker.restart();
+    readyz(200);
+    broker.kill();
+    // Every broker down: not ready, so an orchestrator holds traffic off.
+    readyz(503);
+    broker.start_again();
     produce(broker.client_config(), &t.input, second).await;
     let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
         r.len() == records.len()
@@ -356,6 +369,7 @@ async fn the_worker_recovers_from_a_broker_restart() {
         TIMEOUT,
         covers(&want),
     );
+    readyz(200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,6 +670,100 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
         (back.iter().filter(|e| e["replay_count"] == 1).count() as u64 == decode).then_some(())
     });
     assert_eq!(run_replay(&text, &replay_decode), (0, decode));
+}
+
+/// `dlq replay --to` another topic through a transform that fails on the
+/// third record: the run fails naming that record, and the two before it
+/// are in the other topic and recorded as replayed, so the next run sends
+/// only the rest. The source topic gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dlq_replay_to_another_topic_resumes_after_a_failed_transform() {
+    use support::{inspect_json, run_replay};
+    let broker = Broker::start();
+    let t = topics(&broker, "parking", 2).await;
+    let parked = "parking-lot";
+    broker.create_topic(parked, 1).await;
+    let records = workload(30, 600, 22);
+    let (text, config, input) = load(&broker, &t, &records, "").await;
+    let (_, want_dead) = reference(&config, &input);
+    let _worker = Worker::start(&text);
+    read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        r.len() >= want_dead.len()
+    });
+    // Replay goes oldest first: in DLQ offset order (one DLQ partition).
+    let mut invalid: Vec<String> = inspect_json(&text, &["--reason", "invalid"])
+        .iter()
+        .map(|e| e["position"].as_str().unwrap().to_owned())
+        .collect();
+    let offset = |position: &str| -> i64 { position.rsplit('/').next().unwrap().parse().unwrap() };
+    invalid.sort_by_key(|p| offset(p));
+    assert!(invalid.len() > 3, "the workload has invalid records");
+
+    let dir = tempfile::tempdir().unwrap();
+    let calls = dir.path().join("calls");
+    let fails_on_the_third = format!(
+        "n=$(cat {0} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {0}; [ $n -ne 3 ] && cat",
+        calls.display()
+    );
+    let replay = ["--reason", "invalid", "--to", parked, "--transform"];
+    let stderr = support::run_cli_failing(
+        &["dlq", "replay"],
+        &text,
+        &[&replay[..], &[fails_on_the_third.as_str()]].concat(),
+    );
+    assert!(
+        stderr.contains(&format!("--transform on {}", invalid[2])),
+        "names the record: {stderr}"
+    );
+    let sent = |at_least: usize| {
+        read_until(broker.client_config(), parked, false, TIMEOUT, |r| {
+            r.len() >= at_least
+        })
+    };
+    let from = |records: &[Read]| -> Vec<String> {
+        records
+            .iter()
+            .map(|r| r.header("sessionizer.replay.from").unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(from(&sent(2)), invalid[..2], "the two before the failure");
+
+    assert_eq!(
+        run_replay(&text, &[&replay[..], &["cat"]].concat()),
+        (invalid.len() as u64 - 2, 0),
+        "the rest, and only the rest"
+    );
+    let all = sent(invalid.len());
+    let mut replayed_from = from(&all);
+    replayed_from.sort_by_key(|p| offset(p));
+    assert_eq!(replayed_from, invalid, "each once");
+    let by_position: BTreeMap<String, &Read> = input
+        .iter()
+        .map(|r| (format!("{}/{}/{}", t.input, r.partition, r.offset), r))
+        .collect();
+    let dead: BTreeMap<String, serde_json::Value> = inspect_json(&text, &["--reason", "invalid"])
+        .into_iter()
+        .map(|e| (e["position"].as_str().unwrap().to_owned(), e))
+        .collect();
+    for r in &all {
+        let source = &dead[r.header("sessionizer.replay.from").unwrap()]["source"];
+        let original = by_position[&format!(
+            "{}/{}/{}",
+            t.input,
+            source["partition"].as_str().unwrap(),
+            source["position"].as_str().unwrap()
+        )];
+        assert!(
+            r.payload == original.payload && r.key == original.key,
+            "key and payload as consumed"
+        );
+    }
+    let source = read_until(broker.client_config(), &t.input, false, TIMEOUT, |_| true);
+    assert_eq!(
+        source.len(),
+        records.len(),
+        "nothing went back to the source"
+    );
 }
 
 /// The worker talks to a broker it can reach over TLS only (verifying the

@@ -231,6 +231,11 @@ impl Broker {
         self.spawn();
     }
 
+    /// Starts a killed broker again on the same port and storage.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             stop_child(&mut child);
@@ -328,8 +333,8 @@ impl Read {
     }
 }
 
-/// Reads a whole topic from the beginning, again and again, until `done`
-/// holds for what was read, or panics after `timeout`.
+/// Reads a whole topic from the beginning until `done` holds for what was
+/// read with every partition read to its end, or panics after `timeout`.
 pub fn read_until(
     config: ClientConfig,
     topic: &str,
@@ -341,6 +346,7 @@ pub fn read_until(
     let consumer: BaseConsumer = config
         .set("group.id", format!("reader-{}", free_port()))
         .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
         .set(
             "isolation.level",
             if read_committed {
@@ -359,10 +365,10 @@ pub fn read_until(
     let deadline = Instant::now() + timeout;
     let mut records = Vec::new();
     // `done` may be costly (it can parse every record): ask it when the
-    // reader has caught up, not after every record.
-    let mut caught_up = false;
+    // reader has reached the end of every partition, not after every record.
+    let mut at_end = std::collections::BTreeSet::new();
     loop {
-        if caught_up && done(&records) {
+        if at_end.len() == partitions as usize && done(&records) {
             return records;
         }
         if Instant::now() > deadline {
@@ -372,8 +378,11 @@ pub fn read_until(
             );
         }
         let polled = consumer.poll(Duration::from_millis(100));
-        caught_up = polled.is_none();
+        if let Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) = polled {
+            at_end.insert(p);
+        }
         if let Some(Ok(m)) = polled {
+            at_end.remove(&m.partition());
             let headers = m
                 .headers()
                 .map(|h| {
@@ -430,7 +439,7 @@ pub fn print_emit_delays(
 }
 
 /// Prints the percentiles of emit delays (ms).
-fn print_percentiles(what: &str, delays: &mut [i64]) {
+pub fn print_percentiles(what: &str, delays: &mut [i64]) {
     if delays.is_empty() {
         println!("  {what}: no turns");
         return;
@@ -717,6 +726,19 @@ pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String
         eprintln!("sessionizer {command:?} {args:?}: {stderr}");
     }
     (stdout, stderr)
+}
+
+/// Runs `sessionizer <command> --config <config> <args>`, which must fail;
+/// returns its stderr.
+pub fn run_cli_failing(command: &[&str], config: &str, args: &[&str]) -> String {
+    let (mut cmd, _file) = sessionizer(command, config, "warn,rdkafka=off");
+    let out = cmd.args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "sessionizer {command:?} {args:?} should have failed; stderr: {stderr}"
+    );
+    stderr
 }
 
 /// The numbers in the line of `text` that starts with `prefix`.
