@@ -921,3 +921,79 @@ fn end_to_end_on_a_redis_cluster() {
     let stats = support::stats_json(&setup.config_text, &[]);
     assert_eq!(stats["total"], want_dead.len());
 }
+
+/// A shard task's own connection (`redis::direct`) answers each request
+/// with its own reply after a request was dropped unanswered (a `select!`
+/// took another branch), and again after Redis restarts under it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shard_connection_survives_a_dropped_request_and_a_restart() {
+    use sessionizer::redis::direct::{DirectConn, Target};
+    let mut server = RedisServer::start_with(RedisOptions {
+        aof: true,
+        ..RedisOptions::default()
+    });
+    let target = Target {
+        host: "127.0.0.1".into(),
+        port: server.port,
+        username: None,
+        password: None,
+        db: 3,
+    };
+    let mut conn = DirectConn::connect(target, Duration::from_secs(10))
+        .await
+        .unwrap();
+    // Polled once, so sent; then dropped while Redis blocks on it forever.
+    {
+        let mut xread = redis::cmd("XREAD");
+        xread
+            .arg("BLOCK")
+            .arg(0)
+            .arg("STREAMS")
+            .arg("nothing")
+            .arg("$");
+        let blocked = xread.query_async::<redis::Value>(&mut conn);
+        tokio::pin!(blocked);
+        assert!(futures::poll!(blocked.as_mut()).is_pending());
+        let mut admin = server.conn();
+        wait_for(
+            "Redis to block on the XREAD",
+            Duration::from_secs(10),
+            || {
+                let info: String = redis::cmd("INFO").arg("clients").query(&mut admin).unwrap();
+                info.contains("blocked_clients:1").then_some(())
+            },
+        );
+    }
+    let set = tokio::time::timeout(
+        Duration::from_secs(10),
+        redis::cmd("SET")
+            .arg("k")
+            .arg("v")
+            .query_async::<redis::Value>(&mut conn),
+    )
+    .await
+    .expect("the next request is answered, not stuck behind the dropped one");
+    assert_eq!(set.unwrap(), redis::Value::Okay);
+    let mut db3 = redis::Client::open(format!("{}/3", server.url()))
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let got: String = db3.get("k").unwrap();
+    assert_eq!(
+        got, "v",
+        "written to the configured database after reconnecting"
+    );
+
+    // The first request after a restart fails on the dead socket, the next
+    // one connects again.
+    server.restart();
+    let get = redis::cmd("GET").arg("k").clone();
+    let got = match get.query_async::<String>(&mut conn).await {
+        Ok(v) => v,
+        Err(e) => {
+            assert!(e.is_io_error() || e.is_connection_dropped(), "{e}");
+            get.query_async::<String>(&mut conn).await.unwrap()
+        }
+    };
+    assert_eq!(got, "v");
+}

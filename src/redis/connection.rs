@@ -6,6 +6,7 @@
 //! fenced step (`WATCH` … `EXEC` in one pipeline) goes to one node whole.
 //! Both kinds look the same to the rest of the worker: [`RedisConn`].
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -13,6 +14,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 
+use super::direct::{DirectConn, Target};
 use super::worker::WorkerError;
 use crate::config::RedisSection;
 
@@ -37,6 +39,8 @@ impl std::fmt::Debug for RedisClient {
 pub enum RedisConn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    /// A shard task's own plain-TCP connection (see [`super::direct`]).
+    Direct(Arc<tokio::sync::Mutex<DirectConn>>),
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -44,6 +48,7 @@ impl std::fmt::Debug for RedisConn {
         f.write_str(match self {
             RedisConn::Single(_) => "RedisConn::Single",
             RedisConn::Cluster(_) => "RedisConn::Cluster",
+            RedisConn::Direct(_) => "RedisConn::Direct",
         })
     }
 }
@@ -53,6 +58,9 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
+            RedisConn::Direct(c) => {
+                Box::pin(async move { c.lock().await.req_packed_command(cmd).await })
+            }
         }
     }
 
@@ -65,6 +73,11 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConn::Direct(c) => {
+                Box::pin(
+                    async move { c.lock().await.req_packed_commands(cmd, offset, count).await },
+                )
+            }
         }
     }
 
@@ -72,6 +85,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster(c) => c.get_db(),
+            RedisConn::Direct(c) => c.try_lock().map_or(0, |c| c.get_db()),
         }
     }
 }
@@ -161,4 +175,25 @@ pub async fn connect(client: &RedisClient, block: Duration) -> Result<RedisConn,
         }
         RedisClient::Cluster(client) => client.get_async_connection().await.map(RedisConn::Cluster),
     }
+}
+
+/// A shard task's connection: on one node over plain TCP the task's own
+/// socket with the fast reply reader ([`super::direct`]); over TLS or on a
+/// cluster the same as [`connect`].
+pub async fn connect_shard(client: &RedisClient, block: Duration) -> Result<RedisConn, RedisError> {
+    if let RedisClient::Single(single) = client {
+        let info = single.get_connection_info();
+        if let redis::ConnectionAddr::Tcp(host, port) = &info.addr {
+            let target = Target {
+                host: host.clone(),
+                port: *port,
+                username: info.redis.username.clone(),
+                password: info.redis.password.clone(),
+                db: info.redis.db,
+            };
+            let conn = DirectConn::connect(target, block + Duration::from_secs(10)).await?;
+            return Ok(RedisConn::Direct(Arc::new(tokio::sync::Mutex::new(conn))));
+        }
+    }
+    connect(client, block).await
 }

@@ -9,10 +9,12 @@
 //! sessions ([`shard`]). A turn or dead letter is written and its entries
 //! acked in one `WATCH` … `EXEC` step guarded by a lease check
 //! ([`scripts::FENCE_CHECK`]): a stale owner can neither emit nor ack.
-//! [`connection`] talks to one node or a Redis Cluster; [`dlq`] is the
+//! [`connection`] talks to one node or a Redis Cluster ([`direct`]: a shard
+//! task's own socket and reply reader on one node); [`dlq`] is the
 //! dead-letter stream as `sessionizer dlq` reads and replays it.
 
 pub mod connection;
+pub mod direct;
 pub mod dlq;
 pub mod entry;
 pub mod keys;

@@ -16,7 +16,7 @@ use redis::RedisError;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::connection::{client, connect, RedisClient, RedisConn};
+use super::connection::{client, connect, connect_shard, RedisClient, RedisConn};
 use super::keys::{members_key, ShardKeys};
 use super::scripts;
 use super::shard::{Settings, ShardExit, ShardTask};
@@ -233,7 +233,7 @@ impl Coordinator {
         let keys = self.shards[index as usize].clone();
         tracing::info!(shard = %keys.stream, token = %token, "lease acquired");
         metrics::ownership_change("acquired", 1);
-        let conn = match connect(&self.client, self.settings.block).await {
+        let conn = match connect_shard(&self.client, self.settings.block).await {
             Ok(conn) => conn,
             Err(e) => {
                 self.release(index, &token).await;
