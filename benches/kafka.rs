@@ -5,7 +5,8 @@
 //!
 //! Then the emit delay under live load: `sessionizer produce --real-time`
 //! writes traffic with event time = now at the workload model's pace
-//! (`DURATION_SECS`, default 20; `LIVE_PARTITIONS`, default 4) through a
+//! (`DURATION_SECS`, default 20; `LIVE_PARTITIONS`, default 4; `USERS`,
+//! default 20,000: about 1,050 events/s) through a
 //! second worker, and each turn's record timestamp is compared with its
 //! last event time + gap, under load and after the producer stops (idle
 //! advance). `LIVE_KAFKA_PROPERTIES` adds `[kafka.properties]` lines to that
@@ -111,7 +112,8 @@ fn emit_delay(broker: &Broker, runtime: &tokio::runtime::Runtime) {
     );
     // Live traffic from the load generator: each record at its modeled
     // arrival time (event time = now).
-    let produced = support::run_live_traffic(&config_text, seconds, 20_000);
+    let produced =
+        support::run_live_traffic(&config_text, seconds, support::env_or("USERS", 20_000));
     let stopped = sessionizer::wall_clock::now_ms();
     let (_, ends) = consume_only(broker, "live", partitions, produced as usize + 1);
     wait_for("every offset committed", Duration::from_secs(300), || {

@@ -83,8 +83,13 @@ batch = {batch}
         started.elapsed()
     );
 
+    command_stats(&mut conn); // counts from here on
+    let cpu_before = redis_cpu_seconds(&mut conn);
     let plain = plain_consumer(&server, &streams, events, batch);
+    let cpu_plain = redis_cpu_seconds(&mut conn) - cpu_before;
+    let plain_stats = command_stats(&mut conn);
     let worker = sessionizer_worker(&server, &streams, &config, &section.group, metrics_port);
+    let cpu_worker = redis_cpu_seconds(&mut conn) - cpu_before - cpu_plain;
     let plain_rate = events as f64 / plain;
     let total_rate = events as f64 / worker.total;
     let steady_rate = worker.after_ready as f64 / worker.from_ready;
@@ -103,13 +108,47 @@ batch = {batch}
         total_rate / plain_rate,
         steady_rate / plain_rate
     );
+    // Redis's own CPU per event in each phase (its main thread, from
+    // `INFO cpu`): what the worker's guarantees cost the server.
+    println!(
+        "  redis CPU: plain phase {cpu_plain:.2} s ({:.2} µs an event, {:.0} % of the phase), worker phase {cpu_worker:.2} s ({:.2} µs an event, {:.0} % of the phase since spawn)",
+        cpu_plain * 1e6 / events as f64,
+        100.0 * cpu_plain / plain,
+        cpu_worker * 1e6 / events as f64,
+        100.0 * cpu_worker / worker.total,
+    );
     if std::env::var_os("COMMANDSTATS").is_some() {
-        let stats: String = redis::cmd("INFO")
-            .arg("commandstats")
-            .query(&mut conn)
-            .unwrap();
-        println!("{stats}");
+        println!(
+            "plain phase:\n{plain_stats}worker phase:\n{}",
+            command_stats(&mut conn)
+        );
     }
+}
+
+/// `used_cpu_user` + `used_cpu_sys` of `INFO cpu`, in seconds.
+fn redis_cpu_seconds(conn: &mut redis::Connection) -> f64 {
+    let info: String = redis::cmd("INFO").arg("cpu").query(conn).unwrap();
+    info.lines()
+        .filter_map(|l| {
+            l.strip_prefix("used_cpu_user:")
+                .or_else(|| l.strip_prefix("used_cpu_sys:"))
+        })
+        .map(|v| v.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// `INFO commandstats` since the last call (which resets the counters).
+fn command_stats(conn: &mut redis::Connection) -> String {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(conn).unwrap();
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query::<()>(conn)
+        .unwrap();
+    stats
+        .lines()
+        .filter(|l| l.starts_with("cmdstat_"))
+        .map(|l| format!("  {l}\n"))
+        .collect()
 }
 
 /// Reads every shard through its own group and acks each batch: the floor
