@@ -17,6 +17,10 @@ pub struct FileDlq {
     /// Bytes and lines read so far (for `follow`).
     offset: u64,
     lines: u64,
+    /// The file's first line when it was read: a file-mode run rewrites
+    /// the file, and a rewrite that is already longer than what was read
+    /// shows only here.
+    first_line: Option<String>,
     out: Option<Box<dyn Write + Send>>,
     out_name: Option<String>,
 }
@@ -39,6 +43,7 @@ impl FileDlq {
             path: file.dlq.clone(),
             offset: 0,
             lines: 0,
+            first_line: None,
             out: None,
             out_name: None,
         })
@@ -61,22 +66,30 @@ impl FileDlq {
     }
 
     fn read_more(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
-        let mut file = std::fs::File::open(&self.path)
+        let file = std::fs::File::open(&self.path)
             .with_context(|| format!("opening the dead-letter file {}", self.path))?;
-        if file.metadata()?.len() < self.offset {
-            // Rewritten by a new file-mode run: start over.
-            self.offset = 0;
-            self.lines = 0;
-        }
-        file.seek(SeekFrom::Start(self.offset))?;
         let mut reader = BufReader::new(file);
-        let mut out = Vec::new();
         let mut line = String::new();
+        if self.offset > 0 {
+            reader.read_line(&mut line)?;
+            if reader.get_ref().metadata()?.len() < self.offset
+                || self.first_line.as_deref() != Some(line.as_str())
+            {
+                // Rewritten by a new file-mode run: start over.
+                self.offset = 0;
+                self.lines = 0;
+            }
+        }
+        reader.seek(SeekFrom::Start(self.offset))?;
+        let mut out = Vec::new();
         loop {
             line.clear();
             let n = reader.read_line(&mut line)?;
             if n == 0 || !line.ends_with('\n') {
                 break; // the end, or a line still being written
+            }
+            if self.offset == 0 {
+                self.first_line = Some(line.clone());
             }
             self.offset += n as u64;
             self.lines += 1;
@@ -143,4 +156,60 @@ fn entry(path: &str, line: u64, dead: DeadLetter) -> anyhow::Result<DlqEntry> {
         payload,
         headers: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeadLetterReason, DeadLetterSource};
+
+    fn dead_letter(id: u32) -> String {
+        let source = DeadLetterSource {
+            kind: "file".into(),
+            name: "in.jsonl".into(),
+            position: u64::from(id),
+        };
+        let payload = format!("{{\"message_id\":\"m{id}\"}}");
+        let dead = DeadLetter::new(
+            DeadLetterReason::Invalid,
+            "text is missing".into(),
+            source,
+            "2026-11-23T00:00:00.000Z".into(),
+            "w".into(),
+            payload.as_bytes(),
+        );
+        let mut line = serde_json::to_string(&dead).unwrap();
+        line.push('\n');
+        line
+    }
+
+    #[tokio::test]
+    async fn follow_starts_over_when_a_new_run_rewrites_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dlq.jsonl");
+        std::fs::write(&path, [dead_letter(1), dead_letter(2)].concat()).unwrap();
+        let section = FileSection {
+            input: "-".into(),
+            output: "-".into(),
+            dlq: path.to_str().unwrap().to_owned(),
+        };
+        let mut dlq = FileDlq::open(&section).unwrap();
+        assert_eq!(dlq.snapshot().unwrap().len(), 2);
+        // Appended: only the new line.
+        let mut appended = std::fs::read_to_string(&path).unwrap();
+        appended.push_str(&dead_letter(3));
+        std::fs::write(&path, &appended).unwrap();
+        let new = dlq.follow().await.unwrap();
+        assert_eq!(new.len(), 1);
+        assert_eq!(new[0].position, format!("{}:3", section.dlq));
+        // Rewritten by a new run, already longer than what was read.
+        std::fs::write(&path, (10..15).map(dead_letter).collect::<String>()).unwrap();
+        let rewritten = dlq.follow().await.unwrap();
+        let payloads: Vec<String> = rewritten
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.payload).into_owned())
+            .collect();
+        assert_eq!(payloads.len(), 5, "the whole new file: {payloads:?}");
+        assert!(payloads[0].contains("m10"));
+    }
 }
