@@ -93,7 +93,6 @@ impl DirectConn {
                 .await?;
             for reply in replies {
                 if let Value::ServerError(e) = reply {
-                    self.socket = None;
                     return Err(e.into());
                 }
             }
@@ -101,15 +100,18 @@ impl DirectConn {
         Ok(())
     }
 
-    /// Writes `packed` and reads `count` replies; drops the socket on any
-    /// failure.
+    /// Writes `packed` and reads `count` replies, connecting first when
+    /// needed. Drops the socket on any failure, or when the previous
+    /// request (or handshake) was abandoned halfway.
     async fn request(&mut self, packed: &[u8], count: usize) -> RedisResult<Vec<Value>> {
         if std::mem::take(&mut self.in_flight) {
             self.socket = None;
         }
-        self.ensure_connected().await?;
         self.in_flight = true;
-        let result = self.round_trip(packed, count).await;
+        let result = match self.ensure_connected().await {
+            Ok(()) => self.round_trip(packed, count).await,
+            Err(e) => Err(e),
+        };
         self.in_flight = false;
         if result.is_err() {
             self.socket = None;
