@@ -537,6 +537,25 @@ fn acl_credentials_from_the_config_keys() {
     small_run(&server, &setup);
 }
 
+/// A wrong password is a configuration error: the worker exits at start
+/// with the reason instead of retrying forever.
+#[test]
+fn wrong_credentials_stop_the_worker_at_start_with_the_reason() {
+    let server = RedisServer::start_with(RedisOptions {
+        acl_user: Some(("sessionizer".into(), "s3cret-pass".into())),
+        ..Default::default()
+    });
+    let setup = Setup::new(&server, "auth", 1, "", "");
+    let wrong = setup.config_text.replace("s3cret-pass", "not-the-password");
+    assert_ne!(wrong, setup.config_text);
+    let (stderr, success) = support::run_to_exit(&["run"], &wrong, TIMEOUT);
+    assert!(!success, "exits with an error");
+    assert!(
+        stderr.contains("redis:") && stderr.contains("redis.password"),
+        "says why: {stderr}"
+    );
+}
+
 #[test]
 fn tls_with_a_private_ca() {
     let server = RedisServer::start_with(RedisOptions {

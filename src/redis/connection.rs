@@ -165,10 +165,15 @@ pub fn install_tls_provider() {
 pub async fn connect(client: &RedisClient, block: Duration) -> Result<RedisConn, RedisError> {
     match client {
         RedisClient::Single(client) => {
+            // Retries at most half a second apart: the crate's default
+            // backoff (a factor of 100 on a 1 s base, capped at 60 s) kept
+            // a first connection that failed, e.g. on a wrong password, in
+            // retries for about two minutes. The callers retry anyway.
             let config = ConnectionManagerConfig::new()
                 .set_connection_timeout(Duration::from_secs(5))
                 .set_response_timeout(block + Duration::from_secs(10))
-                .set_number_of_retries(2);
+                .set_number_of_retries(2)
+                .set_max_delay(500);
             ConnectionManager::new_with_config(client.clone(), config)
                 .await
                 .map(RedisConn::Single)

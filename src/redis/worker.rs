@@ -37,6 +37,18 @@ pub enum WorkerError {
         path: String,
         source: std::io::Error,
     },
+    /// Refused credentials or ACL permissions before the first lease
+    /// round: a configuration error, so the worker stops instead of
+    /// retrying forever. (Later, e.g. after a password rotation, the worker
+    /// keeps what it holds and retries.)
+    #[error("redis: {0} (check redis.url, redis.username and redis.password, and the user's ACL)")]
+    Refused(RedisError),
+}
+
+/// Whether Redis refused the credentials or the user's permissions.
+fn is_refused(error: &RedisError) -> bool {
+    error.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(error.code(), Some("WRONGPASS" | "NOAUTH" | "NOPERM"))
 }
 
 /// A shard this worker holds.
@@ -85,19 +97,29 @@ pub async fn run(
         (section.lease_ttl.0 / 3).max(1) as u64
     ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reached = false;
     loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
             _ = tick.tick() => {
-                match coordinator.rebalance().await {
+                // A round waits on Redis (connecting, taking leases):
+                // shutdown must not wait for it.
+                let round = tokio::select! {
+                    biased;
+                    () = &mut shutdown => break,
+                    round = coordinator.rebalance() => round,
+                };
+                match round {
                     Ok(()) => {
+                        reached = true;
                         metrics::READINESS.set_connected(true);
                         metrics::READINESS.set_owned(coordinator.owned.len());
                         if let Err(e) = coordinator.report_lag().await {
                             tracing::debug!(error = %e, "reading the shards' lag failed");
                         }
                     }
+                    Err(e) if !reached && is_refused(&e) => return Err(WorkerError::Refused(e)),
                     Err(e) => {
                         metrics::READINESS.set_connected(false);
                         tracing::warn!(error = %e, "lease round failed; retrying at the next one");

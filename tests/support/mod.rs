@@ -728,6 +728,21 @@ pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String
     (stdout, stderr)
 }
 
+/// Runs `sessionizer <command> --config <config>` until it exits on its
+/// own (killed after `timeout`, which fails the test): (stderr, success).
+pub fn run_to_exit(command: &[&str], config: &str, timeout: Duration) -> (String, bool) {
+    let (mut cmd, _file) = sessionizer(command, config, "warn,rdkafka=off");
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_for("sessionizer to exit", timeout, || child.try_wait().unwrap());
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    (stderr, status.success())
+}
+
 /// Runs `sessionizer <command> --config <config> <args>`, which must fail;
 /// returns its stderr.
 pub fn run_cli_failing(command: &[&str], config: &str, args: &[&str]) -> String {
