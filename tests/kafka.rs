@@ -792,6 +792,42 @@ async fn the_worker_talks_to_a_broker_over_tls() {
     assert_eq!(sorted_turns(&turns), want_turns);
 }
 
+/// The worker authenticates with SASL/SCRAM-SHA-512 through
+/// `[kafka.properties]` and produces the reference turns; with a wrong
+/// password it stops at start and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_authenticates_with_sasl_scram() {
+    let broker = Broker::start_sasl("sessionizer", "s3cret-pass");
+    let anonymous: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    assert!(
+        rdkafka::consumer::Consumer::fetch_metadata(&anonymous, None, Duration::from_secs(3))
+            .is_err(),
+        "a client without credentials cannot talk to the broker"
+    );
+    let t = topics(&broker, "sasl", 2).await;
+    let records = workload(10, 200, 4);
+    let (config_text, config, input) = load(&broker, &t, &records, "").await;
+    assert!(config_text.contains("SCRAM-SHA-512"));
+    let (want_turns, _) = reference(&config, &input);
+
+    let wrong = config_text.replace("s3cret-pass", "not-the-password");
+    let (stderr, success) = support::run_to_exit(&["run"], &wrong, TIMEOUT);
+    assert!(!success, "exits with an error");
+    assert!(
+        stderr.contains("kafka:") && stderr.contains("sasl."),
+        "says why: {stderr}"
+    );
+
+    let _worker = Worker::start(&config_text);
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= want_turns.len()
+    });
+    assert_eq!(sorted_turns(&turns), want_turns);
+}
+
 /// `dlq inspect --follow` prints dead letters written after it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dlq_inspect_follow_prints_new_dead_letters() {

@@ -63,6 +63,11 @@ pub enum WorkerError {
         step: &'static str,
         source: KafkaError,
     },
+    /// The broker refused the credentials before the worker ever got a
+    /// partition: a configuration error, so the worker stops instead of
+    /// retrying forever. (Later ones are logged and retried by librdkafka.)
+    #[error("kafka: {0} (check sasl.* and ssl.* in [kafka.properties])")]
+    Refused(String),
 }
 
 /// A topic-partition.
@@ -112,6 +117,8 @@ struct Shared {
     /// The transactional producer, in exactly-once mode: a revoke commits the
     /// open transaction before the partitions go.
     transactional: Mutex<Option<(FutureProducer, Arc<Mutex<bool>>)>>,
+    /// The last authentication failure librdkafka reported.
+    refused: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -154,6 +161,12 @@ impl ClientContext for WorkerContext {
             if code == Some(RDKafkaErrorCode::AllBrokersDown) {
                 // Not ready until a record or a partition end comes again.
                 metrics::READINESS.set_connected(false);
+            }
+            if matches!(
+                code,
+                Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+            ) {
+                *self.shared.refused.lock().expect("not poisoned") = Some(format!("{error}"));
             }
             tracing::warn!(%error, reason, "librdkafka error");
         }
@@ -471,6 +484,9 @@ impl Worker {
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_commit = now_ms();
+        // Whether the worker ever got a partition or a record: until then a
+        // refused login is fatal.
+        let mut reached = false;
         loop {
             tokio::select! {
                 biased;
@@ -482,6 +498,7 @@ impl Worker {
                     self.apply_rebalance_events();
                     if matches!(message, Ok(_) | Err(KafkaError::PartitionEOF(_))) {
                         metrics::READINESS.set_connected(true);
+                        reached = true;
                     }
                     match message {
                         Ok(m) => self.on_message(consumer, &m),
@@ -492,6 +509,12 @@ impl Worker {
                 // Rebalance callbacks only run inside `recv`, so their events
                 // are applied there, before the record it returns.
                 _ = tick.tick() => {
+                    reached |= !self.assigned.is_empty();
+                    if !reached {
+                        if let Some(why) = self.shared.refused.lock().expect("not poisoned").take() {
+                            return Err(WorkerError::Refused(why));
+                        }
+                    }
                     let now = now_ms();
                     self.mark_caught_up(consumer, now, None);
                     self.advance_idle(now);

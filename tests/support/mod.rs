@@ -96,6 +96,9 @@ pub struct Broker {
     child: Option<Child>,
     /// With [`Broker::start_tls`]: the TLS front clients connect to.
     tls: Option<TlsFront>,
+    /// With [`Broker::start_sasl`]: the SCRAM-SHA-512 user and password
+    /// every client must authenticate with.
+    sasl: Option<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
@@ -151,21 +154,57 @@ impl Broker {
                 ca: dir.path().join("ca.crt"),
                 child,
             }),
+            sasl: None,
             _dir: dir,
         };
         broker.spawn();
         broker
     }
 
+    /// A broker that requires SASL/SCRAM-SHA-512 as `user`: the user is
+    /// made through an open broker on the same storage, which then restarts
+    /// with `--authentication`.
+    pub fn start_sasl(user: &str, password: &str) -> Broker {
+        let mut broker = Self::start_persistent();
+        let made = Command::new(tansu_binary())
+            .args(["user", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", broker.port))
+            .args([user, password])
+            .output()
+            .unwrap();
+        assert!(
+            made.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        broker.kill();
+        broker.sasl = Some((user.to_owned(), password.to_owned()));
+        broker.spawn();
+        broker
+    }
+
     /// The `[kafka.properties]` lines a worker needs to reach this broker.
     pub fn worker_properties(&self) -> String {
-        match &self.tls {
-            Some(tls) => format!(
-                "\"security.protocol\" = \"ssl\"\n\"ssl.ca.location\" = \"{}\"\n",
-                tls.ca.display()
-            ),
-            None => String::new(),
+        self.security()
+            .iter()
+            .map(|(k, v)| format!("\"{k}\" = \"{v}\"\n"))
+            .collect()
+    }
+
+    /// The client properties of the broker's TLS or SASL.
+    fn security(&self) -> Vec<(&'static str, String)> {
+        let mut properties = Vec::new();
+        if let Some(tls) = &self.tls {
+            properties.push(("security.protocol", "ssl".to_owned()));
+            properties.push(("ssl.ca.location", tls.ca.display().to_string()));
         }
+        if let Some((user, password)) = &self.sasl {
+            properties.push(("security.protocol", "sasl_plaintext".to_owned()));
+            properties.push(("sasl.mechanism", "SCRAM-SHA-512".to_owned()));
+            properties.push(("sasl.username", user.clone()));
+            properties.push(("sasl.password", password.clone()));
+        }
+        properties
     }
 
     fn start_with(storage: Option<PathBuf>) -> Broker {
@@ -174,6 +213,7 @@ impl Broker {
             storage,
             child: None,
             tls: None,
+            sasl: None,
             _dir: tempfile::tempdir().unwrap(),
         };
         broker.spawn();
@@ -194,6 +234,9 @@ impl Broker {
             "--advertised-listener-url",
             &advertised,
         ]);
+        if self.sasl.is_some() {
+            cmd.arg("--authentication");
+        }
         if let Some(db) = &self.storage {
             // tansu resolves a sqlite path against its working directory
             // (even an absolute one), so run it in the database's folder.
@@ -245,9 +288,8 @@ impl Broker {
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap());
-        if let Some(tls) = &self.tls {
-            c.set("security.protocol", "ssl")
-                .set("ssl.ca.location", tls.ca.to_str().unwrap());
+        for (key, value) in self.security() {
+            c.set(key, value);
         }
         c
     }
