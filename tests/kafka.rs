@@ -766,20 +766,25 @@ async fn dlq_replay_to_another_topic_resumes_after_a_failed_transform() {
     );
 }
 
+/// A client without TLS or credentials cannot even fetch metadata.
+fn assert_a_bare_client_is_refused(broker: &Broker) {
+    let bare: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    assert!(
+        rdkafka::consumer::Consumer::fetch_metadata(&bare, None, Duration::from_secs(3)).is_err(),
+        "a bare client cannot talk to the broker"
+    );
+}
+
 /// The worker talks to a broker it can reach over TLS only (verifying the
 /// broker's certificate against a CA given in `[kafka.properties]`), with
 /// the same turns as the reference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_talks_to_a_broker_over_tls() {
     let broker = Broker::start_tls();
-    let plain: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
-    assert!(
-        rdkafka::consumer::Consumer::fetch_metadata(&plain, None, Duration::from_secs(3)).is_err(),
-        "a plaintext client cannot talk to the broker"
-    );
+    assert_a_bare_client_is_refused(&broker);
     let t = topics(&broker, "tls", 2).await;
     let records = workload(10, 200, 3);
     let (config_text, config, input) = load(&broker, &t, &records, "").await;
@@ -798,15 +803,7 @@ async fn the_worker_talks_to_a_broker_over_tls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_worker_authenticates_with_sasl_scram() {
     let broker = Broker::start_sasl("sessionizer", "s3cret-pass");
-    let anonymous: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", broker.bootstrap())
-        .create()
-        .unwrap();
-    assert!(
-        rdkafka::consumer::Consumer::fetch_metadata(&anonymous, None, Duration::from_secs(3))
-            .is_err(),
-        "a client without credentials cannot talk to the broker"
-    );
+    assert_a_bare_client_is_refused(&broker);
     let t = topics(&broker, "sasl", 2).await;
     let records = workload(10, 200, 4);
     let (config_text, config, input) = load(&broker, &t, &records, "").await;
