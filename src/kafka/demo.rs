@@ -197,6 +197,11 @@ pub async fn run(
         summary.delay_p99_ms.map_or("-".into(), |d| d.to_string()),
         config.window.max_out_of_orderness.0
     );
+    // The readers leave their groups while the cluster still answers: a
+    // consumer closed after its brokers are gone waits for them, and the demo
+    // hung at the end.
+    drop(turns);
+    drop(dlq);
     drop(cluster);
     Ok(summary)
 }
