@@ -9,8 +9,10 @@
 //! comparable with the plain consumer, whose connections are made up front.
 //!
 //! `cargo bench --bench redis` (env `EVENTS`, default 1,000,000; `SHARDS`,
-//! default 4; `BATCH`, entries per read for both, default 500). Needs
-//! `redis-server` (scripts/install-test-deps).
+//! default 4; `BATCH`, entries per read for both, default 500; `PIN=1` puts
+//! Redis alone on CPU 0 and the bench, the plain consumer and the worker on
+//! CPU 1, as with Redis on a machine of its own). Needs `redis-server`
+//! (scripts/install-test-deps) and, for `PIN`, `taskset`.
 
 #[path = "../tests/support/mod.rs"]
 #[allow(unused_imports)]
@@ -28,6 +30,11 @@ fn main() {
     let shards: u32 = env_or("SHARDS", 4);
     let batch: usize = env_or("BATCH", 500);
     let server = RedisServer::start();
+    if std::env::var_os("PIN").is_some() {
+        // Threads and processes started from here on inherit CPU 1.
+        pin(server.pid(), 0);
+        pin(std::process::id(), 1);
+    }
     let mut conn = server.conn();
     let metrics_port = support::free_port();
     let config = format!(
@@ -269,4 +276,14 @@ fn acked(conn: &mut redis::Connection, streams: &[String], group: &str) -> usize
                 .map_or(0, |g| g.entries_read.unwrap_or(0) - g.pending)
         })
         .sum()
+}
+
+/// Binds a process (its main thread, and what it starts later) to one CPU.
+fn pin(pid: u32, cpu: u32) {
+    let status = std::process::Command::new("taskset")
+        .args(["-p", "-c", &cpu.to_string(), &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("taskset (util-linux)");
+    assert!(status.success(), "taskset -p -c {cpu} {pid}");
 }

@@ -133,6 +133,11 @@ impl RedisServer {
             .then(|| self.dir.path().join("ca.crt").to_str().unwrap().to_owned())
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn conn(&self) -> redis::Connection {
         connect(&self.url(), self.ca_file().as_deref()).expect("connect to the test redis")
     }
