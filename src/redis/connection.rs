@@ -39,8 +39,9 @@ impl std::fmt::Debug for RedisClient {
 pub enum RedisConn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
-    /// A shard task's own plain-TCP connection (see [`super::direct`]).
-    Direct(Arc<tokio::sync::Mutex<DirectConn>>),
+    /// A shard task's own plain-TCP connection (see [`super::direct`]),
+    /// and its database number.
+    Direct(Arc<tokio::sync::Mutex<DirectConn>>, i64),
 }
 
 impl std::fmt::Debug for RedisConn {
@@ -48,7 +49,7 @@ impl std::fmt::Debug for RedisConn {
         f.write_str(match self {
             RedisConn::Single(_) => "RedisConn::Single",
             RedisConn::Cluster(_) => "RedisConn::Cluster",
-            RedisConn::Direct(_) => "RedisConn::Direct",
+            RedisConn::Direct(..) => "RedisConn::Direct",
         })
     }
 }
@@ -58,7 +59,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_command(cmd),
             RedisConn::Cluster(c) => c.req_packed_command(cmd),
-            RedisConn::Direct(c) => {
+            RedisConn::Direct(c, _) => {
                 Box::pin(async move { c.lock().await.req_packed_command(cmd).await })
             }
         }
@@ -73,7 +74,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.req_packed_commands(cmd, offset, count),
             RedisConn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
-            RedisConn::Direct(c) => {
+            RedisConn::Direct(c, _) => {
                 Box::pin(
                     async move { c.lock().await.req_packed_commands(cmd, offset, count).await },
                 )
@@ -85,7 +86,7 @@ impl ConnectionLike for RedisConn {
         match self {
             RedisConn::Single(c) => c.get_db(),
             RedisConn::Cluster(c) => c.get_db(),
-            RedisConn::Direct(c) => c.try_lock().map_or(0, |c| c.get_db()),
+            RedisConn::Direct(_, db) => *db,
         }
     }
 }
@@ -197,7 +198,10 @@ pub async fn connect_shard(client: &RedisClient, block: Duration) -> Result<Redi
                 db: info.redis.db,
             };
             let conn = DirectConn::connect(target, block + Duration::from_secs(10)).await?;
-            return Ok(RedisConn::Direct(Arc::new(tokio::sync::Mutex::new(conn))));
+            return Ok(RedisConn::Direct(
+                Arc::new(tokio::sync::Mutex::new(conn)),
+                info.redis.db,
+            ));
         }
     }
     connect(client, block).await

@@ -104,7 +104,9 @@ pub async fn run(
             () = &mut shutdown => break,
             _ = tick.tick() => {
                 // A round waits on Redis (connecting, taking leases):
-                // shutdown must not wait for it.
+                // shutdown must not wait for it. A lease taken by a round
+                // cut short is not released below; it lapses after
+                // lease_ttl, as a crashed worker's would.
                 let round = tokio::select! {
                     biased;
                     () = &mut shutdown => break,
