@@ -90,6 +90,7 @@ pub async fn run(
         owned: HashMap::new(),
         stats: Stats::default(),
         groups_ready: false,
+        unreachable: false,
     };
     tracing::info!(worker = %coordinator.worker, shards = section.shards, "redis worker starting");
     tokio::pin!(shutdown);
@@ -115,6 +116,7 @@ pub async fn run(
                 match round {
                     Ok(()) => {
                         reached = true;
+                        coordinator.unreachable = false;
                         metrics::READINESS.set_connected(true);
                         metrics::READINESS.set_owned(coordinator.owned.len());
                         if let Err(e) = coordinator.report_lag().await {
@@ -144,6 +146,11 @@ struct Coordinator {
     owned: HashMap<u32, Owned>,
     stats: Stats,
     groups_ready: bool,
+    /// A release found Redis unreachable since the last good lease round:
+    /// further best-effort calls (releases, leaving the members set) are
+    /// skipped, so a stop with Redis down does not wait out a reconnect for
+    /// each. Unreleased leases lapse after `lease_ttl`.
+    unreachable: bool,
 }
 
 impl Coordinator {
@@ -309,7 +316,7 @@ impl Coordinator {
 
     async fn release(&mut self, index: u32, token: &str) {
         let keys = &self.shards[index as usize];
-        let Some(mut conn) = self.conn.clone() else {
+        let Some(mut conn) = self.conn.clone().filter(|_| !self.unreachable) else {
             return;
         };
         let released: Result<i64, _> = scripts::RELEASE
@@ -323,6 +330,7 @@ impl Coordinator {
                 tracing::info!(shard = %keys.stream, "lease released")
             }
             Err(e) => {
+                self.unreachable = e.is_io_error() || e.is_connection_dropped();
                 tracing::warn!(shard = %keys.stream, error = %e, "releasing the lease failed; it lapses after lease_ttl")
             }
         }
@@ -339,7 +347,7 @@ impl Coordinator {
         for index in all {
             self.stop(index, true).await;
         }
-        if let Some(mut conn) = self.conn.clone() {
+        if let Some(mut conn) = self.conn.clone().filter(|_| !self.unreachable) {
             let left: Result<i64, _> = redis::cmd("ZREM")
                 .arg(members_key(&self.section))
                 .arg(&self.worker)
