@@ -234,21 +234,15 @@ fn sessionizer_worker(
     let mut conn = server.conn();
     let started = Instant::now();
     let _worker = Worker::start(config);
-    // Polled tightly: each poll's lateness is added to the measured time.
-    let poll = |what: &str, check: &mut dyn FnMut() -> bool| {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while !check() {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
-    poll("/readyz", &mut || {
-        support::http_get(metrics_port, "/readyz").is_some_and(|(status, _)| status == 200)
+    // Polled often: each poll's lateness is added to the measured time.
+    let (long, often) = (Duration::from_secs(600), Duration::from_millis(2));
+    support::wait_for_every("/readyz", long, often, || {
+        support::http_get(metrics_port, "/readyz").filter(|(status, _)| *status == 200)
     });
     let ready = Instant::now();
     let acked_at_ready = acked(&mut conn, streams, group);
-    poll("every entry acked", &mut || {
-        all_acked(&mut conn, streams, group)
+    support::wait_for_every("every entry acked", long, often, || {
+        all_acked(&mut conn, streams, group).then_some(())
     });
     let done = Instant::now();
     let total_entries = acked(&mut conn, streams, group);

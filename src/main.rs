@@ -410,7 +410,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             follow,
         } => {
             let mut entries: Vec<_> = store
-                .snapshot()
+                .snapshot(None)
                 .await?
                 .into_iter()
                 .filter(|e| filter.matches(e))
@@ -454,7 +454,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Stats { json, .. } => {
             let mut stats = output::Stats::default();
-            for e in store.snapshot().await? {
+            for e in store.snapshot(None).await? {
                 if filter.matches(&e) {
                     stats.add(&e);
                 }

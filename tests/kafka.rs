@@ -625,10 +625,13 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     );
     let mut want = support::payload_message_ids(&oversize);
     want.extend(support::payload_message_ids(&invalid));
-    read_until(broker.client_config(), &t.output, false, TIMEOUT, |turns| {
-        let ids: BTreeSet<String> = turns.iter().flat_map(|r| message_ids(&r.json())).collect();
-        ids.is_superset(&want)
-    });
+    read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
     assert_eq!(
         run_replay(&text, &["--reason", "oversize"]),
         (0, 0),
@@ -781,7 +784,6 @@ fn the_demo_prints_turns_and_a_summary_and_exits_on_ctrl_c() {
             "--poison-fraction",
             "0.3",
         ])
-        .env("RUST_LOG", "off")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -809,11 +811,7 @@ fn the_demo_prints_turns_and_a_summary_and_exits_on_ctrl_c() {
         turns += usize::from(line.contains("closed by"));
         dead += usize::from(line.contains("dead letter:"));
     }
-    let interrupted = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(interrupted.success());
+    support::signal(child.id(), "INT");
     let summary = loop {
         let line = next_line("summary");
         if line.starts_with("summary:") {
@@ -832,6 +830,20 @@ fn the_demo_prints_turns_and_a_summary_and_exits_on_ctrl_c() {
         "events and turns: {summary}"
     );
     assert!(summary.contains("dead letters {\""), "{summary}");
+}
+
+/// A worker started with `config_text` writes exactly `want_turns`.
+fn assert_a_worker_makes(
+    broker: &Broker,
+    t: &Topics,
+    config_text: &str,
+    want_turns: &[serde_json::Value],
+) {
+    let _worker = Worker::start(config_text);
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= want_turns.len()
+    });
+    assert_eq!(sorted_turns(&turns), want_turns);
 }
 
 /// A client without TLS or credentials cannot even fetch metadata.
@@ -858,11 +870,7 @@ async fn the_worker_talks_to_a_broker_over_tls() {
     let (config_text, config, input) = load(&broker, &t, &records, "").await;
     assert!(config_text.contains("\"security.protocol\" = \"ssl\""));
     let (want_turns, _) = reference(&config, &input);
-    let _worker = Worker::start(&config_text);
-    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
-        r.len() >= want_turns.len()
-    });
-    assert_eq!(sorted_turns(&turns), want_turns);
+    assert_a_worker_makes(&broker, &t, &config_text, &want_turns);
 }
 
 /// The worker authenticates with SASL/SCRAM-SHA-512 through
@@ -886,11 +894,7 @@ async fn the_worker_authenticates_with_sasl_scram() {
         "says why: {stderr}"
     );
 
-    let _worker = Worker::start(&config_text);
-    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
-        r.len() >= want_turns.len()
-    });
-    assert_eq!(sorted_turns(&turns), want_turns);
+    assert_a_worker_makes(&broker, &t, &config_text, &want_turns);
 }
 
 /// `dlq inspect --follow` prints dead letters written after it started.

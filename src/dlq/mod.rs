@@ -101,8 +101,8 @@ impl Filter {
 /// `--since` / `--until`: an RFC 3339 time, or a duration ("90m", "2h")
 /// meaning that long before `now_ms`.
 pub fn parse_time(text: &str, now_ms: i64) -> Result<i64, String> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
-        return Ok(t.timestamp_millis());
+    if let Some(t) = parse_failed_at(text) {
+        return Ok(t);
     }
     humantime::parse_duration(text)
         .map(|d| now_ms - d.as_millis() as i64)
@@ -142,10 +142,12 @@ impl Store {
         })
     }
 
-    /// Every dead letter there now, oldest first.
-    pub async fn snapshot(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+    /// Every dead letter there now, oldest first. `replay_group`: Kafka
+    /// starts after that replay group's progress (the other stores keep
+    /// none: Redis removes what it replays, a file is only read).
+    pub async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
         match self {
-            Store::Kafka(s) => s.snapshot(None),
+            Store::Kafka(s) => s.snapshot(replay_group),
             Store::Redis(s) => s.snapshot().await,
             Store::File(s) => s.snapshot(),
         }

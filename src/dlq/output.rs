@@ -104,6 +104,9 @@ pub struct Stats {
     /// (failed at, position) of the oldest and newest entry.
     pub oldest: Option<(String, String)>,
     pub newest: Option<(String, String)>,
+    /// Their parsed times (`DlqEntry::failed_at_ms`), for comparing.
+    oldest_ms: Option<Option<i64>>,
+    newest_ms: Option<Option<i64>>,
 }
 
 impl Stats {
@@ -116,12 +119,13 @@ impl Stats {
         };
         *self.by_source_partition.entry(partition).or_default() += 1;
         let at = (e.failed_at.clone(), e.position.clone());
-        let key = |x: &(String, String)| super::parse_failed_at(&x.0);
-        if self.oldest.as_ref().is_none_or(|o| key(&at) < key(o)) {
+        if self.oldest_ms.is_none_or(|o| e.failed_at_ms < o) {
             self.oldest = Some(at.clone());
+            self.oldest_ms = Some(e.failed_at_ms);
         }
-        if self.newest.as_ref().is_none_or(|n| key(&at) >= key(n)) {
+        if self.newest_ms.is_none_or(|n| e.failed_at_ms >= n) {
             self.newest = Some(at);
+            self.newest_ms = Some(e.failed_at_ms);
         }
     }
 

@@ -69,7 +69,7 @@ pub async fn run(
     out: &mut impl Write,
 ) -> anyhow::Result<ReplayReport> {
     tokio::pin!(stop);
-    let candidates = store.replay_candidates(&options.group).await?;
+    let candidates = store.snapshot(Some(&options.group)).await?;
     let mut report = ReplayReport::default();
     let replayed = replay_each(store, options, candidates, &mut stop, out, &mut report).await;
     // Whatever happened, record what was sent (Kafka commits the progress),
@@ -190,15 +190,6 @@ async fn transform(command: &str, entry: &DlqEntry) -> anyhow::Result<Vec<u8>> {
 }
 
 impl Store {
-    /// The dead letters a replay goes through, oldest first.
-    async fn replay_candidates(&mut self, group: &str) -> anyhow::Result<Vec<DlqEntry>> {
-        match self {
-            Store::Kafka(s) => s.snapshot(Some(group)),
-            Store::Redis(s) => s.snapshot().await,
-            Store::File(s) => s.snapshot(),
-        }
-    }
-
     /// Where a record goes back to.
     fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
         match self {

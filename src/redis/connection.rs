@@ -124,15 +124,10 @@ pub fn client(section: &RedisSection) -> Result<RedisClient, WorkerError> {
         root_cert: Some(root_cert),
     };
     if section.cluster {
-        let mut builder = ClusterClientBuilder::new(vec![info.clone()])
+        // The builder takes the user and password from this first node.
+        let mut builder = ClusterClientBuilder::new(vec![info])
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(section.block.as_duration() + Duration::from_secs(10));
-        if let Some(user) = &info.redis.username {
-            builder = builder.username(user.clone());
-        }
-        if let Some(password) = &info.redis.password {
-            builder = builder.password(password.clone());
-        }
         if tls {
             builder = builder.tls(redis::cluster::TlsMode::Secure);
         }

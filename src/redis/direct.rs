@@ -181,7 +181,8 @@ impl redis::aio::ConnectionLike for DirectConn {
             let mut replies = self
                 .request(&cmd.get_packed_pipeline(), offset + count)
                 .await?;
-            Ok(replies.split_off(offset))
+            replies.drain(..offset);
+            Ok(replies)
         })
     }
 

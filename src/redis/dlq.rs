@@ -201,15 +201,7 @@ fn shard_index(stream: &str) -> String {
 }
 
 fn entry(stream: &str, e: &Entry) -> DlqEntry {
-    let field = |name: &str| {
-        e.fields
-            .as_deref()
-            .unwrap_or_default()
-            .iter()
-            .find(|(k, _)| k == name.as_bytes())
-            .map(|(_, v)| v.as_slice())
-    };
-    let text = |name: &str| String::from_utf8_lossy(field(name).unwrap_or_default()).into_owned();
+    let text = |name: &str| String::from_utf8_lossy(e.field(name).unwrap_or_default()).into_owned();
     let source = text("source_stream");
     let failed_at = text("failed_at");
     DlqEntry {
@@ -228,7 +220,7 @@ fn entry(stream: &str, e: &Entry) -> DlqEntry {
         worker: text("worker"),
         replay_count: text(REPLAY_COUNT).parse().unwrap_or(0),
         key: None,
-        payload: field("payload").unwrap_or_default().to_vec(),
+        payload: e.field("payload").unwrap_or_default().to_vec(),
         headers: Vec::new(),
     }
 }

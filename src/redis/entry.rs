@@ -42,10 +42,10 @@ impl Entry {
     /// number when it is one, `attributes` parsed when it is a JSON object),
     /// which is also what a dead letter keeps as `payload`.
     pub fn payload(&self) -> (Cow<'_, [u8]>, Form) {
-        let fields = self.fields.as_deref().unwrap_or_default();
-        if let Some((_, v)) = fields.iter().find(|(k, _)| k == b"payload") {
+        if let Some(v) = self.field("payload") {
             return (Cow::Borrowed(v), Form::Payload);
         }
+        let fields = self.fields.as_deref().unwrap_or_default();
         let mut object = Map::new();
         for (k, v) in fields {
             let key = String::from_utf8_lossy(k).into_owned();
@@ -70,9 +70,17 @@ impl Entry {
             Form::Fields,
         )
     }
-}
 
-impl Entry {
+    /// The value of the first field called `name`.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .as_deref()
+            .unwrap_or_default()
+            .iter()
+            .find(|(k, _)| k == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+
     /// The `sessionizer.replay.*` fields a `dlq replay` added.
     pub fn replay_fields(&self) -> impl Iterator<Item = (&'static str, &[u8])> {
         self.fields

@@ -457,7 +457,7 @@ impl ShardTask {
         // The raw replies: `query_async` would rebuild the whole reply tree
         // twice to look for errors nested in it, a tenth of the worker's CPU
         // for big reads; errors can only stand at the top level here.
-        let count = step.cmd_iter().count();
+        let count = step.len();
         let mut replies =
             redis::aio::ConnectionLike::req_packed_commands(&mut self.conn, &step, 0, count)
                 .await?;
@@ -471,23 +471,19 @@ impl ShardTask {
             }
         }
         let held = matches!(replies.get(1), Some(Value::Int(1)));
-        let applied = match applied {
-            Value::Nil => None,
-            Value::Array(replies) => Some(Value::Array(replies)),
-            other => return Err(protocol_error(format!("unexpected EXEC reply {other:?}"))),
-        };
-        match (held, applied) {
-            (false, _) => Err(RedisError::from((
+        match applied {
+            Value::Nil | Value::Array(_) if !held => Err(RedisError::from((
                 redis::ErrorKind::ExtensionError,
                 scripts::FENCED,
                 "the shard lease is no longer held".to_owned(),
             ))),
-            (true, None) => Err(RedisError::from((
+            Value::Nil => Err(RedisError::from((
                 redis::ErrorKind::TryAgain,
                 "transaction aborted",
                 "the lease key changed".to_owned(),
             ))),
-            (true, Some(replies)) => Ok(replies),
+            applied @ Value::Array(_) => Ok(applied),
+            other => Err(protocol_error(format!("unexpected EXEC reply {other:?}"))),
         }
     }
 

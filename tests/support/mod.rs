@@ -40,7 +40,18 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// Polls `check` until it returns `Some`, or panics with `what` after `timeout`.
-pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_for<T>(what: &str, timeout: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_for_every(what, timeout, Duration::from_millis(50), check)
+}
+
+/// [`wait_for`], asking `check` every `interval` (a benchmark's clock stops
+/// at the first answer, so it asks often).
+pub fn wait_for_every<T>(
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(value) = check() {
@@ -50,7 +61,7 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Opt
             Instant::now() < deadline,
             "timed out after {timeout:?} waiting for {what}"
         );
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(interval);
     }
 }
 
@@ -265,13 +276,6 @@ impl Broker {
     pub fn bootstrap(&self) -> String {
         let port = self.tls.as_ref().map_or(self.port, |t| t.port);
         format!("127.0.0.1:{port}")
-    }
-
-    /// Kills the broker (SIGKILL) and starts it again on the same port and
-    /// storage.
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
     }
 
     /// Starts a killed broker again on the same port and storage.
@@ -578,11 +582,7 @@ impl Worker {
 
     /// Sends a signal by name (`STOP`, `CONT`, …).
     pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{name}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{name}");
+        signal(self.child.id(), name);
     }
 
     /// SIGKILL: no chance to commit or flush.
@@ -592,11 +592,7 @@ impl Worker {
 
     /// SIGTERM, then waits for the exit status (bounded).
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        self.signal("TERM");
         wait_for(
             "the worker to exit after SIGTERM",
             Duration::from_secs(30),
@@ -768,6 +764,15 @@ pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String
         eprintln!("sessionizer {command:?} {args:?}: {stderr}");
     }
     (stdout, stderr)
+}
+
+/// Sends a signal by name (`INT`, `TERM`, `STOP`, …) to a process.
+pub fn signal(pid: u32, name: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill -{name} {pid}");
 }
 
 /// Runs `sessionizer <command> --config <config>` until it exits on its
