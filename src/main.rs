@@ -171,8 +171,18 @@ enum DlqCommand {
         #[arg(long, default_value_t = 3)]
         max_replays: u32,
         /// Pipe each payload through this shell command (stdin → stdout).
+        /// Its output must be a valid event, or the replay stops there and
+        /// the dead letter is kept.
         #[arg(long)]
         transform: Option<String>,
+        /// Kill a transform (its whole process group) that runs longer than
+        /// this, and stop the replay there.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        transform_timeout: std::time::Duration,
+        /// Skip (and report) a record whose transformed output is not a
+        /// valid event, keeping its dead letter, instead of stopping.
+        #[arg(long)]
+        skip_invalid: bool,
         /// Kafka: the consumer group recording the replay's progress
         /// (default `<group_id>.dlq-replay`, plus `.<reasons>` with
         /// `--reason`, so each selection keeps its own progress).
@@ -472,6 +482,8 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             rate,
             max_replays,
             transform,
+            transform_timeout,
+            skip_invalid,
             group,
         } => {
             let group = group.unwrap_or_else(|| {
@@ -489,6 +501,12 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 rate,
                 max_replays,
                 transform,
+                transform_timeout,
+                decoder: Some(sessionizer::codec::Decoder::new(
+                    config.input_format(),
+                    config.decode_limits(),
+                )),
+                skip_invalid,
                 group,
             };
             // Replaying a file DLQ to stdout: the report goes to stderr.
@@ -506,7 +524,7 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
             .await?;
             out.flush()?;
             eprintln!(
-                "replay: {} {}, {} skipped after --max-replays {}",
+                "replay: {} {}, {} skipped after --max-replays {}{}",
                 report.replayed,
                 if dry_run {
                     "would be replayed"
@@ -514,7 +532,11 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                     "replayed"
                 },
                 report.skipped_max_replays.len(),
-                max_replays
+                max_replays,
+                match report.skipped_invalid.len() {
+                    0 => String::new(),
+                    n => format!(", {n} skipped as invalid after --transform"),
+                }
             );
         }
     }

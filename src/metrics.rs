@@ -57,6 +57,15 @@ pub const COMMITS: &str = "sessionizer_commits_total";
 pub const OWNERSHIP_CHANGES: &str = "sessionizer_ownership_changes_total";
 /// Partitions or shards this worker owns now.
 pub const OWNED: &str = "sessionizer_owned_partitions";
+/// Owned partitions or shards whose broker calls have failed without a
+/// success for [`FAILING_AFTER`] or longer (they make `/readyz` fail).
+pub const FAILING: &str = "sessionizer_failing_partitions";
+/// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
+/// restart without persistence, `XGROUP DESTROY`), by `partition`.
+pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
+
+/// How long a partition's calls may keep failing before it counts as failing.
+pub const FAILING_AFTER: Duration = Duration::from_secs(30);
 
 /// Counter handles for one partition's pipeline.
 #[derive(Debug, Clone)]
@@ -174,6 +183,11 @@ pub fn commit(ok: bool) {
     counter!(COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
+/// A Redis consumer group was recreated on `partition`.
+pub fn group_recreated(partition: &str) {
+    counter!(GROUPS_RECREATED, "partition" => partition.to_owned()).increment(1);
+}
+
 /// `change`: assigned, revoked, acquired, lost, released.
 pub fn ownership_change(change: &'static str, count: usize) {
     counter!(OWNERSHIP_CHANGES, "change" => change).increment(count as u64);
@@ -185,12 +199,50 @@ pub fn ownership_change(change: &'static str, count: usize) {
 pub struct Readiness {
     connected: AtomicBool,
     owned: AtomicUsize,
+    failing: AtomicUsize,
 }
 
 pub static READINESS: Readiness = Readiness {
     connected: AtomicBool::new(false),
     owned: AtomicUsize::new(0),
+    failing: AtomicUsize::new(0),
 };
+
+/// One owned partition's failing state for `/readyz`: failing once its calls
+/// have failed for [`FAILING_AFTER`] without a success in between; clears on
+/// the next success and when dropped (the partition left the worker).
+#[derive(Debug, Default)]
+pub struct FailingMark {
+    failing_since: Option<i64>,
+    marked: bool,
+}
+
+impl FailingMark {
+    /// A call failed at `now_ms`.
+    pub fn failed(&mut self, now_ms: i64) {
+        let since = *self.failing_since.get_or_insert(now_ms);
+        if !self.marked && now_ms - since >= FAILING_AFTER.as_millis() as i64 {
+            self.marked = true;
+            READINESS.failing.fetch_add(1, Ordering::Relaxed);
+            gauge!(FAILING).increment(1.0);
+        }
+    }
+
+    /// A call succeeded.
+    pub fn ok(&mut self) {
+        self.failing_since = None;
+        if std::mem::take(&mut self.marked) {
+            READINESS.failing.fetch_sub(1, Ordering::Relaxed);
+            gauge!(FAILING).decrement(1.0);
+        }
+    }
+}
+
+impl Drop for FailingMark {
+    fn drop(&mut self) {
+        self.ok();
+    }
+}
 
 impl Readiness {
     /// The worker reached its broker (a successful read or assignment).
@@ -205,12 +257,21 @@ impl Readiness {
     }
 
     /// `Err` says what is missing.
-    pub fn check(&self) -> Result<usize, &'static str> {
+    pub fn check(&self) -> Result<usize, String> {
         if !self.connected.load(Ordering::Relaxed) {
-            return Err("not connected to the broker");
+            return Err("not connected to the broker".to_owned());
+        }
+        match self.failing.load(Ordering::Relaxed) {
+            0 => {}
+            n => {
+                return Err(format!(
+                    "{n} owned partition(s) or shard(s) failing for {} s or more (see the log)",
+                    FAILING_AFTER.as_secs()
+                ))
+            }
         }
         match self.owned.load(Ordering::Relaxed) {
-            0 => Err("no partitions or shards assigned"),
+            0 => Err("no partitions or shards assigned".to_owned()),
             n => Ok(n),
         }
     }
@@ -307,4 +368,30 @@ async fn answer(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
     );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_counts_as_failing_only_after_failing_for_the_bound() {
+        let failing = || READINESS.failing.load(Ordering::Relaxed);
+        let after = FAILING_AFTER.as_millis() as i64;
+        let mut mark = FailingMark::default();
+        mark.failed(1_000);
+        mark.failed(1_000 + after - 1);
+        assert_eq!(failing(), 0, "not yet");
+        mark.failed(1_000 + after);
+        assert_eq!(failing(), 1);
+        mark.failed(1_000 + 2 * after);
+        assert_eq!(failing(), 1, "counted once");
+        mark.ok();
+        assert_eq!(failing(), 0, "a success clears it");
+        mark.failed(10_000_000);
+        mark.failed(10_000_000 + after);
+        assert_eq!(failing(), 1);
+        drop(mark);
+        assert_eq!(failing(), 0, "a partition that leaves clears it");
+    }
 }

@@ -102,6 +102,12 @@ impl PartitionPipeline {
         }
     }
 
+    /// Starts the engine over (open sessions and watermark dropped), keeping
+    /// the counts: the source will hand in the same records again.
+    pub fn reset_engine(&mut self) {
+        self.engine = SessionEngine::new(*self.engine.config());
+    }
+
     pub fn engine(&self) -> &SessionEngine {
         &self.engine
     }
@@ -142,6 +148,22 @@ impl PartitionPipeline {
                 self.scratch = resolutions;
             }
         }
+    }
+
+    /// A record the source refused before decoding (a flat Redis entry that
+    /// is not UTF-8, a record over the size bound while reading): counted as
+    /// a record and dead-lettered, never handed to the engine.
+    pub fn reject(&mut self, seq: u64, poison: Poison, out: &mut Vec<Outcome>) {
+        self.stats.records += 1;
+        self.metrics.record();
+        self.push(
+            Outcome::DeadLetter {
+                seq,
+                reason: poison.reason,
+                error: poison.message,
+            },
+            out,
+        );
     }
 
     /// The caught-up idle advance (see [`SessionEngine::advance_idle`]).

@@ -538,3 +538,67 @@ fn produce_at_a_rate_stamps_wall_clock_times_and_refuses_protobuf_for_files() {
         "{stderr}"
     );
 }
+
+/// Output and dead-letter paths that name the input (or each other) through
+/// `.`, a symlink or a hard link are refused at start, and nothing is
+/// truncated: paths were compared as strings, so `/x/./in.jsonl` wiped the
+/// input.
+#[test]
+fn aliased_paths_are_refused_and_nothing_is_truncated() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let input = dir.join("in.jsonl");
+    let line =
+        "{\"message_id\":\"m1\",\"user_id\":\"u\",\"text\":\"hi\",\"event_time\":1700000000000}\n";
+    std::fs::write(&input, line).unwrap();
+    std::os::unix::fs::symlink(&input, dir.join("link.jsonl")).unwrap();
+    std::fs::hard_link(&input, dir.join("hard.jsonl")).unwrap();
+    let keep = dir.join("keep.jsonl");
+    std::fs::write(&keep, "a dead letter kept from before\n").unwrap();
+    std::os::unix::fs::symlink(&keep, dir.join("keep-link.jsonl")).unwrap();
+    let d = dir.display();
+    for (output, dlq, key) in [
+        (
+            format!("{d}/./in.jsonl"),
+            format!("{d}/d.jsonl"),
+            "file.output",
+        ),
+        (
+            format!("{d}/link.jsonl"),
+            format!("{d}/d.jsonl"),
+            "file.output",
+        ),
+        (
+            format!("{d}/t.jsonl"),
+            format!("{d}/hard.jsonl"),
+            "file.dlq",
+        ),
+        (
+            format!("{d}/keep.jsonl"),
+            format!("{d}/x/../keep-link.jsonl"),
+            "file.dlq",
+        ),
+    ] {
+        std::fs::create_dir_all(dir.join("x")).unwrap();
+        let out = bin()
+            .args(["run", "--config"])
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/file.toml"))
+            .env("SESSIONIZER__FILE__INPUT", &input)
+            .env("SESSIONIZER__FILE__OUTPUT", &output)
+            .env("SESSIONIZER__FILE__DLQ", &dlq)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{output} {dlq}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains("same file"),
+            "{output} {dlq}: {stderr}"
+        );
+        assert_eq!(std::fs::read_to_string(&input).unwrap(), line, "input kept");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&keep).unwrap(),
+        "a dead letter kept from before\n",
+        "the output opened first was not truncated either: it was checked before"
+    );
+}

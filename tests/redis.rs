@@ -1038,3 +1038,259 @@ async fn the_shard_connection_survives_a_dropped_request_and_a_restart() {
     };
     assert_eq!(got, "v");
 }
+
+/// A Redis transaction does not roll back a failed command: with the output
+/// key of the wrong type, every turn's `XADD` fails inside the fenced step.
+/// No entry of those turns may be acked (the old step acked them anyway, and
+/// after a crash and the fix they were in no turn and no dead letter).
+#[test]
+fn a_turn_that_fails_to_write_leaves_its_entries_pending() {
+    use support::{http_get, metric};
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "wrongtype", 2, "", "");
+    let port = support::free_port();
+    let config = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        setup.config_text
+    );
+    produce(&mut conn, &setup, &workload(40, 2_000, 21));
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let want = message_ids(&want_turns);
+    let output = setup.section().output_stream.clone();
+    let () = conn.set(&output, "not a stream").unwrap();
+
+    let mut worker = Worker::start(&config);
+    wait_for("turn writes to fail", TIMEOUT, || {
+        let (_, body) = http_get(port, "/metrics")?;
+        let failed = metric(
+            &body,
+            sessionizer::metrics::COMMITS,
+            &[("result", "failed")],
+        );
+        (failed >= 4.0).then_some(())
+    });
+    assert!(
+        pending(&mut conn, &setup) > 0,
+        "the turns' entries stay pending"
+    );
+    worker.kill9();
+    let () = conn.del(&output).unwrap();
+
+    let _worker = Worker::start(&config);
+    let got = wait_until_done(&mut conn, &setup, &want);
+    support::assert_complete_without_partial_duplicates(&want, &got);
+}
+
+/// A flat-field entry whose fields are not UTF-8 is a dead letter (reason
+/// `invalid`, naming the field) that keeps every original byte: decoded
+/// lossily, user ids "\xff" and "\x83" both became "\u{fffd}" and their
+/// messages were merged into one turn.
+#[test]
+fn flat_fields_that_are_not_utf8_are_dead_letters_never_merged_users() {
+    use base64::Engine as _;
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "utf8", 1, "", "");
+    let stream = setup.shards()[0].stream.clone();
+    let t = sessionizer::wall_clock::now_ms().to_string();
+    let entries: [&[(&[u8], &[u8])]; 4] = [
+        &[
+            (b"message_id", b"m1"),
+            (b"user_id", b"\xff"),
+            (b"text", b"secret of user one"),
+            (b"event_time", t.as_bytes()),
+        ],
+        &[
+            (b"message_id", b"m2"),
+            (b"user_id", b"\x83"),
+            (b"text", b"secret of user two"),
+            (b"event_time", t.as_bytes()),
+        ],
+        &[
+            (b"message_id", b"m3"),
+            (b"user_id", b"u3"),
+            (b"text", b"caf\xe9"),
+            (b"event_time", t.as_bytes()),
+        ],
+        &[
+            (b"message_id", b"m4"),
+            (b"user_id", b"u4"),
+            (b"text", b"fine"),
+            (b"event_time", t.as_bytes()),
+        ],
+    ];
+    for fields in entries {
+        let _: String = conn.xadd(&stream, "*", fields).unwrap();
+    }
+    let _worker = Worker::start(&setup.config_text);
+    let got = wait_until_done(&mut conn, &setup, &BTreeSet::from(["m4".to_owned()]));
+    assert_eq!(message_ids(&got), BTreeSet::from(["m4".to_owned()]));
+
+    let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+    assert_eq!(dlq.len(), 3, "one dead letter per bad entry");
+    for ((_, letter), (field, original)) in dlq.iter().zip([
+        ("user_id", b"\xff".as_slice()),
+        ("user_id", b"\x83"),
+        ("text", b"caf\xe9"),
+    ]) {
+        assert_eq!(letter["reason"], b"invalid");
+        let error = String::from_utf8_lossy(&letter["error"]);
+        assert!(error.contains(&format!("`{field}`")), "{error}");
+        let payload: serde_json::Value = serde_json::from_slice(&letter["payload"]).unwrap();
+        let kept = base64::engine::general_purpose::STANDARD
+            .decode(payload[field]["base64"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(kept, original, "the original bytes are kept");
+    }
+}
+
+/// After `FLUSHALL` (Redis lost its data) every shard met `NOGROUP` and
+/// retried it forever. The group is recreated and new entries processed.
+#[test]
+fn the_worker_recreates_a_consumer_group_that_vanished() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "nogroup", 2, "", "");
+    produce(&mut conn, &setup, &workload(20, 300, 5));
+    let (before, _) = reference(&mut conn, &setup);
+    let _worker = Worker::start(&setup.config_text);
+    wait_until_done(&mut conn, &setup, &message_ids(&before));
+
+    let () = redis::cmd("FLUSHALL").query(&mut conn).unwrap();
+    let records = workload(30, 2_000, 6);
+    produce(&mut conn, &setup, &records);
+    let (after, _) = reference(&mut conn, &setup);
+    let want = message_ids(&after);
+    let got = wait_until_done(&mut conn, &setup, &want);
+    support::assert_complete_without_partial_duplicates(&want, &got);
+}
+
+/// `dlq replay --transform` with a transform that hangs, writes garbage,
+/// stops reading its input, or is stopped by SIGTERM: the replay never
+/// hangs, never leaves the transform running, and never deletes a dead
+/// letter whose replacement is not a valid event.
+#[test]
+fn dlq_replay_transforms_are_bounded_validated_and_keep_the_original() {
+    use support::{inspect_json, run_cli_failing, run_replay};
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "transform", 1, "", "");
+    let stream = setup.shards()[0].stream.clone();
+    let event = |id: &str, text: &str| {
+        format!(
+            r#"{{"message_id":"{id}","user_id":"u1","text":"{text}","event_time":1700000000000}}"#
+        )
+    };
+    // Two invalid (no text) and one oversize record, over a pipe buffer.
+    for payload in [
+        r#"{"message_id":"d1","user_id":"u1","event_time":1700000000000}"#.to_owned(),
+        r#"{"message_id":"d2","user_id":"u1","event_time":1700000000000}"#.to_owned(),
+        event("big", &"x".repeat(200_000)),
+    ] {
+        let _: String = conn.xadd(&stream, "*", &[("payload", payload)]).unwrap();
+    }
+    let mut worker = Worker::start(&setup.config_text);
+    wait_for("three dead letters", TIMEOUT, || {
+        (read_stream(&mut conn, &setup.section().dlq_stream).len() == 3
+            && pending(&mut conn, &setup) == 0)
+            .then_some(())
+    });
+    assert!(worker.terminate().success());
+    let text = setup.config_text.as_str();
+    let all = inspect_json(text, &["--oldest-first"]);
+    assert_eq!(all.len(), 3);
+    let tmp = tempfile::tempdir().unwrap();
+    let pids = tmp.path().join("pids");
+    // SIGKILL takes effect at once but a process disappears only once it is
+    // reaped; without the kill, `sleep 600` outlives the deadline.
+    let group_gone = |what: &str| {
+        for pid in std::fs::read_to_string(&pids).unwrap().split_whitespace() {
+            wait_for(
+                &format!("{what}: process group {pid} gone"),
+                TIMEOUT,
+                || {
+                    let alive = std::process::Command::new("pgrep")
+                        .args(["-g", pid])
+                        .output()
+                        .unwrap();
+                    (!alive.status.success()).then_some(())
+                },
+            );
+        }
+    };
+
+    // Garbage out: the replay stops and the dead letter stays.
+    let garbage = "cat >/dev/null; echo garbage";
+    let stderr = run_cli_failing(&["dlq", "replay"], text, &["--transform", garbage]);
+    assert!(
+        stderr.contains("not a valid event") && stderr.contains("dead letter is kept"),
+        "{stderr}"
+    );
+    assert_eq!(
+        inspect_json(text, &["--oldest-first"]),
+        all,
+        "nothing deleted"
+    );
+    // ... or, with --skip-invalid, every record is skipped and kept.
+    assert_eq!(
+        run_replay(text, &["--transform", garbage, "--skip-invalid"]),
+        (0, 0)
+    );
+    assert_eq!(
+        inspect_json(text, &["--oldest-first"]),
+        all,
+        "nothing deleted"
+    );
+
+    // A hung transform (and what it started) is killed after the timeout.
+    let hang = format!("echo $$ >> {}; sleep 600", pids.display());
+    let stderr = run_cli_failing(
+        &["dlq", "replay"],
+        text,
+        &["--transform", &hang, "--transform-timeout", "1s"],
+    );
+    assert!(stderr.contains("did not finish within"), "{stderr}");
+    group_gone("after the timeout");
+    assert_eq!(
+        inspect_json(text, &["--oldest-first"]),
+        all,
+        "nothing deleted"
+    );
+
+    // SIGTERM stops the replay and kills the transform.
+    std::fs::write(&pids, "").unwrap();
+    let replay = Worker::start_command(&["dlq", "replay", "--transform", &hang], text);
+    wait_for("the transform to start", TIMEOUT, || {
+        (!std::fs::read_to_string(&pids).unwrap().is_empty()).then_some(())
+    });
+    let mut replay = replay;
+    assert!(
+        replay.terminate().success(),
+        "an interrupted replay exits 0"
+    );
+    group_gone("after SIGTERM");
+    assert_eq!(
+        inspect_json(text, &["--oldest-first"]),
+        all,
+        "nothing deleted"
+    );
+
+    // A transform that does not read its input (the 200 kB record is more
+    // than a pipe holds) but writes a valid event is fine.
+    let replacement = event("big-fixed", "shorter now");
+    let ignore_input = format!("printf '%s' '{replacement}'");
+    assert_eq!(
+        run_replay(
+            text,
+            &["--reason", "oversize", "--transform", &ignore_input]
+        ),
+        (1, 0)
+    );
+    assert_eq!(inspect_json(text, &["--reason", "oversize"]).len(), 0);
+    let replayed = read_stream(&mut conn, &stream);
+    assert_eq!(
+        replayed.last().unwrap().1["payload"],
+        replacement.as_bytes()
+    );
+}

@@ -38,21 +38,21 @@ pub struct Poison {
 }
 
 impl Poison {
-    fn decode(message: impl Into<String>) -> Self {
+    pub fn decode(message: impl Into<String>) -> Self {
         Poison {
             reason: DeadLetterReason::Decode,
             message: message.into(),
         }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    pub fn invalid(message: impl Into<String>) -> Self {
         Poison {
             reason: DeadLetterReason::Invalid,
             message: message.into(),
         }
     }
 
-    fn oversize(message: impl Into<String>) -> Self {
+    pub fn oversize(message: impl Into<String>) -> Self {
         Poison {
             reason: DeadLetterReason::Oversize,
             message: message.into(),

@@ -58,8 +58,11 @@ pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
 
 /// The session's `turn_id` (see [`turn_id`]).
 pub fn session_turn_id(session: &ClosedSession) -> String {
-    let first = session.messages.first().map_or("", |m| m.message_id());
-    turn_id(&session.user_id, session.conversation_id.as_deref(), first)
+    turn_id(
+        &session.user_id,
+        session.conversation_id.as_deref(),
+        session.messages.iter().map(|m| m.message_id()),
+    )
 }
 
 /// Appends the session's turn, encoded, to `buf` (JSON without a trailing
@@ -158,7 +161,7 @@ mod tests {
         let mut buf = Vec::new();
         encode_turn(&session, OutputFormat::Json, &mut buf);
         let turn: Turn<'static> = serde_json::from_slice(&buf).unwrap();
-        assert_eq!(turn.turn_id, turn_id("u1", Some("c1"), "a"));
+        assert_eq!(turn.turn_id, turn_id("u1", Some("c1"), ["a", "b"]));
         assert_eq!(turn.text, "hello\nworld");
         assert_eq!(turn.message_count, 2);
         assert_eq!((turn.start_time, turn.end_time), (1000, 2000));

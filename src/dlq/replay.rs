@@ -13,12 +13,14 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::io::AsyncWriteExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use super::{DlqEntry, Filter, Store};
+use crate::codec::Decoder;
+use crate::wall_clock::now_ms;
 
 /// What to replay and how.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ReplayOptions {
     pub filter: Filter,
     /// Replay at most this many.
@@ -33,6 +35,14 @@ pub struct ReplayOptions {
     pub max_replays: u32,
     /// A shell command each payload is piped through (stdin → stdout).
     pub transform: Option<String>,
+    /// How long one run of the transform may take.
+    pub transform_timeout: Duration,
+    /// The workers' decoder: a transformed record must decode and validate
+    /// before it is sent (and its dead letter removed).
+    pub decoder: Option<Decoder>,
+    /// Skip (and report) a record whose transform output is not a valid
+    /// event, instead of stopping the replay.
+    pub skip_invalid: bool,
     /// Kafka: the consumer group that records the replay's progress.
     pub group: String,
 }
@@ -57,6 +67,9 @@ pub struct ReplayReport {
     pub replayed: u64,
     /// Positions skipped because they were replayed `max_replays` times.
     pub skipped_max_replays: Vec<String>,
+    /// Positions skipped because the transform's output was not a valid
+    /// event (`--skip-invalid`); their dead letters stay.
+    pub skipped_invalid: Vec<String>,
 }
 
 /// Replays, oldest first, until done, `limit`, or `stop` resolves (then
@@ -112,18 +125,47 @@ async fn replay_each(
             continue;
         }
         let payload = match &options.transform {
-            Some(command) => match transform(command, &entry).await {
-                Ok(payload) => payload,
-                // Ctrl-C reaches the transform too: an interruption, not a
-                // failure of the record.
-                Err(_) if futures::poll!(stop.as_mut()).is_ready() => {
-                    writeln!(out, "interrupted")?;
-                    break;
+            Some(command) => {
+                let transformed =
+                    transform(command, &entry.payload, options.transform_timeout, stop).await;
+                match transformed {
+                    Ok(Transformed::Payload(payload)) => payload,
+                    Ok(Transformed::Interrupted) => {
+                        writeln!(out, "interrupted")?;
+                        break;
+                    }
+                    // Ctrl-C reaches the transform too: an interruption, not
+                    // a failure of the record.
+                    Err(_) if futures::poll!(stop.as_mut()).is_ready() => {
+                        writeln!(out, "interrupted")?;
+                        break;
+                    }
+                    Err(e) => return Err(e.context(format!("--transform on {}", entry.position))),
                 }
-                Err(e) => return Err(e.context(format!("--transform on {}", entry.position))),
-            },
+            }
             None => entry.payload.clone(),
         };
+        if options.transform.is_some() {
+            if let Some(poison) = options
+                .decoder
+                .as_ref()
+                .and_then(|d| d.decode(&payload, now_ms()).err())
+            {
+                let why = format!(
+                    "the transform's output for {} is not a valid event ({}: {}); its dead letter is kept",
+                    entry.position,
+                    poison.reason.as_str(),
+                    poison.message
+                );
+                if !options.skip_invalid {
+                    anyhow::bail!("{why} (--skip-invalid goes on with the next record)");
+                }
+                writeln!(out, "skipped {why}")?;
+                report.skipped_invalid.push(entry.position.clone());
+                store.pass(&entry).await?;
+                continue;
+            }
+        }
         let target = store.target(&entry, options.to.as_deref());
         if options.dry_run {
             writeln!(
@@ -154,39 +196,92 @@ async fn replay_each(
     Ok(())
 }
 
-/// Pipes the payload through `sh -c command`; a non-zero exit stops the
-/// replay before this record (nothing after it is recorded as replayed).
-async fn transform(command: &str, entry: &DlqEntry) -> anyhow::Result<Vec<u8>> {
+/// What a transform made of a payload.
+enum Transformed {
+    Payload(Vec<u8>),
+    /// `stop` resolved first: the transform's process group was killed.
+    Interrupted,
+}
+
+/// Pipes the payload through `sh -c command`, in a process group of its own
+/// so that a timeout or a stop of the replay kills the transform and
+/// everything it started (`sh -c 'a | b'`). A non-zero exit, or no exit
+/// within `timeout`, stops the replay before this record (nothing after it
+/// is recorded as replayed). A transform may stop reading its input early.
+async fn transform(
+    command: &str,
+    payload: &[u8],
+    timeout: Duration,
+    stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> anyhow::Result<Transformed> {
     let mut child = tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
+        .process_group(0)
+        .kill_on_drop(true)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
         .context("starting the transform")?;
+    let group = child
+        .id()
+        .and_then(|id| rustix::process::Pid::from_raw(id as i32))
+        .context("the transform has no process id")?;
     let mut stdin = child.stdin.take().expect("piped");
-    let payload = entry.payload.clone();
+    let mut stdout = child.stdout.take().expect("piped");
+    let payload = payload.to_vec();
     let writer = tokio::spawn(async move {
-        let written = stdin.write_all(&payload).await;
-        drop(stdin);
-        written
+        match stdin.write_all(&payload).await {
+            // The transform closed its input early: what it read is its business.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other,
+        }
     });
-    let output = child.wait_with_output().await?;
+    let run = async {
+        let mut bytes = Vec::new();
+        let read = stdout.read_to_end(&mut bytes).await;
+        let status = child.wait().await;
+        (read, status, bytes)
+    };
+    let kill = || {
+        // Already gone is fine; anything else leaves a process behind: say so.
+        if let Err(e) = rustix::process::kill_process_group(group, rustix::process::Signal::KILL) {
+            if e != rustix::io::Errno::SRCH {
+                tracing::warn!(error = %e, "could not kill the transform's process group");
+            }
+        }
+    };
+    let ended = tokio::select! {
+        done = run => Ok(done),
+        () = tokio::time::sleep(timeout) => Err(None),
+        () = stop.as_mut() => Err(Some(Transformed::Interrupted)),
+    };
+    let (read, status, mut bytes) = match ended {
+        Ok(done) => done,
+        Err(interrupted) => {
+            kill();
+            // Reap the shell; what it started died with the group.
+            let _ = child.wait().await;
+            return interrupted.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the transform did not finish within --transform-timeout ({}); killed it",
+                    humantime::format_duration(timeout)
+                )
+            });
+        }
+    };
+    read.context("reading the transform's output")?;
+    let status = status.context("waiting for the transform")?;
     writer
         .await?
         .context("writing the payload to the transform")?;
-    anyhow::ensure!(
-        output.status.success(),
-        "the transform exited with {}",
-        output.status
-    );
+    anyhow::ensure!(status.success(), "the transform exited with {status}");
     // Commands like `jq -c` end their output with one newline: drop that one.
-    let mut bytes = output.stdout;
     if bytes.last() == Some(&b'\n') {
         bytes.pop();
     }
-    Ok(bytes)
+    Ok(Transformed::Payload(bytes))
 }
 
 impl Store {

@@ -5,8 +5,9 @@
 
 pub mod dlq;
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, ConfigError};
@@ -36,22 +37,38 @@ struct Sink {
 impl Sink {
     const CHUNK: usize = 1 << 20;
 
-    fn open(key: &str, path: &str, dash: Box<dyn Write>) -> Result<Sink, ConfigError> {
-        let writer: Box<dyn Write> = if path == "-" {
-            dash
+    /// Opens `path` for writing without truncating it yet (see
+    /// [`open_sinks`]), or `dash` for "-".
+    fn open(
+        key: &str,
+        path: &str,
+        dash: Box<dyn Write>,
+    ) -> Result<(Sink, Option<File>), ConfigError> {
+        let (writer, file): (Box<dyn Write>, _) = if path == "-" {
+            (dash, None)
         } else {
-            Box::new(File::create(path).map_err(|e| ConfigError {
+            let file = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| ConfigError {
+                    key: key.into(),
+                    reason: format!("cannot create {path:?}: {e}"),
+                })?;
+            let handle = file.try_clone().map_err(|e| ConfigError {
                 key: key.into(),
-                reason: format!("cannot create {path:?}: {e}"),
-            })?)
+                reason: format!("cannot open {path:?}: {e}"),
+            })?;
+            (Box::new(file), Some(handle))
         };
-        Ok(Sink {
+        let sink = Sink {
             path: path.to_owned(),
             writer,
             buf: Vec::with_capacity(Self::CHUNK + (64 << 10)),
-        })
+        };
+        Ok((sink, file))
     }
-
     fn write_if_full(&mut self) -> Result<(), FileError> {
         if self.buf.len() >= Self::CHUNK {
             self.write_out()?;
@@ -76,26 +93,100 @@ impl Sink {
 /// is opened before the first line is read, so a bad path fails at start.
 pub fn run(config: &Config) -> Result<Stats, FileError> {
     let file = config.file_section()?;
+    let mut taken = Vec::new();
     let input: Box<dyn BufRead> = if file.input == "-" {
         Box::new(BufReader::with_capacity(1 << 20, io::stdin()))
     } else {
-        let f = File::open(&file.input).map_err(|e| ConfigError {
+        let error = |reason: String| ConfigError {
             key: "file.input".into(),
-            reason: format!("cannot open {:?}: {e}", file.input),
-        })?;
+            reason,
+        };
+        let f = File::open(&file.input)
+            .map_err(|e| error(format!("cannot open {:?}: {e}", file.input)))?;
+        let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {:?}: {e}", file.input)))?;
+        taken.push((id, "file.input"));
         Box::new(BufReader::with_capacity(1 << 20, f))
     };
+    let (output, dlq) = open_sinks(file, taken)?;
     let decoder = Decoder::new(config.input_format(), config.decode_limits());
     let mut runner = Runner {
         pipeline: PartitionPipeline::new(decoder, config.window_config()),
         format: config.output_format(),
         input_name: file.input.clone(),
         worker: worker_id(),
-        output: Sink::open("file.output", &file.output, Box::new(io::stdout()))?,
-        dlq: Sink::open("file.dlq", &file.dlq, Box::new(io::stderr()))?,
+        output,
+        dlq,
     };
     runner.read_all(input)?;
     Ok(runner.pipeline.stats().clone())
+}
+
+/// A file's identity: the same file whatever path (`.`, `..`, symlinks,
+/// hard links) named it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(file: &File) -> io::Result<FileId> {
+        let meta = file.metadata()?;
+        Ok(FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// Opens the output and the dead-letter file, and truncates them only after
+/// both are known to be neither the input nor each other, by device and
+/// inode: paths are not compared as strings, so `./in.jsonl`, `/x/./in.jsonl`,
+/// a symlink or a hard link to the input are refused at start instead of
+/// destroying it, and nothing is truncated.
+fn open_sinks(
+    file: &crate::config::FileSection,
+    mut taken: Vec<(FileId, &'static str)>,
+) -> Result<(Sink, Sink), ConfigError> {
+    let mut opened = Vec::new();
+    for (key, path, dash) in [
+        (
+            "file.output",
+            &file.output,
+            Box::new(io::stdout()) as Box<dyn Write>,
+        ),
+        ("file.dlq", &file.dlq, Box::new(io::stderr())),
+    ] {
+        let (sink, handle) = Sink::open(key, path, dash)?;
+        if let Some(handle) = &handle {
+            let id = FileId::of(handle).map_err(|e| ConfigError {
+                key: key.into(),
+                reason: format!("cannot stat {path:?}: {e}"),
+            })?;
+            if let Some((_, other)) = taken.iter().find(|(taken, _)| *taken == id) {
+                return Err(ConfigError {
+                    key: key.into(),
+                    reason: format!(
+                        "{path:?} is the same file as {other}; refusing to overwrite it"
+                    ),
+                });
+            }
+            taken.push((id, key));
+        }
+        opened.push((sink, handle));
+    }
+    for (sink, handle) in &opened {
+        if let Some(handle) = handle {
+            handle.set_len(0).map_err(|e| ConfigError {
+                key: "file".into(),
+                reason: format!("cannot truncate {:?}: {e}", sink.path),
+            })?;
+        }
+    }
+    let mut opened = opened.into_iter().map(|(sink, _)| sink);
+    let output = opened.next().expect("two sinks");
+    let dlq = opened.next().expect("two sinks");
+    Ok((output, dlq))
 }
 
 struct Runner {

@@ -2,6 +2,7 @@ use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 
 use super::Attributes;
 
@@ -80,19 +81,35 @@ pub struct Turn<'a> {
 }
 
 /// The turn id: the first 16 bytes, as 32 lowercase hex chars, of
-/// `SHA-256("sessionizer.turn.v1" 0x00 user_id 0x00 conversation_id 0x00 first_message_id)`
-/// (an absent conversation id is the empty string, which a valid event cannot
-/// carry). It depends only on the session key and the first message, so a turn
-/// re-emitted after a crash or a rebalance carries the same id and downstream
-/// can deduplicate. The formula is part of the contract: never change it.
-pub fn turn_id(user_id: &str, conversation_id: Option<&str>, first_message_id: &str) -> String {
+/// `SHA-256("sessionizer.turn.v2" ‖ field(user_id) ‖ field(conversation_id)
+/// ‖ u64be(n) ‖ field(id₁) ‖ … ‖ field(idₙ))`, where `field(x)` is `x`'s byte
+/// length as a big-endian u64 followed by its bytes (an absent conversation
+/// id is the empty string, which a valid event cannot carry) and `id₁ … idₙ`
+/// are the turn's message ids sorted bytewise. Length prefixes make it
+/// unambiguous whatever bytes the ids hold; covering every message id makes
+/// the same id mean the same messages, so a consumer deduplicating by
+/// `turn_id` never drops a message, and sorting makes it independent of the
+/// order the messages arrived in. The formula is part of the contract
+/// (README, "The contract").
+pub fn turn_id<'m>(
+    user_id: &str,
+    conversation_id: Option<&str>,
+    message_ids: impl IntoIterator<Item = &'m str>,
+) -> String {
+    fn field(hasher: &mut Sha256, bytes: &[u8]) {
+        hasher.update((bytes.len() as u64).to_be_bytes());
+        hasher.update(bytes);
+    }
+    let mut ids: SmallVec<[&str; 8]> = message_ids.into_iter().collect();
+    ids.sort_unstable();
     let mut hasher = Sha256::new();
-    hasher.update(b"sessionizer.turn.v1\0");
-    hasher.update(user_id.as_bytes());
-    hasher.update([0]);
-    hasher.update(conversation_id.unwrap_or("").as_bytes());
-    hasher.update([0]);
-    hasher.update(first_message_id.as_bytes());
+    hasher.update(b"sessionizer.turn.v2");
+    field(&mut hasher, user_id.as_bytes());
+    field(&mut hasher, conversation_id.unwrap_or("").as_bytes());
+    hasher.update((ids.len() as u64).to_be_bytes());
+    for id in ids {
+        field(&mut hasher, id.as_bytes());
+    }
     let digest = hasher.finalize();
     let mut id = String::with_capacity(32);
     for byte in &digest[..16] {
@@ -108,20 +125,45 @@ mod tests {
     use super::*;
 
     #[test]
-    fn turn_id_is_stable_and_separates_its_parts() {
+    fn turn_id_is_pinned_and_separates_its_parts() {
         // Pinned: a change here breaks downstream deduplication across versions.
-        assert_eq!(
-            turn_id("u1", None, "m1"),
-            turn_id("u1", None, "m1"),
-            "deterministic"
-        );
-        let id = turn_id("u1", None, "m1");
-        assert_eq!(id.len(), 32);
+        let id = turn_id("u1", None, ["m1"]);
+        // The same value computed independently (Python hashlib, README formula).
+        assert_eq!(id, "feb2ffc9a58953c7193b8c99b218c4d7");
         assert!(id
             .bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
-        assert_ne!(turn_id("u1", Some("c"), "m1"), id);
-        assert_ne!(turn_id("u", Some("1"), "m1"), turn_id("u1", None, "m1"));
-        assert_ne!(turn_id("u1", None, "m2"), id);
+        assert_ne!(turn_id("u1", Some("c"), ["m1"]), id);
+        assert_ne!(turn_id("u", Some("1"), ["m1"]), id);
+        assert_ne!(turn_id("u1", None, ["m2"]), id);
+    }
+
+    #[test]
+    fn turn_id_covers_every_message_in_any_order() {
+        // A turn closed early and the same session closed whole must differ:
+        // a consumer deduplicating by id would otherwise drop `m2`.
+        assert_ne!(turn_id("u", None, ["m1"]), turn_id("u", None, ["m1", "m2"]));
+        assert_eq!(
+            turn_id("u", None, ["m1", "m2", "m3"]),
+            turn_id("u", None, ["m3", "m1", "m2"])
+        );
+        assert_ne!(
+            turn_id("u", None, ["m1m2"]),
+            turn_id("u", None, ["m1", "m2"])
+        );
+    }
+
+    #[test]
+    fn turn_id_is_unambiguous_with_nul_and_any_bytes_in_ids() {
+        // The collision the v1 formula had (0x00 separators).
+        assert_ne!(
+            turn_id("a\0b", None, ["\0m"]),
+            turn_id("a", Some("b\0"), ["\0m"])
+        );
+        assert_ne!(turn_id("a", Some("b"), ["c"]), turn_id("ab", None, ["c"]));
+        assert_ne!(
+            turn_id("a", None, ["b", "c"]),
+            turn_id("a", Some("b"), ["c"])
+        );
     }
 }

@@ -9,8 +9,12 @@
 
 use std::borrow::Cow;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
 use redis::Value;
 use serde_json::{Map, Value as Json};
+
+use crate::codec::Poison;
 
 /// One entry read from a shard stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,25 +45,50 @@ impl Entry {
     /// is a JSON object of every field (values as strings, `event_time` as a
     /// number when it is one, `attributes` parsed when it is a JSON object),
     /// which is also what a dead letter keeps as `payload`.
-    pub fn payload(&self) -> (Cow<'_, [u8]>, Form) {
+    ///
+    /// A flat field that is not UTF-8 is never decoded lossily (two user ids
+    /// differing only in invalid bytes would become one user): the entry is
+    /// poison, reason `invalid`, naming the field, and the JSON object keeps
+    /// such a value as `{"base64": …}`, so the dead letter loses no byte.
+    pub fn payload(&self) -> (Cow<'_, [u8]>, Form, Option<Poison>) {
         if let Some(v) = self.field("payload") {
-            return (Cow::Borrowed(v), Form::Payload);
+            return (Cow::Borrowed(v), Form::Payload, None);
         }
         let fields = self.fields.as_deref().unwrap_or_default();
         let mut object = Map::new();
+        let mut poison = None;
         for (k, v) in fields {
-            let key = String::from_utf8_lossy(k).into_owned();
-            let text = String::from_utf8_lossy(v).into_owned();
+            let key = match std::str::from_utf8(k) {
+                Ok(key) => key.to_owned(),
+                Err(_) => {
+                    poison.get_or_insert_with(|| {
+                        Poison::invalid(format!(
+                            "a field name is not UTF-8 (base64 {})",
+                            BASE64.encode(k)
+                        ))
+                    });
+                    format!("base64:{}", BASE64.encode(k))
+                }
+            };
+            let Ok(text) = std::str::from_utf8(v) else {
+                poison.get_or_insert_with(|| {
+                    Poison::invalid(format!(
+                        "field `{key}` is not UTF-8 (kept as base64 in the dead letter)"
+                    ))
+                });
+                object.insert(key, serde_json::json!({ "base64": BASE64.encode(v) }));
+                continue;
+            };
             let value = match key.as_str() {
                 "event_time" => text
                     .parse::<i64>()
                     .map(Json::from)
-                    .unwrap_or(Json::String(text)),
-                "attributes" => match serde_json::from_str::<Json>(&text) {
+                    .unwrap_or_else(|_| Json::String(text.to_owned())),
+                "attributes" => match serde_json::from_str::<Json>(text) {
                     Ok(parsed @ Json::Object(_)) => parsed,
-                    _ => Json::String(text),
+                    _ => Json::String(text.to_owned()),
                 },
-                _ => Json::String(text),
+                _ => Json::String(text.to_owned()),
             };
             object.insert(key, value);
         }
@@ -68,6 +97,7 @@ impl Entry {
                 serde_json::to_vec(&Json::Object(object)).expect("a JSON object serializes"),
             ),
             Form::Fields,
+            poison,
         )
     }
 
@@ -179,8 +209,9 @@ mod tests {
     #[test]
     fn a_payload_field_is_taken_byte_for_byte() {
         let e = entry(&[("payload", "{\"a\": 1}"), ("x", "y")]);
-        let (bytes, form) = e.payload();
+        let (bytes, form, poison) = e.payload();
         assert_eq!(&*bytes, b"{\"a\": 1}");
+        assert_eq!(poison, None);
         assert_eq!(form, Form::Payload);
     }
 
@@ -193,16 +224,54 @@ mod tests {
             ("event_time", "1700000000000"),
             ("attributes", "{\"lang\":\"en\"}"),
         ]);
-        let (bytes, form) = e.payload();
+        let (bytes, form, poison) = e.payload();
         assert_eq!(form, Form::Fields);
+        assert_eq!(poison, None);
         let json: Json = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["event_time"], 1_700_000_000_000i64);
         assert_eq!(json["attributes"]["lang"], "en");
         assert_eq!(json["text"], "hi");
         let e = entry(&[("event_time", "2026-01-01T00:00:00Z")]);
-        let (bytes, _) = e.payload();
+        let (bytes, _, _) = e.payload();
         let json: Json = serde_json::from_slice(&bytes).unwrap();
         assert_eq!(json["event_time"], "2026-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn a_flat_field_that_is_not_utf8_is_poison_and_kept_whole() {
+        // Two users whose ids differ only in invalid bytes must never become
+        // one user "\u{fffd}" (a lossy decode merged their turns).
+        let payloads: Vec<_> = [b"\xff".as_slice(), b"\x83"]
+            .into_iter()
+            .map(|user| {
+                let e = Entry {
+                    id: "1-0".into(),
+                    fields: Some(vec![
+                        (b"message_id".to_vec(), b"m1".to_vec()),
+                        (b"user_id".to_vec(), user.to_vec()),
+                        (b"text".to_vec(), b"caf\xe9".to_vec()),
+                    ]),
+                };
+                let (bytes, form, poison) = e.payload();
+                assert_eq!(form, Form::Fields);
+                let poison = poison.expect("not UTF-8 is poison");
+                assert_eq!(poison.reason, crate::model::DeadLetterReason::Invalid);
+                assert!(poison.message.contains("`user_id`"), "{}", poison.message);
+                let json: Json = serde_json::from_slice(&bytes).unwrap();
+                let kept = BASE64
+                    .decode(json["user_id"]["base64"].as_str().unwrap())
+                    .unwrap();
+                assert_eq!(kept, user, "the original bytes survive");
+                assert_eq!(
+                    BASE64
+                        .decode(json["text"]["base64"].as_str().unwrap())
+                        .unwrap(),
+                    b"caf\xe9"
+                );
+                bytes.into_owned()
+            })
+            .collect();
+        assert_ne!(payloads[0], payloads[1]);
     }
 
     #[test]

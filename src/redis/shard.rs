@@ -4,11 +4,16 @@
 //! consumer's pending entries (a predecessor's unacked work: the open
 //! sessions it had), dead-lettering any entry already delivered
 //! `max_deliveries` times, then reads new entries. What a read closes is
-//! written with the next read: the turns, the dead letters and the acks of
-//! every entry they resolve go in one `WATCH`/`MULTI` transaction that runs
+//! written with the next read, in one `WATCH`/`MULTI` transaction that runs
 //! only while the lease holds this task's token (`ShardTask::fenced`).
-//! An entry is acked exactly when its outcome is written, so a crash replays
-//! precisely the unresolved entries.
+//!
+//! A Redis transaction does not roll back a failed command, so an entry is
+//! never acked in the transaction that writes its outcome: each write's own
+//! reply is checked, and only the entries of writes that succeeded are acked,
+//! in the next fenced step (which rides with the next read, so it costs no
+//! round trip). A write that failed (`WRONGTYPE`, `OOM`) is retried and its
+//! entries stay pending. A crash between the two replays the entries of
+//! written outcomes, which re-emits the same turns with the same `turn_id`s.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,7 +28,7 @@ use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
 use crate::engine::{IdleClock, WindowConfig};
-use crate::metrics::{self, PartitionGauges};
+use crate::metrics::{self, FailingMark, PartitionGauges};
 use crate::model::DeadLetterReason;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms};
@@ -96,7 +101,12 @@ pub struct ShardTask {
     /// A call failed on the connection since the last read: see `read_new`.
     reread_pending: bool,
     /// Fenced steps waiting to be written, in order.
-    batch: Vec<EmitArgs>,
+    steps: VecDeque<EmitArgs>,
+    /// A write failed: write everything before reading more (see
+    /// [`Self::read_new`]), which also bounds what waits in memory.
+    write_failed: bool,
+    /// For `/readyz`: whether the shard's calls keep failing.
+    failing: FailingMark,
 }
 
 impl std::fmt::Debug for ShardTask {
@@ -108,19 +118,42 @@ impl std::fmt::Debug for ShardTask {
     }
 }
 
-/// The turns, dead letters and acks of one fenced emit. An outcome and the
-/// acks of the entries it resolves always share one.
+/// The writes and acks of one fenced step.
 #[derive(Debug, Default)]
 struct EmitArgs {
-    turns: Vec<(Vec<u8>, String, String)>,
-    dead_letters: Vec<Vec<(&'static str, Vec<u8>)>>,
+    /// Outcomes to write, each with the entry ids it resolves; those are
+    /// acked only once the write's reply said it succeeded.
+    writes: Vec<(Write, Vec<String>)>,
+    /// Entries whose outcome is durable already: drops, and writes an earlier
+    /// step confirmed.
     acks: Vec<String>,
+}
+
+impl EmitArgs {
+    /// Entry ids this step resolves, written or acked.
+    fn entries(&self) -> usize {
+        self.acks.len() + self.writes.iter().map(|(_, ids)| ids.len()).sum::<usize>()
+    }
+}
+
+/// One outcome's `XADD`.
+#[derive(Debug)]
+enum Write {
+    Turn {
+        turn: Vec<u8>,
+        id: String,
+        user: String,
+    },
+    DeadLetter(Vec<(&'static str, Vec<u8>)>),
 }
 
 /// Why a loop of the task ends early.
 enum Failure {
     Fenced,
     Stopped,
+    /// The consumer group is gone (`NOGROUP`): Redis lost its data or the
+    /// group was destroyed. See [`ShardTask::recreate_group`].
+    GroupLost,
 }
 
 impl ShardTask {
@@ -137,7 +170,9 @@ impl ShardTask {
             unresolved_base: 0,
             next_seq: 0,
             outcomes: Vec::new(),
-            batch: Vec::new(),
+            steps: VecDeque::new(),
+            write_failed: false,
+            failing: FailingMark::default(),
             last_seen: "0".to_owned(),
             reread_pending: false,
         }
@@ -147,19 +182,62 @@ impl ShardTask {
     /// the shard's counts. Open sessions are dropped on exit: their entries
     /// stay pending for the next owner.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) -> (ShardExit, Stats) {
-        let exit = match self.replay_pending(&mut stop).await {
-            Ok(()) => self.read_new(&mut stop).await,
-            Err(failure) => failure,
+        let exit = loop {
+            let exit = match self.replay_pending(&mut stop).await {
+                Ok(()) => self.read_new(&mut stop).await,
+                Err(failure) => failure,
+            };
+            match exit {
+                Failure::GroupLost => {
+                    if let Err(failure) = self.recreate_group(&mut stop).await {
+                        break failure;
+                    }
+                }
+                other => break other,
+            }
         };
         let exit = match exit {
             Failure::Fenced => {
                 tracing::warn!(shard = %self.keys.stream, "lease lost: another worker owns the shard; stopping it here");
                 ShardExit::Fenced
             }
-            Failure::Stopped => ShardExit::Stopped,
+            Failure::Stopped | Failure::GroupLost => ShardExit::Stopped,
         };
         self.gauges.clear();
         (exit, self.pipeline.stats().clone())
+    }
+
+    /// The consumer group vanished (`FLUSHALL`, a restart without
+    /// persistence, `XGROUP DESTROY`): the pending entries and the read
+    /// position went with it, and retrying would fail forever. Recreates the
+    /// group at the start of the stream (as at first start: what is still in
+    /// the stream is processed again, at least once) and starts the shard over
+    /// as a new owner would: open sessions and unwritten outcomes are dropped,
+    /// since their entries are read again.
+    async fn recreate_group(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
+        tracing::error!(
+            shard = %self.keys.stream,
+            group = %self.settings.group,
+            "the consumer group is gone (Redis lost its data, or the group was destroyed); \
+             recreating it and processing the stream again from its start"
+        );
+        metrics::group_recreated(&self.keys.stream);
+        let (stream, group) = (self.keys.stream.clone(), self.settings.group.clone());
+        retry!(
+            self,
+            stop,
+            super::worker::create_group(&mut self.conn, &stream, &group)
+        )?;
+        self.pipeline.reset_engine();
+        self.idle = IdleClock::new(self.settings.idle_timeout_ms);
+        self.unresolved.clear();
+        self.unresolved_base = self.next_seq;
+        self.outcomes.clear();
+        self.steps.clear();
+        self.last_seen = "0".to_owned();
+        self.reread_pending = false;
+        self.write_failed = false;
+        Ok(())
     }
 
     /// The shard consumer's pending entries, oldest first, a page at a time.
@@ -280,6 +358,13 @@ impl ShardTask {
             if *stop.borrow() {
                 return Failure::Stopped;
             }
+            if std::mem::take(&mut self.write_failed) {
+                // Write (and retry) everything before reading more: a shard
+                // whose output fails stops reading instead of piling up turns.
+                if let Err(failure) = self.emit(stop).await {
+                    return failure;
+                }
+            }
             if std::mem::take(&mut self.reread_pending) {
                 // A call failed on the connection: a read may have reached
                 // Redis and lost its reply, leaving entries in this
@@ -302,12 +387,17 @@ impl ShardTask {
             };
             // Not `retry!`: after a connection error the loop starts over,
             // so the lost-reply check above runs before the next read.
-            let (entries, last_delivered) = match self.read_fenced(step.as_ref()).await {
-                Ok(read) => read,
-                Err(e) => {
+            let (entries, last_delivered) = match self.read_fenced(step).await {
+                Ok(read) => {
+                    if !self.write_failed {
+                        self.failing.ok();
+                    }
+                    read
+                }
+                Err((e, step)) => {
                     // Not written (or written without our knowing: then the
                     // retry re-emits the same turns, same `turn_id`s).
-                    self.batch.extend(step);
+                    self.steps.extend(step);
                     match self.after_error(e, stop).await {
                         Ok(()) => continue,
                         Err(failure) => return failure,
@@ -394,22 +484,36 @@ impl ShardTask {
     /// One fenced read of new entries; with none, the group's last
     /// delivered id.
     /// `step`: turns, dead letters and acks written in the same transaction.
+    /// On an error nothing of the step was applied; it is handed back.
     async fn read_fenced(
         &mut self,
-        step: Option<&EmitArgs>,
-    ) -> Result<(Vec<Entry>, Option<String>), RedisError> {
+        step: Option<EmitArgs>,
+    ) -> Result<(Vec<Entry>, Option<String>), (RedisError, Option<EmitArgs>)> {
         let s = self.settings.clone();
         let mut read = self.begin_fenced();
-        if let Some(step) = step {
+        if let Some(step) = &step {
             self.add_step(&mut read, step);
         }
         read.add_command(self.read_group(">"));
-        let reply = self.fenced(read).await;
-        if step.is_some_and(|step| !step.acks.is_empty()) {
-            count_commit(&reply);
+        let replies = match self.fenced(read).await {
+            Ok(replies) => replies,
+            Err(e) => {
+                if step.as_ref().is_some_and(|step| step.entries() > 0) {
+                    count_commit(&e);
+                }
+                return Err((e, step));
+            }
+        };
+        let mut replies = replies.into_iter();
+        if let Some(step) = step {
+            // A failed write is queued again and retried before the next read.
+            let _ = self.settle(step, &mut replies);
         }
-        let reply = reply?;
-        let entries = parse_read_reply(last(reply)).map_err(protocol_error)?;
+        let read = replies.next().unwrap_or(Value::Nil);
+        if let Value::ServerError(e) = read {
+            return Err((e.into(), None));
+        }
+        let entries = parse_read_reply(read).map_err(|e| (protocol_error(e), None))?;
         if !entries.is_empty() {
             return Ok((entries, None));
         }
@@ -417,7 +521,8 @@ impl ShardTask {
             .arg("GROUPS")
             .arg(&self.keys.stream)
             .query_async(&mut self.conn)
-            .await?;
+            .await
+            .map_err(|e| (e, None))?;
         let last = groups
             .groups
             .into_iter()
@@ -451,8 +556,10 @@ impl ShardTask {
     /// repeat at once), or the check failing (the fencing error). `WATCH`
     /// lives on the connection and `EXEC` ends it, so a reconnect between
     /// steps cannot leave a stale one behind. Returns `EXEC`'s replies, one
-    /// per command.
-    async fn fenced(&mut self, mut step: redis::Pipeline) -> Result<Value, RedisError> {
+    /// per command: a command that failed inside the transaction is a
+    /// `ServerError` among them (the others were applied), for the caller to
+    /// check reply by reply.
+    async fn fenced(&mut self, mut step: redis::Pipeline) -> Result<Vec<Value>, RedisError> {
         step.cmd("EXEC");
         // The raw replies: `query_async` would rebuild the whole reply tree
         // twice to look for errors nested in it, a tenth of the worker's CPU
@@ -462,10 +569,9 @@ impl ShardTask {
             redis::aio::ConnectionLike::req_packed_commands(&mut self.conn, &step, 0, count)
                 .await?;
         let applied = replies.pop().unwrap_or(Value::Nil);
-        for reply in replies.iter().chain(match &applied {
-            Value::Array(inner) => inner.as_slice(),
-            _ => &[],
-        }) {
+        // Before `EXEC`: `WATCH`, the check, `MULTI` and the `QUEUED`s. An
+        // error there (or `EXECABORT`) means nothing was applied.
+        for reply in replies.iter().chain(std::iter::once(&applied)) {
             if let Value::ServerError(e) = reply {
                 return Err(e.clone().into());
             }
@@ -482,7 +588,7 @@ impl ShardTask {
                 "transaction aborted",
                 "the lease key changed".to_owned(),
             ))),
-            applied @ Value::Array(_) => Ok(applied),
+            Value::Array(applied) => Ok(applied),
             other => Err(protocol_error(format!("unexpected EXEC reply {other:?}"))),
         }
     }
@@ -501,8 +607,10 @@ impl ShardTask {
         self.idle.on_record();
         self.unresolved.push_back(Some(entry.id.clone()));
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        let (payload, form) = entry.payload();
-        if exhausted {
+        let (payload, form, refused) = entry.payload();
+        if let Some(poison) = refused {
+            self.pipeline.reject(seq, poison, &mut outcomes);
+        } else if exhausted {
             outcomes.push(Outcome::DeadLetter {
                 seq,
                 reason: DeadLetterReason::MaxDeliveries,
@@ -552,9 +660,9 @@ impl ShardTask {
                         .iter()
                         .filter_map(|seq| self.take_id(*seq))
                         .collect();
-                    let step = self.step();
-                    step.turns.push((turn, id, user));
-                    step.acks.extend(acks);
+                    self.step()
+                        .writes
+                        .push((Write::Turn { turn, id, user }, acks));
                 }
                 Outcome::DeadLetter { seq, reason, error } => {
                     let about = about
@@ -576,10 +684,8 @@ impl ShardTask {
                     for (name, value) in about.entry.replay_fields() {
                         fields.push((name, value.to_vec()));
                     }
-                    let acks = self.take_id(seq);
-                    let step = self.step();
-                    step.dead_letters.push(fields);
-                    step.acks.extend(acks);
+                    let acks = self.take_id(seq).into_iter().collect();
+                    self.step().writes.push((Write::DeadLetter(fields), acks));
                 }
                 Outcome::Dropped { seq, .. } => {
                     let acks = self.take_id(seq);
@@ -600,36 +706,99 @@ impl ShardTask {
         id
     }
 
-    /// The step the next outcome goes into: a new one once the last holds
-    /// [`ACKS_PER_EMIT`] acks.
+    /// The step the next outcome goes into: a new one once the last
+    /// resolves [`ACKS_PER_EMIT`] entries.
     fn step(&mut self) -> &mut EmitArgs {
         if self
-            .batch
-            .last()
-            .is_none_or(|last| last.acks.len() >= ACKS_PER_EMIT)
+            .steps
+            .back()
+            .is_none_or(|last| last.entries() >= ACKS_PER_EMIT)
         {
-            self.batch.push(EmitArgs::default());
+            self.steps.push_back(EmitArgs::default());
         }
-        self.batch.last_mut().expect("pushed above")
+        self.steps.back_mut().expect("pushed above")
     }
 
-    /// Writes the waiting steps in order, retrying connection errors until
-    /// each is written, fenced or stopped.
+    /// Writes the waiting steps in order, and then acks what they wrote,
+    /// retrying connection errors and failed writes until each is written,
+    /// fenced or stopped.
     async fn emit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
-        for args in std::mem::take(&mut self.batch) {
-            retry!(self, stop, self.emit_once(&args))?;
+        while let Some(args) = self.steps.pop_front() {
+            if let Err(e) = self.emit_once(args).await {
+                self.after_error(e, stop).await?;
+            }
         }
         Ok(())
     }
 
-    /// Writes one step's turns and dead letters and acks their entries in
-    /// one fenced transaction.
-    async fn emit_once(&mut self, args: &EmitArgs) -> Result<(), RedisError> {
+    /// Writes one step in one fenced transaction. Whatever did not succeed is
+    /// put back at the front of the queue, and the error returned.
+    async fn emit_once(&mut self, args: EmitArgs) -> Result<(), RedisError> {
         let mut step = self.begin_fenced();
-        self.add_step(&mut step, args);
-        let written = self.fenced(step).await;
-        count_commit(&written);
-        written.map(drop)
+        self.add_step(&mut step, &args);
+        match self.fenced(step).await {
+            Ok(replies) => match self.settle(args, &mut replies.into_iter()) {
+                None => {
+                    self.failing.ok();
+                    Ok(())
+                }
+                Some(e) => Err(e),
+            },
+            Err(e) => {
+                count_commit(&e);
+                self.steps.push_front(args);
+                Err(e)
+            }
+        }
+    }
+
+    /// Checks the replies of an applied step, in the order [`Self::add_step`]
+    /// added its commands: the entries of each write that succeeded are acked
+    /// by the next step; a failed write goes back to the front of the queue
+    /// with its entries (still pending); a failed `XACK` is retried (acking
+    /// twice is harmless). Returns the first error, if any.
+    fn settle(
+        &mut self,
+        args: EmitArgs,
+        replies: &mut impl Iterator<Item = Value>,
+    ) -> Option<RedisError> {
+        let mut failed = EmitArgs::default();
+        let mut confirmed = Vec::new();
+        let mut first_error = None;
+        for (write, ids) in args.writes {
+            match replies.next() {
+                Some(Value::BulkString(_) | Value::SimpleString(_)) => confirmed.extend(ids),
+                other => {
+                    first_error.get_or_insert(reply_error("XADD", other));
+                    failed.writes.push((write, ids));
+                }
+            }
+        }
+        if !args.acks.is_empty() {
+            match replies.next() {
+                Some(Value::Int(_)) => {}
+                other => {
+                    first_error.get_or_insert(reply_error("XACK", other));
+                    failed.acks = args.acks;
+                }
+            }
+        }
+        if !confirmed.is_empty() {
+            // Acked by the step that goes next (the front), or a new one.
+            match self.steps.front_mut() {
+                Some(next) if next.entries() < ACKS_PER_EMIT => next.acks.extend(confirmed),
+                _ => self.steps.push_front(EmitArgs {
+                    writes: Vec::new(),
+                    acks: confirmed,
+                }),
+            }
+        }
+        metrics::commit(first_error.is_none());
+        // Logged by the caller's retry (`after_error`).
+        let error = first_error?;
+        self.write_failed = true;
+        self.steps.push_front(failed);
+        Some(error)
     }
 
     /// Writes all waiting steps but the last, which is returned to go with
@@ -638,47 +807,53 @@ impl ShardTask {
         &mut self,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<EmitArgs>, Failure> {
-        let last = self.batch.pop();
-        self.emit(stop).await?;
-        Ok(last)
+        while self.steps.len() > 1 {
+            let args = self.steps.pop_front().expect("two or more");
+            if let Err(e) = self.emit_once(args).await {
+                self.after_error(e, stop).await?;
+            }
+        }
+        Ok(self.steps.pop_back())
     }
 
-    /// Adds one step's commands (every reply ignored) to a transaction.
+    /// Adds one step's commands to a transaction: an `XADD` per write, then
+    /// one `XACK` (see [`Self::settle`] for their replies).
     fn add_step(&self, step: &mut redis::Pipeline, args: &EmitArgs) {
         let s = &self.settings;
-        for (turn, id, user) in &args.turns {
-            let add = step.cmd("XADD").arg(&self.keys.output);
-            if let Some(maxlen) = s.output_maxlen {
-                add.arg("MAXLEN").arg("~").arg(maxlen);
+        for (write, _) in &args.writes {
+            match write {
+                Write::Turn { turn, id, user } => {
+                    let add = step.cmd("XADD").arg(&self.keys.output);
+                    if let Some(maxlen) = s.output_maxlen {
+                        add.arg("MAXLEN").arg("~").arg(maxlen);
+                    }
+                    add.arg("*")
+                        .arg("turn")
+                        .arg(turn)
+                        .arg("turn_id")
+                        .arg(id)
+                        .arg("user_id")
+                        .arg(user)
+                        .arg("worker")
+                        .arg(&s.worker);
+                }
+                Write::DeadLetter(fields) => {
+                    let add = step.cmd("XADD").arg(&self.keys.dlq);
+                    if let Some(maxlen) = s.dlq_maxlen {
+                        add.arg("MAXLEN").arg("~").arg(maxlen);
+                    }
+                    add.arg("*");
+                    for (k, v) in fields {
+                        add.arg(*k).arg(v);
+                    }
+                }
             }
-            add.arg("*")
-                .arg("turn")
-                .arg(turn)
-                .arg("turn_id")
-                .arg(id)
-                .arg("user_id")
-                .arg(user)
-                .arg("worker")
-                .arg(&s.worker)
-                .ignore();
-        }
-        for fields in &args.dead_letters {
-            let add = step.cmd("XADD").arg(&self.keys.dlq);
-            if let Some(maxlen) = s.dlq_maxlen {
-                add.arg("MAXLEN").arg("~").arg(maxlen);
-            }
-            add.arg("*");
-            for (k, v) in fields {
-                add.arg(*k).arg(v);
-            }
-            add.ignore();
         }
         if !args.acks.is_empty() {
             step.cmd("XACK")
                 .arg(&self.keys.stream)
                 .arg(&s.group)
-                .arg(&args.acks)
-                .ignore();
+                .arg(&args.acks);
         }
     }
 
@@ -693,6 +868,10 @@ impl ShardTask {
         if is_fenced(&error) {
             return Err(Failure::Fenced);
         }
+        if error.code() == Some("NOGROUP") {
+            return Err(Failure::GroupLost);
+        }
+        self.failing.failed(now_ms());
         if error.kind() == redis::ErrorKind::TryAgain {
             tracing::debug!(shard = %self.keys.stream, error = %error, "trying again");
             return Ok(());
@@ -741,24 +920,23 @@ fn delivery_counts(reply: Value) -> Result<HashMap<String, u64>, String> {
         .collect()
 }
 
-/// Counts a write-and-ack step; an aborted transaction (the lease was only
-/// renewed meanwhile) is retried at once and is no failure.
-fn count_commit(result: &Result<Value, RedisError>) {
-    match result {
-        Ok(_) => metrics::commit(true),
-        Err(e) if e.kind() == redis::ErrorKind::TryAgain => {}
-        Err(_) => metrics::commit(false),
-    }
-}
-
-/// The last reply of a transaction's `EXEC` (the read comes last).
-fn last(reply: Value) -> Value {
-    match reply {
-        Value::Array(mut replies) => replies.pop().unwrap_or(Value::Nil),
-        other => other,
+/// Counts a write-and-ack step that was not applied; an aborted transaction
+/// (the lease was only renewed meanwhile) is retried at once and is no
+/// failure. An applied step is counted by [`ShardTask::settle`].
+fn count_commit(error: &RedisError) {
+    if error.kind() != redis::ErrorKind::TryAgain {
+        metrics::commit(false);
     }
 }
 
 fn protocol_error(message: String) -> RedisError {
     RedisError::from((redis::ErrorKind::TypeError, "unexpected reply", message))
+}
+
+/// The error a command's reply inside a transaction stands for.
+fn reply_error(command: &str, reply: Option<Value>) -> RedisError {
+    match reply {
+        Some(Value::ServerError(e)) => e.into(),
+        other => protocol_error(format!("unexpected {command} reply {other:?}")),
+    }
 }

@@ -556,7 +556,17 @@ impl Worker {
 
     /// Started with extra environment variables (e.g. the fault hook).
     pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Worker {
-        let (mut cmd, file) = sessionizer(&["run"], config, "info,rdkafka=warn");
+        Self::spawn(&["run"], config, env)
+    }
+
+    /// Another long-running command than `run` (`dlq replay …`), stopped the
+    /// same way.
+    pub fn start_command(command: &[&str], config: &str) -> Worker {
+        Self::spawn(command, config, &[])
+    }
+
+    fn spawn(command: &[&str], config: &str, env: &[(&str, &str)]) -> Worker {
+        let (mut cmd, file) = sessionizer(command, config, "info,rdkafka=warn");
         // The worker's logs only with SESSIONIZER_TEST_LOGS=1: they would
         // bypass the test harness's output capture.
         let logs = if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
