@@ -508,6 +508,15 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if self.input.max_record_bytes < self.input.max_text_bytes {
+            return Err(ConfigError::new(
+                "input.max_record_bytes",
+                format!(
+                    "must be at least input.max_text_bytes ({}), or a valid message could not fit in a record",
+                    self.input.max_text_bytes
+                ),
+            ));
+        }
         match self.source {
             SourceKind::Kafka => {
                 let Some(k) = &self.kafka else {
@@ -529,6 +538,12 @@ impl Config {
             }
             SourceKind::File => {
                 let file = self.file_section()?;
+                if self.input.format == InputFormatSetting::Protobuf {
+                    return Err(ConfigError::new(
+                        "input.format",
+                        "file mode reads JSON lines; protobuf records cannot be split into lines (use \"json\" or \"auto\")",
+                    ));
+                }
                 for (key, value) in [
                     ("file.input", &file.input),
                     ("file.output", &file.output),
@@ -712,6 +727,35 @@ impl RedisSection {
         }
         if self.batch == 0 {
             return Err(ConfigError::new("redis.batch", "must be at least 1"));
+        }
+        for (key, maxlen) in [
+            ("redis.output_maxlen", self.output_maxlen),
+            ("redis.dlq_maxlen", self.dlq_maxlen),
+        ] {
+            if maxlen == Some(0) {
+                return Err(ConfigError::new(
+                    key,
+                    "must be at least 1 (leave it out to keep every entry)",
+                ));
+            }
+        }
+        for (key, name) in [
+            ("redis.output_stream", &self.output_stream),
+            ("redis.dlq_stream", &self.dlq_stream),
+        ] {
+            let shard = name
+                .strip_prefix(self.input_stream.as_str())
+                .and_then(|rest| rest.strip_prefix(":{"))
+                .and_then(|rest| rest.strip_suffix('}'));
+            if shard.is_some_and(|i| i.parse::<u32>().is_ok()) {
+                return Err(ConfigError::new(
+                    key,
+                    format!(
+                        "{name:?} is named like a shard stream of the input ({}:{{i}})",
+                        self.input_stream
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -973,6 +1017,43 @@ mod tests {
         )];
         let e = Config::from_toml(MINIMAL, env).unwrap_err();
         assert_eq!(e.key, "window.max_bytes", "{e}");
+    }
+
+    #[test]
+    fn contradictions_the_workers_would_trip_on_are_refused() {
+        let redis = "source = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\ninput_stream = \"chat\"\n";
+        let cases = [
+            (
+                format!("{MINIMAL}[input]\nformat = \"protobuf\"\n"),
+                "input.format",
+                "JSON lines",
+            ),
+            (
+                format!("{MINIMAL}[input]\nmax_record_bytes = 100\nmax_text_bytes = 200\n[window]\nmax_bytes = 200\n"),
+                "input.max_record_bytes",
+                "at least input.max_text_bytes",
+            ),
+            (
+                format!("{redis}output_stream = \"t\"\ndlq_stream = \"d\"\noutput_maxlen = 0\n"),
+                "redis.output_maxlen",
+                "at least 1",
+            ),
+            (
+                format!("{redis}output_stream = \"chat:{{1}}\"\ndlq_stream = \"d\"\n"),
+                "redis.output_stream",
+                "shard stream",
+            ),
+            (
+                format!("{redis}output_stream = \"t\"\ndlq_stream = \"chat:{{12}}\"\n"),
+                "redis.dlq_stream",
+                "shard stream",
+            ),
+        ];
+        for (text, key, reason) in cases {
+            let e = load(&text).unwrap_err();
+            assert_eq!(e.key, key, "{text}: {e}");
+            assert!(e.to_string().contains(reason), "{text}: {e}");
+        }
     }
 
     const KAFKA: &str = "source = \"kafka\"\n[kafka]\nbrokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\ninput_topics = [\"chat\"]\noutput_topic = \"turns\"\ndlq_topic = \"dlq\"\n";

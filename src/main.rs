@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
 use sessionizer::config::{Config, SourceKind};
+use sessionizer::engine::DropReason;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -171,8 +172,8 @@ enum DlqCommand {
         #[arg(long, default_value_t = 3)]
         max_replays: u32,
         /// Pipe each payload through this shell command (stdin → stdout).
-        /// Its output must be a valid event, or the replay stops there and
-        /// the dead letter is kept.
+        /// Going back to the input, its output must be a valid event, or the
+        /// replay stops there and the dead letter is kept.
         #[arg(long)]
         transform: Option<String>,
         /// Kill a transform (its whole process group) that runs longer than
@@ -387,8 +388,9 @@ fn run(command: Command) -> anyhow::Result<()> {
                             records = stats.records,
                             turns = stats.total_turns(),
                             dead_letters = stats.total_dead_letters(),
-                            duplicates = stats.dropped[0],
-                            late_dropped = stats.dropped[1],
+                            duplicates = stats.dropped[DropReason::Duplicate.index()],
+                            late_dropped = stats.dropped[DropReason::Late.index()],
+                            no_message_dropped = stats.dropped[DropReason::NoMessage.index()],
                             "input done"
                         );
                     }
@@ -536,6 +538,9 @@ async fn dlq(command: DlqCommand) -> anyhow::Result<()> {
                 match report.skipped_invalid.len() {
                     0 => String::new(),
                     n => format!(", {n} skipped as invalid after --transform"),
+                } + &match report.skipped_truncated.len() {
+                    0 => String::new(),
+                    n => format!(", {n} skipped as truncated"),
                 }
             );
         }

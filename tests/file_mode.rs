@@ -196,7 +196,8 @@ fn golden_every_poison_kind() {
             ("late", 13)
         ]
     );
-    // The original line, byte for byte.
+    // The original line, byte for byte (its first bytes when it was over
+    // max_record_bytes).
     let input = std::fs::read(golden_dir("poison").join("input.jsonl")).unwrap();
     let lines: Vec<&[u8]> = input.split(|b| *b == b'\n').collect();
     for d in &dlq {
@@ -211,7 +212,14 @@ fn golden_every_poison_kind() {
             }
             other => panic!("exactly one payload form expected: {other:?}"),
         };
-        assert_eq!(original, line);
+        match d.get("truncated") {
+            None => assert_eq!(original, line),
+            Some(t) => {
+                assert_eq!(t["original_bytes"], line.len());
+                assert_eq!(original, line[..original.len()]);
+                assert!(original.len() < line.len());
+            }
+        }
     }
     assert_eq!(turns.len(), 2, "ok1 and x1 become turns");
 }
@@ -444,10 +452,11 @@ fn dlq_commands_on_a_dead_letter_file() {
         "{table}"
     );
 
-    // The fix: longer records and texts allowed; the replay is the next
-    // run's input.
+    // The fix: longer texts allowed; the replay is the next run's input.
+    // The record over max_record_bytes (p6) was kept only in part: it is
+    // skipped, never sent as a prefix.
     let replayed = tmp.path().join("replayed.jsonl");
-    run(&[
+    let report = run(&[
         "dlq",
         "replay",
         "--reason",
@@ -455,9 +464,13 @@ fn dlq_commands_on_a_dead_letter_file() {
         "--to",
         replayed.to_str().unwrap(),
     ]);
+    assert!(
+        report.contains("keeps only the first 512 of the record's 684 bytes"),
+        "{report}"
+    );
     assert_eq!(
         std::fs::read_to_string(&replayed).unwrap().lines().count(),
-        2
+        1
     );
     let fixed = base
         .replace("max_record_bytes = 512", "max_record_bytes = 65536")
@@ -470,7 +483,7 @@ fn dlq_commands_on_a_dead_letter_file() {
         .flat_map(|t| t["messages"].as_array().unwrap().clone())
         .map(|m| m["message_id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(ids, ["p5", "p6"], "the replayed records became turns");
+    assert_eq!(ids, ["p5"], "the replayed record became a turn");
 }
 
 /// `sessionizer produce` at a rate stamps events with the wall clock (minus
@@ -601,4 +614,82 @@ fn aliased_paths_are_refused_and_nothing_is_truncated() {
         "a dead letter kept from before\n",
         "the output opened first was not truncated either: it was checked before"
     );
+}
+
+/// A line over `input.max_record_bytes` is dead-lettered with its first
+/// 64 KiB, its length and its SHA-256, and the next line is read as usual:
+/// a 200 MB line used to be buffered whole and copied whole into the DLQ.
+#[test]
+fn a_line_over_the_size_bound_is_dead_lettered_truncated() {
+    use sha2::Digest;
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    let huge = vec![1u8; 5 << 20];
+    let mut bytes = huge.clone();
+    bytes.extend_from_slice(
+        b"\n{\"message_id\":\"m1\",\"user_id\":\"u\",\"text\":\"hi\",\"event_time\":1700000000000}\n",
+    );
+    std::fs::write(&input, &bytes).unwrap();
+    let (turns_path, dlq_path) = (tmp.path().join("t.jsonl"), tmp.path().join("d.jsonl"));
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/file.toml"))
+        .env("SESSIONIZER__FILE__INPUT", &input)
+        .env("SESSIONIZER__FILE__OUTPUT", &turns_path)
+        .env("SESSIONIZER__FILE__DLQ", &dlq_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let turns = read_lines(&turns_path);
+    assert_eq!(turns.len(), 1, "the line after it is read as usual");
+    assert!(
+        // 64 KiB of \x01, each written as the JSON escape \u0001.
+        std::fs::metadata(&dlq_path).unwrap().len() < 500_000,
+        "the dead letter is bounded"
+    );
+    let dead = read_lines(&dlq_path);
+    assert_eq!(dead.len(), 1);
+    assert_valid(
+        &schema("dead_letter.schema.json"),
+        "a dead letter",
+        &dead[0],
+    );
+    let letter = &dead[0];
+    assert_eq!(letter["reason"], "oversize");
+    assert_eq!(letter["source"]["position"], 1);
+    let kept = letter["payload"].as_str().unwrap().as_bytes();
+    assert_eq!(kept, &huge[..64 << 10]);
+    assert_eq!(letter["truncated"]["original_bytes"], huge.len());
+    let sha: String = sha2::Sha256::digest(&huge)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(letter["truncated"]["original_sha256"], sha);
+
+    // `dlq replay` does not send a prefix for the record.
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "source = \"file\"\n[file]\ninput = \"-\"\noutput = \"-\"\ndlq = {:?}\n",
+            dlq_path.display()
+        ),
+    )
+    .unwrap();
+    let replay = bin()
+        .args(["dlq", "replay", "--config"])
+        .arg(&config)
+        .arg("--to")
+        .arg(tmp.path().join("replayed.jsonl"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&replay.stderr);
+    let stdout = String::from_utf8_lossy(&replay.stdout);
+    assert!(replay.status.success(), "{stderr}");
+    assert!(stderr.contains("1 skipped as truncated"), "{stderr}");
+    assert!(stdout.contains("keeps only the first 65536"), "{stdout}");
 }

@@ -1294,3 +1294,42 @@ fn dlq_replay_transforms_are_bounded_validated_and_keep_the_original() {
         replacement.as_bytes()
     );
 }
+
+/// An entry over `input.max_record_bytes` becomes a dead letter holding its
+/// first 64 KiB, its length and SHA-256 (it was copied whole), and `dlq
+/// replay` refuses to send the prefix for the record.
+#[test]
+fn an_entry_over_the_size_bound_is_dead_lettered_truncated() {
+    use sha2::Digest;
+    use support::{inspect_json, run_cli};
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "huge", 1, "", "");
+    let stream = setup.shards()[0].stream.clone();
+    let huge = vec![b'{'; 3 << 20];
+    let _: String = conn.xadd(&stream, "*", &[("payload", &huge)]).unwrap();
+    let _worker = Worker::start(&setup.config_text);
+    wait_for("the dead letter", TIMEOUT, || {
+        let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+        (dlq.len() == 1 && pending(&mut conn, &setup) == 0).then_some(dlq)
+    });
+    let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+    let letter = &dlq[0].1;
+    assert_eq!(letter["reason"], b"oversize");
+    assert_eq!(letter["payload"], &huge[..64 << 10]);
+    assert_eq!(
+        letter["truncated_original_bytes"],
+        (3u64 << 20).to_string().as_bytes()
+    );
+    let sha: String = sha2::Sha256::digest(&huge)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(letter["truncated_original_sha256"], sha.as_bytes());
+    let inspected = inspect_json(&setup.config_text, &[]);
+    assert_eq!(inspected[0]["truncated"]["original_bytes"], 3u64 << 20);
+    let (stdout, stderr) = run_cli(&["dlq", "replay"], &setup.config_text, &[]);
+    assert!(stderr.contains("1 skipped as truncated"), "{stderr}");
+    assert!(stdout.contains("keeps only the first 65536"), "{stdout}");
+    assert_eq!(read_stream(&mut conn, &stream).len(), 1, "nothing sent");
+}

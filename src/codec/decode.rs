@@ -102,14 +102,23 @@ impl Decoder {
                 self.limits.max_record_bytes
             )));
         }
-        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        let text = || bytes.strip_prefix(UTF8_BOM).unwrap_or(bytes);
         let fields = match self.format {
-            InputFormat::Json => json_fields(bytes)?,
+            InputFormat::Json => json_fields(text())?,
             InputFormat::Protobuf => protobuf_fields(bytes)?,
-            InputFormat::Auto => match first {
+            InputFormat::Auto => match text().iter().find(|b| !b.is_ascii_whitespace()) {
                 None => return Err(Poison::decode("the record is empty")),
-                Some(b'{') => json_fields(bytes)?,
-                Some(_) => protobuf_fields(bytes)?,
+                Some(b'{') => json_fields(text())?,
+                Some(_) => protobuf_fields(bytes).map_err(|e| {
+                    if std::str::from_utf8(bytes).is_ok() {
+                        Poison::decode(format!(
+                            "not JSON (a JSON event starts with `{{`), and {}",
+                            e.message
+                        ))
+                    } else {
+                        e
+                    }
+                })?,
             },
         };
         self.validate(fields, now_ms)
@@ -182,6 +191,10 @@ impl Decoder {
 }
 
 const MAX_ID_BYTES: usize = 128;
+
+/// A byte-order mark some editors put at the start of a UTF-8 file: skipped
+/// before a JSON record.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 fn required_id<'a>(field: &str, value: Option<Cow<'a, str>>) -> Result<Cow<'a, str>, Poison> {
     match value {
@@ -391,6 +404,20 @@ mod tests {
     fn reason(bytes: &[u8]) -> (DeadLetterReason, String) {
         let p = json(bytes).unwrap_err();
         (p.reason, p.message)
+    }
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped_and_text_is_not_called_protobuf() {
+        let line = b"\xEF\xBB\xBF{\"message_id\":\"m1\",\"user_id\":\"u1\",\"text\":\"hi\",\"event_time\":1700000000000}";
+        for format in [InputFormat::Json, InputFormat::Auto] {
+            let e = decoder(format).decode(line, NOW).unwrap();
+            assert_eq!(e.message_id, "m1");
+        }
+        let p = decoder(InputFormat::Auto)
+            .decode(b"hello there", NOW)
+            .unwrap_err();
+        assert_eq!(p.reason, DeadLetterReason::Decode);
+        assert!(p.message.starts_with("not JSON"), "{}", p.message);
     }
 
     #[test]

@@ -53,8 +53,11 @@ pub struct DlqEntry {
     pub replay_count: u32,
     /// The original record key (Kafka).
     pub key: Option<Vec<u8>>,
-    /// The original record, byte for byte.
+    /// The original record, byte for byte (its first bytes when `truncated`).
     pub payload: Vec<u8>,
+    /// Set when the worker kept only the first bytes of a record over
+    /// `input.max_record_bytes`: such a dead letter is never replayed as is.
+    pub truncated: Option<crate::model::Truncated>,
     /// The original record's headers (Kafka), without the `sessionizer.dlq.*`
     /// provenance.
     pub headers: Vec<(String, Vec<u8>)>,

@@ -84,6 +84,12 @@ pub fn to_json(e: &DlqEntry) -> Value {
         put_bytes(&mut object, "key", key);
     }
     put_bytes(&mut object, "payload", &e.payload);
+    if let Some(t) = &e.truncated {
+        object.insert(
+            "truncated".into(),
+            json!({"original_bytes": t.original_bytes, "original_sha256": t.original_sha256}),
+        );
+    }
     if !e.headers.is_empty() {
         let mut headers = Map::new();
         for (k, v) in &e.headers {

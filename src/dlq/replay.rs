@@ -37,8 +37,9 @@ pub struct ReplayOptions {
     pub transform: Option<String>,
     /// How long one run of the transform may take.
     pub transform_timeout: Duration,
-    /// The workers' decoder: a transformed record must decode and validate
-    /// before it is sent (and its dead letter removed).
+    /// The workers' decoder: a transformed record going back into a worker's
+    /// input must decode and validate before it is sent (and its dead letter
+    /// removed).
     pub decoder: Option<Decoder>,
     /// Skip (and report) a record whose transform output is not a valid
     /// event, instead of stopping the replay.
@@ -70,6 +71,9 @@ pub struct ReplayReport {
     /// Positions skipped because the transform's output was not a valid
     /// event (`--skip-invalid`); their dead letters stay.
     pub skipped_invalid: Vec<String>,
+    /// Positions skipped because the dead letter keeps only the record's
+    /// first bytes and no `--transform` rebuilds it.
+    pub skipped_truncated: Vec<String>,
 }
 
 /// Replays, oldest first, until done, `limit`, or `stop` resolves (then
@@ -124,6 +128,20 @@ async fn replay_each(
             store.pass(&entry).await?;
             continue;
         }
+        if let (Some(t), None) = (&entry.truncated, &options.transform) {
+            writeln!(
+                out,
+                "skipped {}: the dead letter keeps only the first {} of the record's {} bytes \
+                 (SHA-256 {}); --transform can rebuild it",
+                entry.position,
+                entry.payload.len(),
+                t.original_bytes,
+                t.original_sha256
+            )?;
+            report.skipped_truncated.push(entry.position.clone());
+            store.pass(&entry).await?;
+            continue;
+        }
         let payload = match &options.transform {
             Some(command) => {
                 let transformed =
@@ -145,7 +163,13 @@ async fn replay_each(
             }
             None => entry.payload.clone(),
         };
-        if options.transform.is_some() {
+        let target = store.target(&entry, options.to.as_deref());
+        // What goes back into a worker's input must be a valid event: a
+        // transform's garbage would only come back as a dead letter, and
+        // (Redis) the original would be gone. A parking lot elsewhere is not
+        // read by the workers.
+        let into_input = matches!(store, Store::File(_)) || target == entry.source;
+        if options.transform.is_some() && into_input {
             if let Some(poison) = options
                 .decoder
                 .as_ref()
@@ -166,7 +190,6 @@ async fn replay_each(
                 continue;
             }
         }
-        let target = store.target(&entry, options.to.as_deref());
         if options.dry_run {
             writeln!(
                 out,

@@ -154,6 +154,7 @@ fn entry(path: &str, line: u64, dead: DeadLetter) -> anyhow::Result<DlqEntry> {
         replay_count: 0,
         key: None,
         payload,
+        truncated: dead.truncated,
         headers: Vec::new(),
     })
 }

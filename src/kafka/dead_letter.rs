@@ -4,7 +4,7 @@
 
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 
-use crate::model::DeadLetterReason;
+use crate::model::{DeadLetterReason, Truncated};
 
 pub const REASON: &str = "sessionizer.dlq.reason";
 pub const ERROR: &str = "sessionizer.dlq.error";
@@ -16,6 +16,10 @@ pub const SOURCE_TIMESTAMP: &str = "sessionizer.dlq.source.timestamp";
 /// RFC 3339, UTC.
 pub const FAILED_AT: &str = "sessionizer.dlq.failed_at";
 pub const WORKER: &str = "sessionizer.dlq.worker";
+/// Set when the value is only the record's first bytes (see
+/// [`crate::model::kept_payload`]): the whole record's length and SHA-256.
+pub const TRUNCATED_BYTES: &str = "sessionizer.dlq.truncated.original_bytes";
+pub const TRUNCATED_SHA256: &str = "sessionizer.dlq.truncated.original_sha256";
 
 /// The provenance of one dead letter.
 #[derive(Debug, Clone)]
@@ -24,6 +28,7 @@ pub struct Provenance<'a> {
     pub error: &'a str,
     pub failed_at: &'a str,
     pub worker: &'a str,
+    pub truncated: Option<&'a Truncated>,
 }
 
 /// The headers of a dead letter for `message`: its own headers first, in
@@ -58,5 +63,9 @@ pub fn headers(message: &BorrowedMessage<'_>, provenance: &Provenance<'_>) -> Ow
     }
     add(FAILED_AT, provenance.failed_at);
     add(WORKER, provenance.worker);
+    if let Some(t) = provenance.truncated {
+        add(TRUNCATED_BYTES, &t.original_bytes.to_string());
+        add(TRUNCATED_SHA256, &t.original_sha256);
+    }
     out
 }

@@ -23,6 +23,7 @@ use super::client::{consumer_config, producer_config};
 use super::dead_letter as h;
 use crate::config::{Acks, KafkaSection};
 use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
+use crate::model::Truncated;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 /// Commit the replay group's progress at least this often (records).
@@ -263,8 +264,10 @@ fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
         replay_count: 0,
         key: m.key().map(<[u8]>::to_vec),
         payload: m.payload().unwrap_or_default().to_vec(),
+        truncated: None,
         headers: Vec::new(),
     };
+    let mut truncated = (None, String::new());
     if let Some(headers) = m.headers() {
         for header in headers.iter() {
             let value = header.value.unwrap_or_default();
@@ -278,6 +281,8 @@ fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
                 h::FAILED_AT => e.failed_at = text(),
                 h::WORKER => e.worker = text(),
                 h::SOURCE_TIMESTAMP => {}
+                h::TRUNCATED_BYTES => truncated.0 = text().parse().ok(),
+                h::TRUNCATED_SHA256 => truncated.1 = text(),
                 key => {
                     if key == REPLAY_COUNT {
                         e.replay_count = text().parse().unwrap_or(0);
@@ -288,5 +293,9 @@ fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
         }
     }
     e.failed_at_ms = parse_failed_at(&e.failed_at);
+    e.truncated = truncated.0.map(|original_bytes| Truncated {
+        original_bytes,
+        original_sha256: truncated.1,
+    });
     e
 }

@@ -39,6 +39,7 @@ use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock};
 use crate::metrics::{self, PartitionGauges};
+use crate::model::kept_payload;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
@@ -421,6 +422,7 @@ pub async fn run(
     let mut w = Worker {
         kafka: kafka.clone(),
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
+        max_dead_letter_bytes: max_dead_letter_bytes(config),
         window: config.window_config(),
         idle_timeout_ms: config.window.idle_timeout.0,
         format: config.output_format(),
@@ -448,9 +450,31 @@ pub async fn run(
     result.map(|()| w.stats)
 }
 
+/// Room a dead letter's headers and key may take beside its value.
+const DEAD_LETTER_HEADROOM: usize = 64 << 10;
+
+/// The largest value a dead letter keeps whole: `input.max_record_bytes`, and
+/// below what the producer accepts (`message.max.bytes`, 1,000,000 unless set
+/// in `[kafka.properties]`) with room for the provenance headers. A larger
+/// record's dead letter keeps its first bytes, length and SHA-256
+/// ([`kept_payload`]), so it can always be written.
+fn max_dead_letter_bytes(config: &Config) -> usize {
+    let producer_limit = config
+        .kafka
+        .as_ref()
+        .and_then(|k| k.properties.get("message.max.bytes"))
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1_000_000);
+    config
+        .input
+        .max_record_bytes
+        .min(producer_limit.saturating_sub(DEAD_LETTER_HEADROOM))
+}
+
 struct Worker {
     kafka: KafkaSection,
     decoder: Decoder,
+    max_dead_letter_bytes: usize,
     window: crate::engine::WindowConfig,
     idle_timeout_ms: i64,
     format: OutputFormat,
@@ -711,6 +735,8 @@ impl Worker {
                 Outcome::DeadLetter { seq, reason, error } => {
                     let m = message.expect("dead letters are about the record just processed");
                     let failed_at = rfc3339_ms(now_ms());
+                    let (payload, truncated) =
+                        kept_payload(m.payload().unwrap_or_default(), self.max_dead_letter_bytes);
                     let headers = dead_letter::headers(
                         m,
                         &Provenance {
@@ -718,6 +744,7 @@ impl Worker {
                             error: &error,
                             failed_at: &failed_at,
                             worker: &self.worker,
+                            truncated: truncated.as_ref(),
                         },
                     );
                     self.enqueue(Outgoing {
@@ -726,7 +753,7 @@ impl Worker {
                         seqs: vec![seq],
                         topic: self.dlq_topic.clone(),
                         key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
-                        payload: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                        payload: payload.to_vec(),
                         headers,
                         dead_letter: true,
                     });

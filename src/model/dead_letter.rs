@@ -74,6 +74,9 @@ pub struct DeadLetter {
     /// … and base64 (standard alphabet, padded) otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payload_base64: Option<String>,
+    /// Set when the payload above is only the record's first bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated: Option<Truncated>,
 }
 
 impl DeadLetter {
@@ -102,6 +105,7 @@ impl DeadLetter {
             worker,
             payload,
             payload_base64,
+            truncated: None,
         }
     }
 
@@ -113,5 +117,78 @@ impl DeadLetter {
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD.decode(b64),
             (None, None) => Ok(Vec::new()),
         }
+    }
+}
+
+/// How many bytes of a payload over the size bound a dead letter keeps.
+pub const KEPT_PREFIX_BYTES: usize = 64 << 10;
+
+/// What a dead letter says of a payload it could not keep whole (over
+/// `input.max_record_bytes`): it keeps the first [`KEPT_PREFIX_BYTES`] bytes,
+/// and this, so an operator can still match it against its producer's copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Truncated {
+    /// The whole payload's length in bytes.
+    pub original_bytes: u64,
+    /// The whole payload's SHA-256, lowercase hex.
+    pub original_sha256: String,
+}
+
+impl Truncated {
+    /// From a hasher that saw the whole payload.
+    pub fn from_hasher(original_bytes: u64, hasher: sha2::Sha256) -> Self {
+        use sha2::Digest;
+        Truncated {
+            original_bytes,
+            original_sha256: hex(&hasher.finalize()),
+        }
+    }
+}
+
+/// The payload a dead letter keeps: all of it when it is at most
+/// `max_bytes`, else its first [`KEPT_PREFIX_BYTES`] bytes and a
+/// [`Truncated`]. Bounds what one poison record costs to write and store.
+pub fn kept_payload(payload: &[u8], max_bytes: usize) -> (&[u8], Option<Truncated>) {
+    use sha2::Digest;
+    if payload.len() <= max_bytes {
+        return (payload, None);
+    }
+    let kept = &payload[..KEPT_PREFIX_BYTES.min(max_bytes)];
+    let truncated =
+        Truncated::from_hasher(payload.len() as u64, sha2::Sha256::new_with_prefix(payload));
+    (kept, Some(truncated))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_over_the_bound_keeps_a_prefix_its_length_and_hash() {
+        let small = b"{\"a\":1}";
+        assert_eq!(kept_payload(small, 100), (&small[..], None));
+        let big = vec![1u8; 200_000];
+        let (kept, truncated) = kept_payload(&big, 100_000);
+        assert_eq!(kept.len(), KEPT_PREFIX_BYTES);
+        let truncated = truncated.unwrap();
+        assert_eq!(truncated.original_bytes, 200_000);
+        // sha256 of 200,000 bytes of 0x01, computed with Python's hashlib.
+        assert_eq!(
+            truncated.original_sha256,
+            "6015fcd09f3f14b7da9d89cb95f1e4ee007948bc7cf9a59be8163c3460e4f954"
+        );
+        let (kept, _) = kept_payload(&big, 10);
+        assert_eq!(kept.len(), 10, "never more than the bound");
     }
 }

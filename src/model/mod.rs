@@ -7,6 +7,8 @@ mod dead_letter;
 mod event;
 mod turn;
 
-pub use dead_letter::{DeadLetter, DeadLetterReason, DeadLetterSource};
+pub use dead_letter::{
+    kept_payload, DeadLetter, DeadLetterReason, DeadLetterSource, Truncated, KEPT_PREFIX_BYTES,
+};
 pub use event::{Attributes, ChatEvent, EventKind};
 pub use turn::{turn_id, ClosedBy, Turn, TurnMessage};

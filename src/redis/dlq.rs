@@ -16,6 +16,7 @@ use super::entry::{parse_entries, Entry};
 use super::keys::ShardKeys;
 use crate::config::RedisSection;
 use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
+use crate::model::Truncated;
 
 /// Deletes the dead letter (`KEYS[1]`, id `ARGV[1]`) and, only if it was
 /// still there, adds the record to `KEYS[2]`.
@@ -221,9 +222,20 @@ fn entry(stream: &str, e: &Entry) -> DlqEntry {
         replay_count: text(REPLAY_COUNT).parse().unwrap_or(0),
         key: None,
         payload: e.field("payload").unwrap_or_default().to_vec(),
+        truncated: e
+            .field(TRUNCATED_BYTES)
+            .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
+            .map(|original_bytes| Truncated {
+                original_bytes,
+                original_sha256: text(TRUNCATED_SHA256),
+            }),
         headers: Vec::new(),
     }
 }
+
+/// The fields of a dead letter that kept only the record's first bytes.
+pub const TRUNCATED_BYTES: &str = "truncated_original_bytes";
+pub const TRUNCATED_SHA256: &str = "truncated_original_sha256";
 
 #[cfg(test)]
 mod tests {

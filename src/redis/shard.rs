@@ -23,13 +23,14 @@ use redis::{RedisError, Value};
 use tokio::sync::watch;
 
 use super::connection::RedisConn;
+use super::dlq::{TRUNCATED_BYTES, TRUNCATED_SHA256};
 use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
 use crate::engine::{IdleClock, WindowConfig};
 use crate::metrics::{self, FailingMark, PartitionGauges};
-use crate::model::DeadLetterReason;
+use crate::model::{kept_payload, DeadLetterReason};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms};
 
@@ -668,8 +669,12 @@ impl ShardTask {
                     let about = about
                         .as_ref()
                         .expect("dead letters are about the entry just processed");
+                    let (payload, truncated) = kept_payload(
+                        about.payload,
+                        self.settings.decoder.limits().max_record_bytes,
+                    );
                     let mut fields = vec![
-                        ("payload", about.payload.to_vec()),
+                        ("payload", payload.to_vec()),
                         ("reason", reason.as_str().as_bytes().to_vec()),
                         ("error", error.into_bytes()),
                         ("source_stream", self.keys.stream.clone().into_bytes()),
@@ -679,6 +684,10 @@ impl ShardTask {
                         ("deliveries", about.deliveries.to_string().into_bytes()),
                         ("form", about.form.as_bytes().to_vec()),
                     ];
+                    if let Some(t) = truncated {
+                        fields.push((TRUNCATED_BYTES, t.original_bytes.to_string().into_bytes()));
+                        fields.push((TRUNCATED_SHA256, t.original_sha256.into_bytes()));
+                    }
                     // A record that fails again after a `dlq replay` keeps
                     // its replay count.
                     for (name, value) in about.entry.replay_fields() {
