@@ -224,6 +224,9 @@ fn consume_only(broker: &Broker, topic: &str, partitions: i32, events: usize) ->
 fn worker_config(broker: &Broker, [group, input, output, dlq]: [&str; 4], extra: &str) -> String {
     format!(
         r#"source = "kafka"
+[window]
+# The input is a backlog (old event times): flush it as soon as it is read.
+backlog_quiet = "100ms"
 [kafka]
 brokers = "{}"
 group_id = "{group}"

@@ -43,6 +43,7 @@ fn main() {
 listen = "127.0.0.1:{metrics_port}"
 [window]
 idle_timeout = "100ms"
+backlog_quiet = "100ms"
 [redis]
 url = "{}"
 input_stream = "chat"

@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::codec::{DecodeLimits, InputFormat, OutputFormat};
-use crate::engine::{LatePolicy, WindowConfig};
+use crate::engine::{IdlePolicy, LatePolicy, WindowConfig};
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SESSIONIZER__";
@@ -311,6 +311,15 @@ pub struct WindowSection {
     /// How long a caught-up partition must stay quiet before its watermark
     /// follows the wall clock (brokers only; file mode uses event time only).
     pub idle_timeout: Millis,
+    /// A caught-up partition whose newest event time is further behind the
+    /// wall clock than `max_out_of_orderness` plus this is reading a backlog
+    /// (old event times arriving now): the clock may not close its sessions
+    /// after `idle_timeout`, only after `backlog_quiet`.
+    pub backlog_lag: Millis,
+    /// How long a partition reading a backlog must stay quiet before its
+    /// open sessions are flushed (a producer pausing mid-backlog must not
+    /// split bursts).
+    pub backlog_quiet: Millis,
     /// A session longer than this closes early (`closed_by = max_duration`).
     pub max_duration: Millis,
     /// A session never holds more messages than this.
@@ -329,6 +338,8 @@ impl Default for WindowSection {
             gap: Millis(3_000),
             max_out_of_orderness: Millis(500),
             idle_timeout: Millis(100),
+            backlog_lag: Millis(5_000),
+            backlog_quiet: Millis(10_000),
             max_duration: Millis(120_000),
             max_messages: 200,
             max_bytes: 65_536,
@@ -575,6 +586,16 @@ impl Config {
                 "a [file] section is required when source = \"file\"",
             )
         })
+    }
+
+    /// When the caught-up idle advance applies (see [`IdlePolicy`]).
+    pub fn idle_policy(&self) -> IdlePolicy {
+        let w = &self.window;
+        IdlePolicy {
+            idle_timeout_ms: w.idle_timeout.0,
+            live_lag_ms: w.max_out_of_orderness.0.saturating_add(w.backlog_lag.0),
+            backlog_quiet_ms: w.backlog_quiet.0,
+        }
     }
 
     pub fn window_config(&self) -> WindowConfig {

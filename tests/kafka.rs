@@ -38,6 +38,7 @@ fn worker_config(broker: &Broker, t: &Topics, extra_kafka: &str) -> String {
         r#"source = "kafka"
 [window]
 idle_timeout = "200ms"
+backlog_quiet = "1s"
 [kafka]
 brokers = "{}"
 group_id = "{}"
@@ -438,7 +439,7 @@ async fn exactly_once_mode_survives_sigkill_and_restart() {
     let records = workload(30, 1_500, 23);
     produce(client(), &t.input, &records).await;
     let config_text = format!(
-        "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\nexactly_once = true\ntransactional_id = \"eos-test-worker\"\ncommit_interval = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
+        "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\nbacklog_quiet = \"1s\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\nexactly_once = true\ntransactional_id = \"eos-test-worker\"\ncommit_interval = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
         t.group, t.input, t.output, t.dlq
     );
     let config = Config::from_toml(&config_text, Vec::new()).unwrap();
@@ -945,4 +946,62 @@ async fn dlq_inspect_follow_prints_new_dead_letters() {
         (second["payload"].as_str(), second["reason"].as_str()),
         (Some("second"), Some("decode"))
     );
+}
+
+/// A backlog (event times from long ago) produced while the worker reads,
+/// with the producer pausing between chunks for longer than `idle_timeout`:
+/// the same turns as the same records read afterwards, nothing late. With
+/// "caught up and quiet for idle_timeout" alone, every pause closed the open
+/// sessions early.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_produced_while_the_worker_reads_gives_the_turns_read_afterwards() {
+    use support::{http_get, metric};
+    let broker = Broker::start();
+    let t = topics(&broker, "backlog", 2).await;
+    let port = support::free_port();
+    let text = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
+        worker_config(&broker, &t, "").replace("backlog_quiet = \"1s\"", "backlog_quiet = \"5s\"")
+    );
+    let _worker = Worker::start(&text);
+    wait_for("/readyz", TIMEOUT, || {
+        http_get(port, "/readyz").filter(|(status, _)| *status == 200)
+    });
+    let records = workload(40, 2_000, 33);
+    let mut sent = 0;
+    for chunk in records.chunks(400) {
+        produce(broker.client_config(), &t.input, chunk).await;
+        sent += chunk.len();
+        wait_for("the worker to read everything so far", TIMEOUT, || {
+            let (_, body) = http_get(port, "/metrics")?;
+            let read = metric(&body, sessionizer::metrics::RECORDS_CONSUMED, &[]);
+            (read as usize >= sent).then_some(())
+        });
+        // The producer pauses, longer than idle_timeout and shorter than
+        // backlog_quiet: the workload's shape, not a synchronisation.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let config = Config::from_toml(&text, Vec::new()).unwrap();
+    let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
+        r.len() == records.len()
+    });
+    let (want_turns, _) = reference(&config, &input);
+    let want = want_turns
+        .iter()
+        .flat_map(message_ids)
+        .collect::<BTreeSet<_>>();
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.iter()
+            .map(Read::json)
+            .flat_map(|t| message_ids(&t))
+            .collect::<BTreeSet<_>>()
+            == want
+    });
+    let got = sorted_turns(&turns);
+    assert_eq!(
+        got.iter().filter(|t| t["late"] == true).count(),
+        0,
+        "nothing late"
+    );
+    assert_eq!(got, want_turns);
 }

@@ -51,7 +51,7 @@ impl Setup {
             .map(|f| format!("tls_ca_file = \"{f}\"\n"))
             .unwrap_or_default();
         let window = if window.is_empty() {
-            "idle_timeout = \"200ms\""
+            "idle_timeout = \"200ms\"\nbacklog_quiet = \"1s\""
         } else {
             window
         };
@@ -1332,4 +1332,55 @@ fn an_entry_over_the_size_bound_is_dead_lettered_truncated() {
     assert!(stderr.contains("1 skipped as truncated"), "{stderr}");
     assert!(stdout.contains("keeps only the first 65536"), "{stdout}");
     assert_eq!(read_stream(&mut conn, &stream).len(), 1, "nothing sent");
+}
+
+/// A backlog (event times from long ago) written while the worker reads,
+/// with the producer pausing between chunks for longer than `idle_timeout`:
+/// the turns are the same as for the same data read afterwards. The idle
+/// advance closed every open session at each pause (bursts split, the rest
+/// late) when "caught up and quiet for idle_timeout" was enough.
+#[test]
+fn a_backlog_written_while_the_worker_reads_gives_the_turns_read_afterwards() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let window = "idle_timeout = \"100ms\"\nbacklog_quiet = \"4s\"";
+    let setup = Setup::new(&server, "backlog", 2, "", window);
+    let records = workload(40, 4_000, 31);
+    let _worker = Worker::start(&setup.config_text);
+    let group = setup.section().group.clone();
+    for chunk in records.chunks(800) {
+        produce(&mut conn, &setup, chunk);
+        wait_for("the worker to read everything so far", TIMEOUT, || {
+            setup
+                .shards()
+                .iter()
+                .all(|s| {
+                    let last: Vec<(String, RawFields)> = redis::cmd("XREVRANGE")
+                        .arg(&s.stream)
+                        .arg("+")
+                        .arg("-")
+                        .arg("COUNT")
+                        .arg(1)
+                        .query(&mut conn)
+                        .unwrap();
+                    let groups: redis::streams::StreamInfoGroupsReply =
+                        conn.xinfo_groups(&s.stream).unwrap();
+                    let delivered = groups
+                        .groups
+                        .iter()
+                        .find(|g| g.name == group)
+                        .map(|g| g.last_delivered_id.clone());
+                    last.first().map(|(id, _)| id.clone()) == delivered
+                })
+                .then_some(())
+        });
+        // The producer pauses, longer than idle_timeout and shorter than
+        // backlog_quiet: the workload's shape, not a synchronisation.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let got = wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    let late = got.iter().filter(|t| t["late"] == true).count();
+    assert_eq!(late, 0, "nothing judged late");
+    assert_eq!(sorted(got), want_turns);
 }

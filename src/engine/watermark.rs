@@ -69,23 +69,48 @@ impl WatermarkTracker {
     }
 }
 
-/// Tracks whether a partition is caught up (read to its end) and quiet for
-/// `idle_timeout`, which is when [`WatermarkTracker::advance_idle`] applies.
-/// The broker loop feeds it records and end-of-partition signals with the wall
-/// clock; while a partition has backlog, only event time moves its watermark.
+/// When the caught-up idle advance may move a partition's watermark by the
+/// wall clock (see `docs/semantics.md`, "The caught-up idle advance").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdlePolicy {
+    /// How long a live partition must stay quiet.
+    pub idle_timeout_ms: i64,
+    /// How far behind the wall clock a partition's newest event time may be,
+    /// when it is caught up, for the partition to count as live:
+    /// `max_out_of_orderness + backlog_lag`.
+    pub live_lag_ms: i64,
+    /// How long a partition reading a backlog must stay quiet.
+    pub backlog_quiet_ms: i64,
+}
+
+/// Tracks whether a partition is caught up (read to its end) and quiet, which
+/// is when [`WatermarkTracker::advance_idle`] applies. The broker loop feeds
+/// it records and end-of-partition signals with the wall clock; while a
+/// partition has backlog, only event time moves its watermark.
+///
+/// The advance assumes events arrive within `max_out_of_orderness` of the
+/// wall clock. A backlog (old event times arriving now, a producer replaying
+/// yesterday) breaks that: a short pause of its producer would close its
+/// sessions early and make what follows late. So a partition counts as
+/// *live* only if its newest event time is within `live_lag_ms` of the wall
+/// clock when it is caught up, and then needs `idle_timeout_ms` of quiet;
+/// otherwise it needs `backlog_quiet_ms`.
 #[derive(Debug, Clone)]
 pub struct IdleClock {
-    idle_timeout_ms: i64,
+    policy: IdlePolicy,
     /// Wall-clock time the partition was last seen at its end with nothing
     /// arriving since; `None` while it has backlog.
     caught_up_since: Option<i64>,
+    /// Whether it was live then.
+    live: bool,
 }
 
 impl IdleClock {
-    pub fn new(idle_timeout_ms: i64) -> Self {
+    pub fn new(policy: IdlePolicy) -> Self {
         IdleClock {
-            idle_timeout_ms,
+            policy,
             caught_up_since: None,
+            live: false,
         }
     }
 
@@ -94,10 +119,13 @@ impl IdleClock {
         self.caught_up_since = None;
     }
 
-    /// The partition was read to its end (Kafka EOF, an empty Redis read).
-    pub fn on_caught_up(&mut self, now_ms: i64) {
+    /// The partition was read to its end (Kafka EOF, an empty Redis read);
+    /// `max_event_time` is the newest event time it has seen.
+    pub fn on_caught_up(&mut self, now_ms: i64, max_event_time: Option<i64>) {
         if self.caught_up_since.is_none() {
             self.caught_up_since = Some(now_ms);
+            self.live = max_event_time
+                .is_some_and(|max| now_ms.saturating_sub(max) <= self.policy.live_lag_ms);
         }
     }
 
@@ -109,8 +137,18 @@ impl IdleClock {
     /// The wall-clock time from which the partition counts as idle, if it is
     /// caught up.
     pub fn idle_since(&self) -> Option<i64> {
+        let quiet = if self.live {
+            self.policy.idle_timeout_ms
+        } else {
+            self.policy.backlog_quiet_ms
+        };
         self.caught_up_since
-            .map(|since| since.saturating_add(self.idle_timeout_ms))
+            .map(|since| since.saturating_add(quiet))
+    }
+
+    /// Whether the partition was live when it was last caught up.
+    pub fn is_live(&self) -> bool {
+        self.live
     }
 }
 
@@ -142,17 +180,46 @@ mod tests {
         assert!(!w.advance_idle(2_000_000));
     }
 
+    const POLICY: IdlePolicy = IdlePolicy {
+        idle_timeout_ms: 1_000,
+        live_lag_ms: 5_500,
+        backlog_quiet_ms: 10_000,
+    };
+
     #[test]
     fn idle_clock_requires_quiet_for_the_timeout() {
-        let mut idle = IdleClock::new(1000);
+        let mut idle = IdleClock::new(POLICY);
         assert!(!idle.is_idle(5_000), "never caught up");
-        idle.on_caught_up(5_000);
-        idle.on_caught_up(5_500); // still the same quiet stretch
+        idle.on_caught_up(5_000, Some(4_900));
+        idle.on_caught_up(5_500, Some(4_900)); // still the same quiet stretch
         assert!(!idle.is_idle(5_999));
         assert!(idle.is_idle(6_000));
         idle.on_record();
         assert!(!idle.is_idle(7_000), "a record ends the quiet stretch");
-        idle.on_caught_up(7_000);
+        idle.on_caught_up(7_000, Some(6_900));
         assert_eq!(idle.idle_since(), Some(8_000));
+    }
+
+    #[test]
+    fn a_backlog_needs_the_longer_quiet_period() {
+        // A producer writing yesterday's events pauses: the partition is at
+        // its end, but its newest event is far behind the wall clock.
+        let day = 86_400_000;
+        let mut idle = IdleClock::new(POLICY);
+        idle.on_caught_up(day + 5_000, Some(5_000));
+        assert!(!idle.is_live());
+        assert!(!idle.is_idle(day + 5_000 + 1_000), "not after idle_timeout");
+        assert!(!idle.is_idle(day + 5_000 + 9_999));
+        assert!(idle.is_idle(day + 5_000 + 10_000), "after backlog_quiet");
+        // Just inside the live bound counts as live, just outside does not.
+        let mut idle = IdleClock::new(POLICY);
+        idle.on_caught_up(10_000 + 5_500, Some(10_000));
+        assert!(idle.is_live());
+        let mut idle = IdleClock::new(POLICY);
+        idle.on_caught_up(10_000 + 5_501, Some(10_000));
+        assert!(!idle.is_live());
+        let mut idle = IdleClock::new(POLICY);
+        idle.on_caught_up(10_000, None);
+        assert!(!idle.is_live(), "nothing seen: no evidence of live traffic");
     }
 }

@@ -37,7 +37,7 @@ use super::dead_letter::{self, Provenance};
 use super::offsets;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
-use crate::engine::{ClosedSession, CompletionTracker, IdleClock};
+use crate::engine::{ClosedSession, CompletionTracker, IdleClock, IdlePolicy};
 use crate::metrics::{self, PartitionGauges};
 use crate::model::kept_payload;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
@@ -424,7 +424,7 @@ pub async fn run(
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
         max_dead_letter_bytes: max_dead_letter_bytes(config),
         window: config.window_config(),
-        idle_timeout_ms: config.window.idle_timeout.0,
+        idle: config.idle_policy(),
         format: config.output_format(),
         input_topics: kafka
             .input_topics
@@ -476,7 +476,7 @@ struct Worker {
     decoder: Decoder,
     max_dead_letter_bytes: usize,
     window: crate::engine::WindowConfig,
-    idle_timeout_ms: i64,
+    idle: IdlePolicy,
     format: OutputFormat,
     /// The subscribed topics' names, shared by every record's key into the
     /// partition maps (no allocation per record).
@@ -601,7 +601,7 @@ impl Worker {
                 tp.clone(),
                 PartitionState {
                     pipeline: PartitionPipeline::new(self.decoder.clone(), self.window),
-                    idle: IdleClock::new(self.idle_timeout_ms),
+                    idle: IdleClock::new(self.idle),
                     skip,
                     replayed: Default::default(),
                     gap_checked: None,
@@ -829,11 +829,16 @@ impl Worker {
         only: Option<i32>,
     ) {
         for ((topic, partition), state) in self.partitions.iter_mut() {
+            // `>=`: tansu's cached high watermark can trail what was read
+            // after batched produce; being quiet is checked separately.
             if only.is_none_or(|p| p == *partition)
                 && state.pipeline.engine().open_sessions() > 0
-                && cached_high_watermark(consumer, topic, *partition) == Some(state.next_offset)
+                && (only.is_some()
+                    || cached_high_watermark(consumer, topic, *partition)
+                        .is_some_and(|high| state.next_offset >= high))
             {
-                state.idle.on_caught_up(now);
+                let newest = state.pipeline.engine().max_event_time();
+                state.idle.on_caught_up(now, newest);
             }
         }
     }

@@ -28,7 +28,7 @@ use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
-use crate::engine::{IdleClock, WindowConfig};
+use crate::engine::{IdleClock, IdlePolicy, WindowConfig};
 use crate::metrics::{self, FailingMark, PartitionGauges};
 use crate::model::{kept_payload, DeadLetterReason};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
@@ -45,7 +45,7 @@ pub struct Settings {
     pub dlq_maxlen: Option<u64>,
     pub decoder: Decoder,
     pub window: WindowConfig,
-    pub idle_timeout_ms: i64,
+    pub idle: IdlePolicy,
     pub format: OutputFormat,
     pub worker: String,
 }
@@ -162,7 +162,7 @@ impl ShardTask {
         ShardTask {
             pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window),
             gauges: PartitionGauges::new(&keys.stream),
-            idle: IdleClock::new(settings.idle_timeout_ms),
+            idle: IdleClock::new(settings.idle),
             keys,
             token,
             conn,
@@ -230,7 +230,7 @@ impl ShardTask {
             super::worker::create_group(&mut self.conn, &stream, &group)
         )?;
         self.pipeline.reset_engine();
-        self.idle = IdleClock::new(self.settings.idle_timeout_ms);
+        self.idle = IdleClock::new(self.settings.idle);
         self.unresolved.clear();
         self.unresolved_base = self.next_seq;
         self.outcomes.clear();
@@ -414,7 +414,8 @@ impl ShardTask {
                 self.process(entry, 1, false, now);
             }
             if caught_up {
-                self.idle.on_caught_up(now);
+                let newest = self.pipeline.engine().max_event_time();
+                self.idle.on_caught_up(now, newest);
             }
             if self.idle.is_idle(now) && self.pipeline.engine().open_sessions() > 0 {
                 let mut outcomes = std::mem::take(&mut self.outcomes);

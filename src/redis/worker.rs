@@ -76,7 +76,7 @@ pub async fn run(
         dlq_maxlen: section.dlq_maxlen,
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
         window: config.window_config(),
-        idle_timeout_ms: config.window.idle_timeout.0,
+        idle: config.idle_policy(),
         format: config.output_format(),
         worker: worker.clone(),
     });
