@@ -125,6 +125,12 @@ pub struct KafkaSection {
     /// how long a transaction stays open).
     #[serde(default = "default_commit_interval")]
     pub commit_interval: Millis,
+    /// How many bytes of turns and dead letters may wait for the broker's
+    /// acknowledgement: past it the worker pauses fetching every partition
+    /// until half of it is acknowledged, so an output that is down or slow
+    /// stops the input instead of filling memory.
+    #[serde(default = "default_max_in_flight_bytes", deserialize_with = "number")]
+    pub max_in_flight_bytes: u64,
     /// Passed to librdkafka verbatim, for consumer and producers alike: TLS
     /// (`security.protocol`, `ssl.ca.location`, …), SASL, timeouts.
     #[serde(default)]
@@ -133,6 +139,10 @@ pub struct KafkaSection {
 
 fn default_commit_interval() -> Millis {
     Millis(1_000)
+}
+
+fn default_max_in_flight_bytes() -> u64 {
+    64 << 20
 }
 
 /// Producer acknowledgements.
@@ -683,6 +693,12 @@ impl KafkaSection {
                 }
             }
         }
+        if self.max_in_flight_bytes == 0 {
+            return Err(ConfigError::new(
+                "kafka.max_in_flight_bytes",
+                "must be at least 1",
+            ));
+        }
         if self.commit_interval.0 <= 0 {
             return Err(ConfigError::new(
                 "kafka.commit_interval",
@@ -901,7 +917,12 @@ where
     D: Deserializer<'de>,
     T: Deserialize<'de> + std::str::FromStr,
 {
-    native_or_string(deserializer, "a non-negative integer")
+    // An out-of-range value must say so, not that it is no integer.
+    let what = match std::any::type_name::<T>() {
+        "u32" => "a non-negative integer up to 4294967295",
+        _ => "a non-negative integer",
+    };
+    native_or_string(deserializer, what)
 }
 
 /// A value in its TOML type, or as a string to parse (environment overrides
@@ -984,6 +1005,11 @@ mod tests {
                 "[window]\nmax_messages = -1\n",
                 "window.max_messages",
                 "non-negative integer",
+            ),
+            (
+                "[window]\nmax_messages = 99999999999\n",
+                "window.max_messages",
+                "up to 4294967295",
             ),
             (
                 "[window]\nmax_bytes = 100\n",

@@ -1,14 +1,34 @@
-//! A fault-injection hook for the crash tests, off unless set.
+//! Fault-injection hooks for the fault tests, off unless set. Never set them
+//! in production.
 //!
-//! `SESSIONIZER_FAULT_ABORT_ON=<bytes>` makes the worker abort (as a crash
-//! would: no unwinding, no cleanup) when a record's payload contains those
-//! bytes. The tests use it to prove that a record which kills the worker on
-//! every delivery ends in the DLQ after `max_deliveries` instead of looping.
-//! Never set it in production.
+//! - `SESSIONIZER_FAULT_ABORT_ON=<bytes>` makes the worker abort (as a crash
+//!   would: no unwinding, no cleanup) when a record's payload contains those
+//!   bytes. The tests use it to prove that a record which kills the worker on
+//!   every delivery ends in the DLQ after `max_deliveries` instead of looping.
+//! - `SESSIONIZER_FAULT_HOLD_OUTPUT=<path>` holds every Kafka output and
+//!   dead-letter send while that file exists, as a proxy holding the output's
+//!   writes would (the broker itself stays up for the input).
 
 use std::sync::OnceLock;
 
 pub const ENV: &str = "SESSIONIZER_FAULT_ABORT_ON";
+pub const HOLD_OUTPUT_ENV: &str = "SESSIONIZER_FAULT_HOLD_OUTPUT";
+
+/// Waits while the hold-output file exists (see the module doc); returns at
+/// once when the hook is off.
+pub async fn hold_output() {
+    static PATH: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let path = PATH.get_or_init(|| {
+        std::env::var_os(HOLD_OUTPUT_ENV)
+            .filter(|v| !v.is_empty())
+            .map(std::path::PathBuf::from)
+    });
+    if let Some(path) = path {
+        while path.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
 
 /// Aborts the process when the payload holds the marker bytes.
 pub fn abort_if_marked(payload: &[u8]) {

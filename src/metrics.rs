@@ -57,6 +57,12 @@ pub const COMMITS: &str = "sessionizer_commits_total";
 pub const OWNERSHIP_CHANGES: &str = "sessionizer_ownership_changes_total";
 /// Partitions or shards this worker owns now.
 pub const OWNED: &str = "sessionizer_owned_partitions";
+/// Bytes of turns and dead letters handed to the output and not yet
+/// acknowledged (Kafka; bounded by `kafka.max_in_flight_bytes`).
+pub const IN_FLIGHT_BYTES: &str = "sessionizer_output_in_flight_bytes";
+/// 1 while the worker has paused reading its input because too much output
+/// waits for acknowledgement, else 0.
+pub const INPUT_PAUSED: &str = "sessionizer_input_paused";
 /// Owned partitions or shards whose broker calls have failed without a
 /// success for [`FAILING_AFTER`] or longer (they make `/readyz` fail).
 pub const FAILING: &str = "sessionizer_failing_partitions";
@@ -181,6 +187,16 @@ impl PartitionGauges {
 
 pub fn commit(ok: bool) {
     counter!(COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+/// The gauge of [`IN_FLIGHT_BYTES`].
+pub fn in_flight_bytes() -> Gauge {
+    gauge!(IN_FLIGHT_BYTES)
+}
+
+/// Whether the input is paused for unacknowledged output ([`INPUT_PAUSED`]).
+pub fn input_paused(paused: bool) {
+    gauge!(INPUT_PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
 /// A Redis consumer group was recreated on `partition`.

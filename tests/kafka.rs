@@ -1005,3 +1005,62 @@ async fn a_backlog_produced_while_the_worker_reads_gives_the_turns_read_afterwar
     );
     assert_eq!(got, want_turns);
 }
+
+/// With the output's writes held (as by a proxy in front of the broker),
+/// turns cannot be delivered: the worker must stop reading once
+/// `max_in_flight_bytes` of output waits, instead of consuming on and filling
+/// memory (RSS grew linearly to ~1 GB before), and deliver everything once
+/// the output flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_output_pauses_the_input_within_the_bound() {
+    use sessionizer::metrics as m;
+    use support::{http_get, metric};
+    let broker = Broker::start();
+    let t = topics(&broker, "blocked", 2).await;
+    let records = workload(300, 1_500, 41);
+    let max = 16_384.0;
+    let (text, config, input) = load(&broker, &t, &records, "max_in_flight_bytes = 16384").await;
+    let (want_turns, _) = reference(&config, &input);
+    let port = support::free_port();
+    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    let hold = dir.path().join("hold-output");
+    std::fs::write(&hold, "").unwrap();
+    let _worker = Worker::start_with_env(
+        &text,
+        &[(sessionizer::fault::HOLD_OUTPUT_ENV, hold.to_str().unwrap())],
+    );
+    let scrape = || http_get(port, "/metrics").map(|(_, body)| body);
+    wait_for("the input to be paused", TIMEOUT, || {
+        scrape().filter(|body| metric(body, m::INPUT_PAUSED, &[]) == 1.0)
+    });
+    for _ in 0..20 {
+        let body = scrape().unwrap();
+        let in_flight = metric(&body, m::IN_FLIGHT_BYTES, &[]);
+        let consumed = metric(&body, m::RECORDS_CONSUMED, &[]);
+        // Within the bound plus what one record can add; all of the turns
+        // would be ~12 times the bound.
+        assert!(in_flight <= 4.0 * max, "{in_flight} bytes in flight");
+        assert!(
+            (consumed as usize) < records.len() / 2,
+            "{consumed} of {} records read with the output held",
+            records.len()
+        );
+        assert_eq!(metric(&body, m::INPUT_PAUSED, &[]), 1.0, "stays paused");
+    }
+
+    std::fs::remove_file(&hold).unwrap();
+    let want: BTreeSet<String> = want_turns.iter().flat_map(message_ids).collect();
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.iter()
+            .map(Read::json)
+            .flat_map(|t| message_ids(&t))
+            .collect::<BTreeSet<_>>()
+            == want
+    });
+    let turns: Vec<serde_json::Value> = turns.iter().map(Read::json).collect();
+    support::assert_complete_without_partial_duplicates(&want, &turns);
+    wait_for("the input to be resumed", TIMEOUT, || {
+        scrape().filter(|body| metric(body, m::INPUT_PAUSED, &[]) == 0.0)
+    });
+}
