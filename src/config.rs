@@ -131,6 +131,12 @@ pub struct KafkaSection {
     /// stops the input instead of filling memory.
     #[serde(default = "default_max_in_flight_bytes", deserialize_with = "number")]
     pub max_in_flight_bytes: u64,
+    /// A partition whose commit point has not advanced for this long while
+    /// records wait behind it counts as failing (`/readyz` answers 503). An
+    /// open session holds the commit point at its first record for up to
+    /// `window.max_duration` + `window.gap`, so it must be longer than that.
+    #[serde(default = "default_commit_stall")]
+    pub commit_stall: Millis,
     /// Passed to librdkafka verbatim, for consumer and producers alike: TLS
     /// (`security.protocol`, `ssl.ca.location`, …), SASL, timeouts.
     #[serde(default)]
@@ -139,6 +145,10 @@ pub struct KafkaSection {
 
 fn default_commit_interval() -> Millis {
     Millis(1_000)
+}
+
+fn default_commit_stall() -> Millis {
+    Millis(300_000)
 }
 
 fn default_max_in_flight_bytes() -> u64 {
@@ -547,6 +557,16 @@ impl Config {
                     ));
                 };
                 k.validate()?;
+                let held = w.max_duration.0.saturating_add(w.gap.0);
+                if k.commit_stall.0 <= held {
+                    return Err(ConfigError::new(
+                        "kafka.commit_stall",
+                        format!(
+                            "must be longer than window.max_duration + window.gap ({held} ms): \
+                             an open session holds the commit point that long"
+                        ),
+                    ));
+                }
             }
             SourceKind::Redis => {
                 let Some(r) = &self.redis else {
@@ -1129,6 +1149,16 @@ mod tests {
                 "[kafka.properties]\n\"enable.auto.commit\" = \"true\"\n",
                 "kafka.properties.enable.auto.commit",
                 "managed",
+            ),
+            (
+                "commit_stall = \"2m\"\n",
+                "kafka.commit_stall",
+                "max_duration + window.gap",
+            ),
+            (
+                "max_in_flight_bytes = 0\n",
+                "kafka.max_in_flight_bytes",
+                "at least 1",
             ),
         ];
         for (extra, key, reason) in cases {

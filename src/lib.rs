@@ -24,7 +24,8 @@
 //!   `/readyz`.
 //! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
 //!   source's dead letters.
-//! - [`fault`]: the crash-test hook (off unless its variable is set).
+//! - [`fault`]: the fault-test hooks (off unless their variables are set).
+//! - [`log_throttle`]: one log line per cause per interval, with counts.
 //! - [`shutdown`]: the signal future the workers stop on.
 //! - [`config`]: the typed TOML configuration with environment overrides.
 //! - [`wall_clock`]: the one place the wall clock is read.
@@ -40,6 +41,7 @@ pub mod engine;
 pub mod fault;
 pub mod file;
 pub mod kafka;
+pub mod log_throttle;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

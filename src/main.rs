@@ -374,10 +374,18 @@ fn run(command: Command) -> anyhow::Result<()> {
                 }
                 match config.source {
                     SourceKind::Kafka => {
-                        sessionizer::kafka::run(&config, sessionizer::shutdown::signal()).await?;
+                        sessionizer::kafka::run(
+                            &config,
+                            sessionizer::shutdown::signal_with_stop_bound(),
+                        )
+                        .await?;
                     }
                     SourceKind::Redis => {
-                        sessionizer::redis::run(&config, sessionizer::shutdown::signal()).await?;
+                        sessionizer::redis::run(
+                            &config,
+                            sessionizer::shutdown::signal_with_stop_bound(),
+                        )
+                        .await?;
                     }
                     SourceKind::File => {
                         let stats = tokio::task::spawn_blocking(move || {

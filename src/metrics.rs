@@ -66,6 +66,10 @@ pub const INPUT_PAUSED: &str = "sessionizer_input_paused";
 /// Owned partitions or shards whose broker calls have failed without a
 /// success for [`FAILING_AFTER`] or longer (they make `/readyz` fail).
 pub const FAILING: &str = "sessionizer_failing_partitions";
+/// Seconds a partition's commit point has not advanced while records wait
+/// behind it, by `partition` (Kafka; past `kafka.commit_stall` the partition
+/// counts in [`FAILING`]).
+pub const COMMIT_STALLED: &str = "sessionizer_commit_stalled_seconds";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -189,6 +193,11 @@ pub fn commit(ok: bool) {
     counter!(COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
 }
 
+/// The gauge of [`COMMIT_STALLED`] for one partition.
+pub fn commit_stalled(partition: &str) -> Gauge {
+    gauge!(COMMIT_STALLED, "partition" => partition.to_owned())
+}
+
 /// The gauge of [`IN_FLIGHT_BYTES`].
 pub fn in_flight_bytes() -> Gauge {
     gauge!(IN_FLIGHT_BYTES)
@@ -227,17 +236,33 @@ pub static READINESS: Readiness = Readiness {
 /// One owned partition's failing state for `/readyz`: failing once its calls
 /// have failed for [`FAILING_AFTER`] without a success in between; clears on
 /// the next success and when dropped (the partition left the worker).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FailingMark {
+    after_ms: i64,
     failing_since: Option<i64>,
     marked: bool,
 }
 
+impl Default for FailingMark {
+    fn default() -> Self {
+        FailingMark::after(FAILING_AFTER.as_millis() as i64)
+    }
+}
+
 impl FailingMark {
+    /// Failing once the failures span `after_ms`.
+    pub fn after(after_ms: i64) -> Self {
+        FailingMark {
+            after_ms,
+            failing_since: None,
+            marked: false,
+        }
+    }
+
     /// A call failed at `now_ms`.
     pub fn failed(&mut self, now_ms: i64) {
         let since = *self.failing_since.get_or_insert(now_ms);
-        if !self.marked && now_ms - since >= FAILING_AFTER.as_millis() as i64 {
+        if !self.marked && now_ms - since >= self.after_ms {
             self.marked = true;
             READINESS.failing.fetch_add(1, Ordering::Relaxed);
             gauge!(FAILING).increment(1.0);

@@ -1,5 +1,29 @@
 //! The shutdown signal the workers are handed (tests hand them their own
-//! future instead).
+//! future instead), and the bound on how long a stop may take.
+
+use std::time::Duration;
+
+/// How long a worker may take to stop once asked, whatever its broker does:
+/// the in-flight deliveries get most of it, the final commit and leaving the
+/// group the rest.
+pub const STOP_BOUND: Duration = Duration::from_secs(10);
+
+/// [`signal`], and once it fired, a watchdog: a process still running
+/// [`STOP_BOUND`] later (a frozen broker can hold a commit or the consumer's
+/// close for minutes) logs why and exits with status 1. What was not
+/// committed is replayed by the next owner, as after a crash.
+pub async fn signal_with_stop_bound() {
+    signal().await;
+    std::thread::spawn(|| {
+        std::thread::sleep(STOP_BOUND);
+        tracing::error!(
+            bound_s = STOP_BOUND.as_secs(),
+            "the graceful stop did not finish in time (broker unresponsive?); exiting now; \
+             what was not committed is replayed by the next owner"
+        );
+        std::process::exit(1);
+    });
+}
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.
 pub async fn signal() {

@@ -38,7 +38,8 @@ use super::offsets;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock, IdlePolicy};
-use crate::metrics::{self, PartitionGauges};
+use crate::log_throttle::LogThrottle;
+use crate::metrics::{self, FailingMark, PartitionGauges};
 use crate::model::kept_payload;
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
@@ -91,6 +92,49 @@ struct Tracked {
     start_offset: i64,
     /// What was last committed, to skip commits that change nothing.
     last_commit: Option<(i64, String)>,
+    /// Whether the commit point has stopped advancing with records
+    /// unresolved behind it (for `/readyz` and the gauge).
+    stall: CommitStall,
+}
+
+/// How long a partition's commit point has not advanced while records wait
+/// behind it: exported per partition, and past `kafka.commit_stall` the
+/// partition counts as failing for `/readyz` (a missing DLQ topic once froze
+/// commits with nothing in the metrics or `/readyz`).
+struct CommitStall {
+    since: Option<i64>,
+    mark: FailingMark,
+    gauge: ::metrics::Gauge,
+}
+
+impl CommitStall {
+    fn new(tp: &Tp, after_ms: i64) -> Self {
+        CommitStall {
+            since: None,
+            mark: FailingMark::after(after_ms),
+            gauge: metrics::commit_stalled(&format!("{}/{}", tp.0, tp.1)),
+        }
+    }
+
+    /// At a commit interval: whether the point advanced, and whether records
+    /// wait behind it.
+    fn observe(&mut self, advanced: bool, waiting: bool, now_ms: i64) {
+        if advanced || !waiting {
+            self.since = None;
+            self.mark.ok();
+            self.gauge.set(0.0);
+            return;
+        }
+        let since = *self.since.get_or_insert(now_ms);
+        self.mark.failed(now_ms);
+        self.gauge.set((now_ms - since) as f64 / 1000.0);
+    }
+}
+
+impl Drop for CommitStall {
+    fn drop(&mut self) {
+        self.gauge.set(0.0);
+    }
 }
 
 impl Tracked {
@@ -124,15 +168,19 @@ struct Shared {
 
 impl Shared {
     /// The commit points of `which` partitions (all when `None`) that changed
-    /// since the last commit; marks them committed.
+    /// since the last commit; marks them committed (see
+    /// [`Self::commit_failed`]) and updates each partition's [`CommitStall`].
     fn take_commit_points(&self, which: Option<&[Tp]>) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();
         let mut tracked = self.tracked.lock().expect("not poisoned");
+        let now = now_ms();
         for (tp, t) in tracked.iter_mut() {
             if which.is_some_and(|w| !w.contains(tp)) {
                 continue;
             }
             let point = t.commit_point();
+            let advanced = t.last_commit.as_ref().is_none_or(|last| last.0 != point.0);
+            t.stall.observe(advanced, t.tracker.in_flight() > 0, now);
             if t.last_commit.as_ref() == Some(&point) {
                 continue;
             }
@@ -144,6 +192,18 @@ impl Shared {
             t.last_commit = Some(point);
         }
         list
+    }
+
+    /// A commit of `offsets` failed: they are committed again at the next
+    /// interval, even if nothing changed meanwhile.
+    fn commit_failed(&self, offsets: &TopicPartitionList) {
+        let mut tracked = self.tracked.lock().expect("not poisoned");
+        for elem in offsets.elements() {
+            let tp = (Arc::from(elem.topic()), elem.partition());
+            if let Some(t) = tracked.get_mut(&tp) {
+                t.last_commit = None;
+            }
+        }
     }
 }
 
@@ -448,14 +508,17 @@ pub async fn run(
 ) -> Result<Stats, WorkerError> {
     let kafka = config.kafka.as_ref().ok_or(WorkerError::NoKafkaSection)?;
     let shared = Arc::new(Shared::default());
-    let consumer: StreamConsumer<WorkerContext> = consumer_config(kafka)
-        .create_with_context(WorkerContext {
-            shared: shared.clone(),
-        })
-        .map_err(|source| WorkerError::Client {
-            what: "consumer",
-            source,
-        })?;
+    // Shared with the thread that runs each periodic commit.
+    let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
+        consumer_config(kafka)
+            .create_with_context(WorkerContext {
+                shared: shared.clone(),
+            })
+            .map_err(|source| WorkerError::Client {
+                what: "consumer",
+                source,
+            })?,
+    );
     let worker = worker_id();
     let transactional_id = kafka.exactly_once.then(|| {
         kafka
@@ -532,6 +595,9 @@ pub async fn run(
         next_epoch: 0,
         deliveries: FuturesUnordered::new(),
         in_flight: InFlight::new(kafka.max_in_flight_bytes),
+        commits: FuturesUnordered::new(),
+        commit_stall_ms: kafka.commit_stall.0,
+        log_throttle: LogThrottle::default(),
         stats: Stats::default(),
         outcomes: Vec::new(),
     };
@@ -585,6 +651,10 @@ struct Worker {
     deliveries: FuturesUnordered<Delivery>,
     /// What `deliveries` holds, and whether reading is paused for it.
     in_flight: InFlight,
+    /// The periodic commit in progress (at most one).
+    commits: FuturesUnordered<tokio::task::JoinHandle<(TopicPartitionList, KafkaResult<()>)>>,
+    commit_stall_ms: i64,
+    log_throttle: LogThrottle,
     /// Counts of partitions no longer owned, plus totals at the end.
     stats: Stats,
     outcomes: Vec<Outcome>,
@@ -593,7 +663,7 @@ struct Worker {
 impl Worker {
     async fn run_loop(
         &mut self,
-        consumer: &StreamConsumer<WorkerContext>,
+        consumer: &Arc<StreamConsumer<WorkerContext>>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), WorkerError> {
         tokio::pin!(shutdown);
@@ -610,6 +680,9 @@ impl Worker {
                 Some((outgoing, result)) = self.deliveries.next(), if !self.deliveries.is_empty() => {
                     self.on_delivered(outgoing, result);
                 }
+                Some(done) = self.commits.next(), if !self.commits.is_empty() => {
+                    self.on_committed(done);
+                }
                 message = consumer.recv() => {
                     self.apply_rebalance_events();
                     if matches!(message, Ok(_) | Err(KafkaError::PartitionEOF(_))) {
@@ -624,7 +697,11 @@ impl Worker {
                             self.in_flight.pause_or_resume(consumer, &self.assigned);
                         }
                         Err(KafkaError::PartitionEOF(partition)) => self.mark_caught_up(consumer, now_ms(), Some(partition)),
-                        Err(e) => tracing::warn!(error = %e, "consumer error; librdkafka retries"),
+                        Err(e) => {
+                            if let Some(count) = self.log_throttle.occurred(&e.to_string(), now_ms()) {
+                                tracing::warn!(error = %e, count, "consumer error; librdkafka retries");
+                            }
+                        }
                     }
                 }
                 // Rebalance callbacks only run inside `recv`, so their events
@@ -715,6 +792,7 @@ impl Worker {
                     tracker: CompletionTracker::new(),
                     start_offset: m.offset(),
                     last_commit: None,
+                    stall: CommitStall::new(&tp, self.commit_stall_ms),
                 },
             );
         }
@@ -893,7 +971,10 @@ impl Worker {
             Err(e) => {
                 // Not durable: the offsets stay unresolved, so nothing past
                 // them is committed. Send again after a pause.
-                tracing::warn!(error = %e, topic = %outgoing.topic, "delivery failed; retrying");
+                let cause = format!("{}: {e}", outgoing.topic);
+                if let Some(count) = self.log_throttle.occurred(&cause, now_ms()) {
+                    tracing::warn!(error = %e, topic = %outgoing.topic, count, "delivery failed; retrying (count: failures of this kind since the last such line)");
+                }
                 let producer = self.producer_for(&outgoing);
                 self.deliveries
                     .push(send(producer, outgoing, Duration::from_millis(500)));
@@ -974,27 +1055,62 @@ impl Worker {
         }
     }
 
-    fn commit(&mut self, consumer: &StreamConsumer<WorkerContext>) -> Result<(), WorkerError> {
+    /// The periodic commit. Offsets are committed synchronously on a
+    /// blocking thread, one commit at a time, so its result is known and
+    /// counted (an asynchronous commit's result event never reached the
+    /// commit callback under the stream consumer) without blocking the loop.
+    fn commit(&mut self, consumer: &Arc<StreamConsumer<WorkerContext>>) -> Result<(), WorkerError> {
+        if !self.commits.is_empty() {
+            return Ok(()); // the previous one is still on its way
+        }
         let offsets = self.shared.take_commit_points(None);
         if self.kafka.exactly_once {
             let committed =
-                commit_transaction(&self.output_producer, consumer, &offsets, &self.in_txn);
+                commit_transaction(&self.output_producer, &**consumer, &offsets, &self.in_txn);
             metrics::commit(committed.is_ok());
             return committed;
         }
         if offsets.count() > 0 {
-            if let Err(e) = consumer.commit(&offsets, CommitMode::Async) {
-                metrics::commit(false);
-                tracing::warn!(error = %e, "offset commit failed; retried at the next interval");
-            }
+            let consumer = consumer.clone();
+            self.commits.push(tokio::task::spawn_blocking(move || {
+                let result = consumer.commit(&offsets, CommitMode::Sync);
+                (offsets, result)
+            }));
         }
         Ok(())
+    }
+
+    fn on_committed(
+        &mut self,
+        done: Result<(TopicPartitionList, KafkaResult<()>), tokio::task::JoinError>,
+    ) {
+        let (offsets, result) = match done {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::error!(error = %e, "the commit task failed");
+                metrics::commit(false);
+                return;
+            }
+        };
+        match result {
+            Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
+                metrics::commit(true)
+            }
+            Err(e) => {
+                metrics::commit(false);
+                self.shared.commit_failed(&offsets);
+                if let Some(count) = self.log_throttle.occurred(&e.to_string(), now_ms()) {
+                    tracing::warn!(error = %e, count, "offset commit failed; retried at the next interval");
+                }
+            }
+        }
     }
 
     /// Graceful stop: no more fetching; wait (bounded) for in-flight
     /// deliveries, commit what they resolved, leave the group.
     async fn shutdown(&mut self, consumer: &StreamConsumer<WorkerContext>) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        // Most of the stop bound; the commit and the close get the rest.
+        let deadline = tokio::time::Instant::now() + crate::shutdown::STOP_BOUND * 7 / 10;
         while !self.deliveries.is_empty() {
             match tokio::time::timeout_at(deadline, self.deliveries.next()).await {
                 Ok(Some((outgoing, Ok(())))) => self.on_delivered(outgoing, Ok(())),

@@ -29,6 +29,7 @@ use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
 use crate::engine::{IdleClock, IdlePolicy, WindowConfig};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::{self, FailingMark, PartitionGauges};
 use crate::model::{kept_payload, DeadLetterReason};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
@@ -108,6 +109,7 @@ pub struct ShardTask {
     write_failed: bool,
     /// For `/readyz`: whether the shard's calls keep failing.
     failing: FailingMark,
+    log_throttle: LogThrottle,
 }
 
 impl std::fmt::Debug for ShardTask {
@@ -174,6 +176,7 @@ impl ShardTask {
             steps: VecDeque::new(),
             write_failed: false,
             failing: FailingMark::default(),
+            log_throttle: LogThrottle::default(),
             last_seen: "0".to_owned(),
             reread_pending: false,
         }
@@ -886,7 +889,9 @@ impl ShardTask {
             tracing::debug!(shard = %self.keys.stream, error = %error, "trying again");
             return Ok(());
         }
-        tracing::warn!(shard = %self.keys.stream, error = %error, "Redis call failed; retrying");
+        if let Some(count) = self.log_throttle.occurred(&error.to_string(), now_ms()) {
+            tracing::warn!(shard = %self.keys.stream, error = %error, count, "Redis call failed; retrying (count: failures of this kind since the last such line)");
+        }
         self.reread_pending = true;
         tokio::select! {
             _ = stop.changed() => return Err(Failure::Stopped),

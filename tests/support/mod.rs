@@ -289,6 +289,11 @@ impl Broker {
         }
     }
 
+    /// Sends the broker process a signal by name (`STOP` freezes it).
+    pub fn signal(&self, name: &str) {
+        signal(self.child.as_ref().expect("running").id(), name);
+    }
+
     pub fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", self.bootstrap());
