@@ -84,7 +84,7 @@ pub struct PipelineMetrics {
     events: [Counter; 3],
     turns: [Counter; 5],
     late_turns: Counter,
-    dead_letters: [Counter; 6],
+    dead_letters: [Counter; 7],
     dropped: [Counter; 3],
     turn_messages: Histogram,
 }
@@ -191,6 +191,12 @@ impl PartitionGauges {
 
 pub fn commit(ok: bool) {
     counter!(COMMITS, "result" => if ok { "ok" } else { "failed" }).increment(1);
+}
+
+/// A dead letter made outside a pipeline (the messages of an undeliverable
+/// turn).
+pub fn dead_letter(reason: DeadLetterReason) {
+    counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
 }
 
 /// The gauge of [`COMMIT_STALLED`] for one partition.

@@ -1150,3 +1150,72 @@ async fn a_stalled_commit_makes_the_worker_unready() {
         (metric(&body, m::COMMITS, &[("result", "ok")]) >= 1.0).then_some(())
     });
 }
+
+/// A turn larger than the producer accepts (`message.max.bytes`, here 20,000)
+/// was retried every 500 ms forever, freezing the partition's commits. Each
+/// of its messages now becomes a dead letter (reason `undeliverable`, the
+/// message as a ChatEvent) and the commits go on: every message ends in a
+/// turn or a dead letter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_the_broker_refuses_for_good_becomes_dead_letters() {
+    let broker = Broker::start();
+    let t = topics(&broker, "toobig", 2).await;
+    let attributes = "a".repeat(5_000);
+    // Each user: a burst of five 5 kB messages (a ~26 kB turn), then one
+    // alone a minute later; produced in event-time order.
+    let mut events = Vec::new();
+    for user in 0..4i64 {
+        for (i, at) in [0, 100, 200, 300, 400, 60_000].into_iter().enumerate() {
+            events.push((1_700_000_000_000i64 + user * 1_000 + at, user, i));
+        }
+    }
+    events.sort();
+    let records: Vec<(Vec<u8>, Vec<u8>)> = events
+        .into_iter()
+        .map(|(time, user, i)| {
+            let payload = format!(
+                r#"{{"message_id":"u{user}-m{i}","user_id":"u{user}","text":"hi {i}","event_time":{time},"attributes":{{"blob":"{attributes}"}}}}"#
+            );
+            (format!("u{user}").into_bytes(), payload.into_bytes())
+        })
+        .collect();
+    let want: BTreeSet<String> = (0..4)
+        .flat_map(|u| (0..6).map(move |i| format!("u{u}-m{i}")))
+        .collect();
+    let (text, _, input) = load(&broker, &t, &records, "").await;
+    assert_eq!(input.len(), records.len());
+    let text = text.replace(
+        "[kafka.properties]\n",
+        "[kafka.properties]\n\"message.max.bytes\" = \"20000\"\n",
+    );
+    let _worker = Worker::start(&text);
+    let dead = read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        r.len() >= 20
+    });
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= 4
+    });
+    let mut seen = BTreeSet::new();
+    for r in &turns {
+        for id in message_ids(&r.json()) {
+            assert!(seen.insert(id.clone()), "{id} twice");
+        }
+    }
+    for r in &dead {
+        assert_eq!(r.header("sessionizer.dlq.reason"), Some("undeliverable"));
+        let event = r.json();
+        let id = event["message_id"].as_str().unwrap().to_owned();
+        assert_eq!(event["attributes"]["blob"], attributes, "the whole message");
+        assert!(seen.insert(id.clone()), "{id} twice");
+    }
+    assert_eq!(seen, want, "every message in a turn or a dead letter");
+    wait_for("the commits to reach the end", TIMEOUT, || {
+        let ends = committed(broker.client_config(), &t.group, &t.input, 2);
+        (0..2)
+            .all(|p| {
+                let records = input.iter().filter(|r| r.partition == p).count() as i64;
+                records == 0 || ends[p as usize] == records
+            })
+            .then_some(())
+    });
+}

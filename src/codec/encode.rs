@@ -117,6 +117,62 @@ fn to_proto(turn: &Turn<'_>) -> proto::Turn {
     }
 }
 
+/// The messages of an encoded turn as JSON ChatEvents (`message_id`,
+/// `user_id`, `conversation_id`, `text`, `event_time`, `attributes`), with
+/// the turn's id: what a worker dead-letters when the broker refuses the turn
+/// for good, so every message still ends in a dead letter that `dlq replay`
+/// can send back. `None` if the bytes are not a turn of this format.
+pub fn turn_as_events(bytes: &[u8], format: OutputFormat) -> Option<(String, Vec<Vec<u8>>)> {
+    let turn: Turn<'static> = match format {
+        OutputFormat::Json => serde_json::from_slice(bytes).ok()?,
+        OutputFormat::Protobuf => {
+            let t = proto::Turn::decode(bytes).ok()?;
+            Turn {
+                turn_id: t.turn_id,
+                user_id: Cow::Owned(t.user_id),
+                conversation_id: t.conversation_id.map(Cow::Owned),
+                start_time: t.start_time,
+                end_time: t.end_time,
+                closed_by: ClosedBy::Gap,
+                late: t.late,
+                message_count: t.message_count,
+                text: t.text,
+                messages: t
+                    .messages
+                    .into_iter()
+                    .map(|m| TurnMessage {
+                        message_id: Cow::Owned(m.message_id),
+                        event_time: m.event_time,
+                        text: Cow::Owned(m.text),
+                        attributes: (!m.attributes.is_empty())
+                            .then(|| Cow::Owned(m.attributes.into_iter().collect())),
+                    })
+                    .collect(),
+            }
+        }
+    };
+    let events = turn
+        .messages
+        .iter()
+        .map(|m| {
+            let mut event = serde_json::json!({
+                "message_id": m.message_id,
+                "user_id": turn.user_id,
+                "text": m.text,
+                "event_time": m.event_time,
+            });
+            if let Some(c) = &turn.conversation_id {
+                event["conversation_id"] = serde_json::json!(c);
+            }
+            if let Some(a) = &m.attributes {
+                event["attributes"] = serde_json::json!(a);
+            }
+            serde_json::to_vec(&event).expect("a JSON value serializes")
+        })
+        .collect();
+    Some((turn.turn_id, events))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,6 +223,38 @@ mod tests {
         assert_eq!((turn.start_time, turn.end_time), (1000, 2000));
         assert_eq!(turn.closed_by, ClosedBy::Gap);
         assert_eq!(turn.messages[0].message_id, "a");
+    }
+
+    #[test]
+    fn a_turn_becomes_its_messages_as_valid_events_in_either_format() {
+        let session = closed();
+        let decoder = crate::codec::Decoder::new(
+            crate::codec::InputFormat::Json,
+            crate::codec::DecodeLimits {
+                max_record_bytes: 1 << 20,
+                max_text_bytes: 1024,
+                max_future_skew_ms: 0,
+            },
+        );
+        for format in [OutputFormat::Json, OutputFormat::Protobuf] {
+            let mut buf = Vec::new();
+            encode_turn(&session, format, &mut buf);
+            let (id, events) = turn_as_events(&buf, format).unwrap();
+            assert_eq!(id, session_turn_id(&session));
+            let decoded: Vec<_> = events
+                .iter()
+                .map(|e| decoder.decode(e, i64::MAX / 2).unwrap())
+                .map(|e| (e.message_id.into_owned(), e.text.into_owned(), e.event_time))
+                .collect();
+            assert_eq!(
+                decoded,
+                [
+                    ("a".to_owned(), "hello".to_owned(), 1000),
+                    ("b".to_owned(), "world".to_owned(), 2000)
+                ]
+            );
+        }
+        assert_eq!(turn_as_events(b"not a turn", OutputFormat::Json), None);
     }
 
     #[test]

@@ -11,5 +11,6 @@ pub mod proto;
 
 pub use decode::{DecodeLimits, Decoder, InputFormat, Poison};
 pub use encode::{
-    encode_turn, encode_turn_with_id, session_turn_id, turn_from_session, OutputFormat,
+    encode_turn, encode_turn_with_id, session_turn_id, turn_as_events, turn_from_session,
+    OutputFormat,
 };

@@ -36,7 +36,8 @@ pub struct WindowConfig {
     /// Caps, checked when an event would join a session.
     pub max_duration_ms: i64,
     pub max_messages: u32,
-    /// Sum of the message texts' lengths in bytes.
+    /// Sum of the messages' sizes in bytes: text plus attribute keys and
+    /// values (see [`message_bytes`]), so a turn's size stays bounded.
     pub max_bytes: u32,
     pub late: LatePolicy,
 }
@@ -433,7 +434,7 @@ impl SessionEngine {
         let (mut messages, mut bytes) = (0u64, 0u64);
         if event.kind == EventKind::Message {
             messages = 1;
-            bytes = event.text.len() as u64;
+            bytes = u64::from(message_bytes(&event.text, event.attributes.as_deref()));
         }
         for &slot in reached {
             let s = self.session(slot);
@@ -476,7 +477,7 @@ impl SessionEngine {
         s.last = s.last.max(entry.time);
         if entry.is_message {
             s.message_count += 1;
-            s.bytes += (entry.id_text.len() - entry.id_len as usize) as u32;
+            s.bytes = s.bytes.saturating_add(entry.bytes());
         }
         s.entries.push(entry);
     }
@@ -502,11 +503,7 @@ impl SessionEngine {
         key.push_str(event.conversation_id.as_deref().unwrap_or(""));
         let user_len = event.user_id.len() as u32;
         let entry = make_entry(event, seq);
-        let (message_count, bytes) = if entry.is_message {
-            (1, (entry.id_text.len() - entry.id_len as usize) as u32)
-        } else {
-            (0, 0)
-        };
+        let (message_count, bytes) = (u32::from(entry.is_message), entry.bytes());
         let mut entries = SmallVec::new();
         entries.push(entry);
         let session = Session {
@@ -664,6 +661,29 @@ impl SessionEngine {
             .session
             .as_mut()
             .expect("slot holds an open session")
+    }
+}
+
+/// What a message counts toward `max_bytes`: its text and its attributes'
+/// keys and values. Attributes count because they go into the turn too: two
+/// messages with 600 kB of attributes each made a turn no producer accepted.
+pub fn message_bytes(text: &str, attributes: Option<&Attributes>) -> u32 {
+    let attributes: usize =
+        attributes.map_or(0, |a| a.iter().map(|(k, v)| k.len() + v.len()).sum());
+    u32::try_from(text.len() + attributes).unwrap_or(u32::MAX)
+}
+
+impl Entry {
+    /// What the entry counts toward `max_bytes` (0 for typing and end of turn).
+    fn bytes(&self) -> u32 {
+        if self.is_message {
+            message_bytes(
+                &self.id_text[self.id_len as usize..],
+                self.attributes.as_deref(),
+            )
+        } else {
+            0
+        }
     }
 }
 

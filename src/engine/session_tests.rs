@@ -266,6 +266,23 @@ fn caps_close_the_session_and_the_event_opens_the_next() {
         vec![(ids(&["a", "b"]), ClosedBy::MaxBytes, false)]
     );
 
+    // Attributes count toward max_bytes: they go into the turn too.
+    let mut h = Harness::new(WindowConfig {
+        max_bytes: 40,
+        ..config()
+    });
+    let with_attributes = |id: &str, t: i64| {
+        let mut e = msg(id, "u", t);
+        e.attributes = Some(Box::new(
+            [("k".to_owned(), "v".repeat(20))].into_iter().collect(),
+        ));
+        e
+    };
+    // 9 bytes of text + 21 of attributes = 30 each: two would be 60.
+    h.feed(with_attributes("a", 1_000))
+        .feed(with_attributes("b", 1_100));
+    assert_eq!(h.turns(), vec![(ids(&["a"]), ClosedBy::MaxBytes, false)]);
+
     let mut h = Harness::new(WindowConfig {
         max_duration_ms: 5_000,
         ..config()

@@ -31,6 +31,46 @@ pub struct Provenance<'a> {
     pub truncated: Option<&'a Truncated>,
 }
 
+/// The headers of a dead letter made from an emitted turn's message (the
+/// turn was refused for good): the provenance, with the offset of the turn's
+/// first record.
+pub fn turn_headers(
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    provenance: &Provenance<'_>,
+) -> OwnedHeaders {
+    let mut out = OwnedHeaders::new_with_capacity(8);
+    let (partition, offset) = (partition.to_string(), offset.to_string());
+    for (key, value) in [
+        (REASON, provenance.reason.as_str()),
+        (ERROR, provenance.error),
+        (SOURCE_TOPIC, topic),
+        (SOURCE_PARTITION, &partition),
+        (SOURCE_OFFSET, &offset),
+        (FAILED_AT, provenance.failed_at),
+        (WORKER, provenance.worker),
+    ] {
+        out = out.insert(Header {
+            key,
+            value: Some(value),
+        });
+    }
+    if let Some(t) = provenance.truncated {
+        let bytes = t.original_bytes.to_string();
+        out = out
+            .insert(Header {
+                key: TRUNCATED_BYTES,
+                value: Some(&bytes),
+            })
+            .insert(Header {
+                key: TRUNCATED_SHA256,
+                value: Some(&t.original_sha256),
+            });
+    }
+    out
+}
+
 /// The headers of a dead letter for `message`: its own headers first, in
 /// order, then the provenance.
 pub fn headers(message: &BorrowedMessage<'_>, provenance: &Provenance<'_>) -> OwnedHeaders {

@@ -35,12 +35,13 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::client::{consumer_config, producer_config};
 use super::dead_letter::{self, Provenance};
 use super::offsets;
+use crate::codec::turn_as_events;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock, IdlePolicy};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{self, FailingMark, PartitionGauges};
-use crate::model::kept_payload;
+use crate::model::{kept_payload, DeadLetterReason};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
@@ -378,6 +379,9 @@ struct Outgoing {
     payload: Vec<u8>,
     headers: OwnedHeaders,
     dead_letter: bool,
+    /// Several records that resolve the same `seqs` together (the dead
+    /// letters of an undeliverable turn): how many are not yet durable.
+    group: Option<Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl Outgoing {
@@ -606,8 +610,24 @@ pub async fn run(
     result.map(|()| w.stats)
 }
 
-/// Room a dead letter's headers and key may take beside its value.
-const DEAD_LETTER_HEADROOM: usize = 64 << 10;
+/// Room a dead letter's headers and key may take beside its value: 64 KiB,
+/// or a quarter of a small producer limit.
+fn dead_letter_headroom(producer_limit: usize) -> usize {
+    (64 << 10).min(producer_limit / 4)
+}
+
+/// Whether a send error is about the record itself, so retrying cannot help.
+fn is_permanent(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+        )
+    )
+}
 
 /// The largest value a dead letter keeps whole: `input.max_record_bytes`, and
 /// below what the producer accepts (`message.max.bytes`, 1,000,000 unless set
@@ -624,7 +644,7 @@ fn max_dead_letter_bytes(config: &Config) -> usize {
     config
         .input
         .max_record_bytes
-        .min(producer_limit.saturating_sub(DEAD_LETTER_HEADROOM))
+        .min(producer_limit - dead_letter_headroom(producer_limit))
 }
 
 struct Worker {
@@ -906,6 +926,7 @@ impl Worker {
                         payload,
                         headers,
                         dead_letter: false,
+                        group: None,
                     });
                 }
                 Outcome::DeadLetter { seq, reason, error } => {
@@ -932,6 +953,7 @@ impl Worker {
                         payload: payload.to_vec(),
                         headers,
                         dead_letter: true,
+                        group: None,
                     });
                 }
                 Outcome::Dropped { seq, held_by, .. } => self.resolve(tp, epoch, &[seq], held_by),
@@ -964,9 +986,16 @@ impl Worker {
         match result {
             Ok(()) => {
                 self.in_flight.remove(outgoing.size());
-                if !self.kafka.exactly_once {
+                let last_of_group = outgoing.group.as_ref().is_none_or(|remaining| {
+                    remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1
+                });
+                if !self.kafka.exactly_once && last_of_group {
                     self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
                 }
+            }
+            Err(e) if is_permanent(&e) => {
+                self.in_flight.remove(outgoing.size());
+                self.undeliverable(outgoing, e);
             }
             Err(e) => {
                 // Not durable: the offsets stay unresolved, so nothing past
@@ -980,6 +1009,70 @@ impl Worker {
                     .push(send(producer, outgoing, Duration::from_millis(500)));
             }
         }
+    }
+
+    /// The broker refused a record for good (retrying would loop forever and
+    /// freeze the partition's commits). A turn becomes one dead letter per
+    /// message, each the message as a ChatEvent (reason `undeliverable`),
+    /// resolving the turn's records once all are durable. A refused dead
+    /// letter (bounded by [`max_dead_letter_bytes`], so only enormous
+    /// original headers can do that) is logged with its position and given
+    /// up: the record itself stays in the input topic.
+    fn undeliverable(&mut self, outgoing: Outgoing, error: KafkaError) {
+        let events = (!outgoing.dead_letter)
+            .then(|| turn_as_events(&outgoing.payload, self.format))
+            .flatten();
+        let Some((turn_id, events)) = events else {
+            tracing::error!(error = %error, topic = %outgoing.topic, source_topic = %outgoing.tp.0, source_partition = outgoing.tp.1, first_offset = ?self.first_offset(&outgoing), "a dead letter was refused by the broker for good; giving it up (the record stays in the input topic)");
+            self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
+            return;
+        };
+        let offset = self.first_offset(&outgoing).unwrap_or(-1);
+        let failed_at = rfc3339_ms(now_ms());
+        let message = format!(
+            "the turn {turn_id} ({} bytes) was refused by the broker for good ({error}); \
+             each of its {} messages is dead-lettered as an event",
+            outgoing.payload.len(),
+            events.len()
+        );
+        tracing::warn!(turn_id = %turn_id, error = %error, messages = events.len(), "a turn was refused for good; dead-lettering its messages");
+        let remaining = Arc::new(std::sync::atomic::AtomicUsize::new(events.len()));
+        for event in events {
+            let (payload, truncated) = kept_payload(&event, self.max_dead_letter_bytes);
+            let headers = dead_letter::turn_headers(
+                &outgoing.tp.0,
+                outgoing.tp.1,
+                offset,
+                &Provenance {
+                    reason: DeadLetterReason::Undeliverable,
+                    error: &message,
+                    failed_at: &failed_at,
+                    worker: &self.worker,
+                    truncated: truncated.as_ref(),
+                },
+            );
+            metrics::dead_letter(DeadLetterReason::Undeliverable);
+            self.enqueue(Outgoing {
+                tp: outgoing.tp.clone(),
+                epoch: outgoing.epoch,
+                seqs: outgoing.seqs.clone(),
+                topic: self.dlq_topic.clone(),
+                key: outgoing.key.clone(),
+                payload: payload.to_vec(),
+                headers,
+                dead_letter: true,
+                group: Some(remaining.clone()),
+            });
+        }
+    }
+
+    /// The input offset of an outgoing record's first source record.
+    fn first_offset(&self, outgoing: &Outgoing) -> Option<i64> {
+        let tracked = self.shared.tracked.lock().expect("not poisoned");
+        let t = tracked
+            .get(&outgoing.tp)
+            .filter(|t| t.epoch == outgoing.epoch)?;
+        t.tracker.position(*outgoing.seqs.iter().min()?)
     }
 
     /// Resolves one outcome's records; `held_by` is a duplicate's original

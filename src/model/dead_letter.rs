@@ -16,16 +16,21 @@ pub enum DeadLetterReason {
     MaxDeliveries,
     /// Processing the record panicked; the worker went on.
     Panic,
+    /// The broker refused its outcome for good (a turn larger than the
+    /// producer accepts): each message of the turn is dead-lettered as an
+    /// event, instead of being retried forever.
+    Undeliverable,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 6] = [
+    pub const ALL: [DeadLetterReason; 7] = [
         DeadLetterReason::Decode,
         DeadLetterReason::Invalid,
         DeadLetterReason::Oversize,
         DeadLetterReason::Late,
         DeadLetterReason::MaxDeliveries,
         DeadLetterReason::Panic,
+        DeadLetterReason::Undeliverable,
     ];
 
     /// Its place in [`DeadLetterReason::ALL`] (declaration order), for per-kind counters.
@@ -41,6 +46,7 @@ impl DeadLetterReason {
             DeadLetterReason::Late => "late",
             DeadLetterReason::MaxDeliveries => "max_deliveries",
             DeadLetterReason::Panic => "panic",
+            DeadLetterReason::Undeliverable => "undeliverable",
         }
     }
 }
