@@ -22,6 +22,18 @@ fn bin() -> Command {
     cmd
 }
 
+/// `run` with `examples/file.toml` on these files.
+fn run_example(input: &Path, output: &Path, dlq: &Path) -> Output {
+    bin()
+        .args(["run", "--config"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/file.toml"))
+        .env("SESSIONIZER__FILE__INPUT", input)
+        .env("SESSIONIZER__FILE__OUTPUT", output)
+        .env("SESSIONIZER__FILE__DLQ", dlq)
+        .output()
+        .unwrap()
+}
+
 fn golden_dir(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
@@ -593,14 +605,7 @@ fn aliased_paths_are_refused_and_nothing_is_truncated() {
         ),
     ] {
         std::fs::create_dir_all(dir.join("x")).unwrap();
-        let out = bin()
-            .args(["run", "--config"])
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/file.toml"))
-            .env("SESSIONIZER__FILE__INPUT", &input)
-            .env("SESSIONIZER__FILE__OUTPUT", &output)
-            .env("SESSIONIZER__FILE__DLQ", &dlq)
-            .output()
-            .unwrap();
+        let out = run_example(&input, output.as_ref(), dlq.as_ref());
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{output} {dlq}: {stderr}");
         assert!(
@@ -631,14 +636,7 @@ fn a_line_over_the_size_bound_is_dead_lettered_truncated() {
     );
     std::fs::write(&input, &bytes).unwrap();
     let (turns_path, dlq_path) = (tmp.path().join("t.jsonl"), tmp.path().join("d.jsonl"));
-    let out = bin()
-        .args(["run", "--config"])
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/file.toml"))
-        .env("SESSIONIZER__FILE__INPUT", &input)
-        .env("SESSIONIZER__FILE__OUTPUT", &turns_path)
-        .env("SESSIONIZER__FILE__DLQ", &dlq_path)
-        .output()
-        .unwrap();
+    let out = run_example(&input, &turns_path, &dlq_path);
     assert!(
         out.status.success(),
         "{}",
