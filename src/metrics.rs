@@ -181,6 +181,12 @@ impl PartitionGauges {
         self.consumer_lag.set(records as f64);
     }
 
+    /// The broker cannot say (Redis after a restart): NaN, which no alert
+    /// threshold matches, rather than a stale number.
+    pub fn consumer_lag_unknown(&self) {
+        self.consumer_lag.set(f64::NAN);
+    }
+
     /// The partition left this worker: its series read zero, not a stale value.
     pub fn clear(&self) {
         self.open_sessions.set(0.0);

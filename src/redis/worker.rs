@@ -248,13 +248,16 @@ impl Coordinator {
                 .arg(stream)
                 .query_async(&mut conn)
                 .await?;
-            let lag = groups
-                .groups
-                .iter()
-                .find(|g| g.name == self.section.group)
-                .and_then(|g| g.lag);
-            if let Some(lag) = lag {
-                PartitionGauges::new(stream).consumer_lag(lag as u64);
+            let Some(group) = groups.groups.iter().find(|g| g.name == self.section.group) else {
+                continue;
+            };
+            // Redis 7.0 forgets a group's `entries-read` across a restart;
+            // until the group reads to the stream's end its lag is nil
+            // ("unknown"), never a number to keep showing from before.
+            let gauges = PartitionGauges::new(stream);
+            match group.lag {
+                Some(lag) => gauges.consumer_lag(lag as u64),
+                None => gauges.consumer_lag_unknown(),
             }
         }
         Ok(())
