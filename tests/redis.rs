@@ -1384,3 +1384,28 @@ fn a_backlog_written_while_the_worker_reads_gives_the_turns_read_afterwards() {
     assert_eq!(late, 0, "nothing judged late");
     assert_eq!(sorted(got), want_turns);
 }
+
+/// A graceful stop mid-stream writes what it closed and acks what it wrote:
+/// the worker that takes over re-emits no turn. (Acks ride one step behind
+/// the writes they confirm, so without a flush at stop the last written
+/// turns would come again.)
+#[test]
+fn a_graceful_stop_mid_stream_leaves_nothing_to_re_emit() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "graceful", 4, "", "");
+    produce(&mut conn, &setup, &workload(300, 20_000, 12));
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let want = message_ids(&want_turns);
+    let output = setup.section().output_stream.clone();
+    let mut first = Worker::start(&setup.config_text);
+    wait_for("some turns", TIMEOUT, || {
+        let n: usize = conn.xlen(&output).unwrap();
+        (n >= 500).then_some(())
+    });
+    assert!(first.terminate().success());
+    let _second = Worker::start(&setup.config_text);
+    let got = wait_until_done(&mut conn, &setup, &want);
+    let re_emitted = support::assert_complete_without_partial_duplicates(&want, &got);
+    assert_eq!(re_emitted, 0, "a graceful stop re-emits nothing");
+}

@@ -81,6 +81,9 @@ macro_rules! retry {
 /// long (an idle advance can close many sessions at once).
 const ACKS_PER_EMIT: usize = 1_000;
 
+/// How long a stopping shard may spend writing what it holds.
+const FLUSH_ON_STOP: Duration = Duration::from_secs(2);
+
 /// How long to wait before retrying after a connection error.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 
@@ -205,10 +208,29 @@ impl ShardTask {
                 tracing::warn!(shard = %self.keys.stream, "lease lost: another worker owns the shard; stopping it here");
                 ShardExit::Fenced
             }
-            Failure::Stopped | Failure::GroupLost => ShardExit::Stopped,
+            Failure::Stopped | Failure::GroupLost => {
+                self.flush_on_stop(&mut stop).await;
+                ShardExit::Stopped
+            }
         };
         self.gauges.clear();
         (exit, self.pipeline.stats().clone())
+    }
+
+    /// Asked to stop: writes what is closed and acks what is written, so a
+    /// graceful stop (a rolling restart, a rebalance) re-emits no turn. At
+    /// most [`FLUSH_ON_STOP`], and nothing more after an error: what is not
+    /// acked then is replayed by the next owner, as after a crash.
+    async fn flush_on_stop(&mut self, stop: &mut watch::Receiver<bool>) {
+        if self.steps.is_empty() {
+            return;
+        }
+        if tokio::time::timeout(FLUSH_ON_STOP, self.emit(stop))
+            .await
+            .is_err()
+        {
+            tracing::warn!(shard = %self.keys.stream, "writing at stop took too long; the rest is replayed by the next owner");
+        }
     }
 
     /// The consumer group vanished (`FLUSHALL`, a restart without

@@ -634,11 +634,12 @@ pub fn message_ids(turn: &serde_json::Value) -> Vec<String> {
 
 /// Nothing lost, and duplicates only as re-emissions of the same turn: every
 /// wanted message is in a turn, a `turn_id` seen twice carries the same
-/// messages, and no message is in two different turns.
+/// messages, and no message is in two different turns. Returns how many
+/// turns were re-emitted.
 pub fn assert_complete_without_partial_duplicates(
     want: &std::collections::BTreeSet<String>,
     turns: &[serde_json::Value],
-) {
+) -> usize {
     let mut by_turn: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut duplicates = 0;
     for json in turns {
@@ -668,6 +669,7 @@ pub fn assert_complete_without_partial_duplicates(
     let seen: std::collections::BTreeSet<String> = owner.keys().map(|k| k.to_string()).collect();
     assert_eq!(&seen, want, "every wanted message in exactly one turn");
     eprintln!("{} turns, {duplicates} re-emitted", by_turn.len());
+    duplicates
 }
 
 /// What a worker must produce from one partition's (or shard's) records, in
