@@ -691,3 +691,27 @@ fn a_line_over_the_size_bound_is_dead_lettered_truncated() {
     assert!(stderr.contains("1 skipped as truncated"), "{stderr}");
     assert!(stdout.contains("keeps only the first 65536"), "{stdout}");
 }
+
+/// `/dev/null` (as the benchmarks use it) is not a file to protect or
+/// truncate: it takes the output or the dead letters.
+#[test]
+fn dev_null_takes_the_output_and_the_dead_letters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"message_id\":\"m1\",\"user_id\":\"u\",\"text\":\"hi\",\"event_time\":1700000000000}\nnot json\n",
+    )
+    .unwrap();
+    let null = Path::new("/dev/null");
+    let file = tmp.path().join("f.jsonl");
+    for (output, dlq) in [(null, file.as_path()), (file.as_path(), null)] {
+        let out = run_example(&input, output, dlq);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(std::fs::read_to_string(&file).unwrap().lines().count(), 1);
+    }
+}

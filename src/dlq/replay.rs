@@ -261,11 +261,14 @@ async fn transform(
             other => other,
         }
     });
+    // Writing its input is inside the timeout too: a background child can
+    // hold the pipe open after the shell exits.
     let run = async {
         let mut bytes = Vec::new();
         let read = stdout.read_to_end(&mut bytes).await;
         let status = child.wait().await;
-        (read, status, bytes)
+        let written = writer.await;
+        (read, status, written, bytes)
     };
     let kill = || {
         // Already gone is fine; anything else leaves a process behind: say so.
@@ -280,10 +283,11 @@ async fn transform(
         () = tokio::time::sleep(timeout) => Err(None),
         () = stop.as_mut() => Err(Some(Transformed::Interrupted)),
     };
-    let (read, status, mut bytes) = match ended {
+    // Whatever it started in the background goes with it.
+    kill();
+    let (read, status, written, mut bytes) = match ended {
         Ok(done) => done,
         Err(interrupted) => {
-            kill();
             // Reap the shell; what it started died with the group.
             let _ = child.wait().await;
             return interrupted.ok_or_else(|| {
@@ -296,9 +300,7 @@ async fn transform(
     };
     read.context("reading the transform's output")?;
     let status = status.context("waiting for the transform")?;
-    writer
-        .await?
-        .context("writing the payload to the transform")?;
+    written?.context("writing the payload to the transform")?;
     anyhow::ensure!(status.success(), "the transform exited with {status}");
     // Commands like `jq -c` end their output with one newline: drop that one.
     if bytes.last() == Some(&b'\n') {

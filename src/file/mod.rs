@@ -161,6 +161,9 @@ fn open_sinks(
         ("file.dlq", &file.dlq, Box::new(io::stderr())),
     ] {
         let (sink, handle) = Sink::open(key, path, dash)?;
+        // Only regular files can be destroyed (or truncated): `/dev/null`, a
+        // pipe or `/dev/stdout` are written as they are.
+        let handle = handle.filter(|h| h.metadata().is_ok_and(|m| m.is_file()));
         if let Some(handle) = &handle {
             let id = FileId::of(handle).map_err(|e| ConfigError {
                 key: key.into(),

@@ -56,19 +56,25 @@ pub fn turn_headers(
             value: Some(value),
         });
     }
-    if let Some(t) = provenance.truncated {
-        let bytes = t.original_bytes.to_string();
-        out = out
-            .insert(Header {
-                key: TRUNCATED_BYTES,
-                value: Some(&bytes),
-            })
-            .insert(Header {
-                key: TRUNCATED_SHA256,
-                value: Some(&t.original_sha256),
-            });
+    match provenance.truncated {
+        Some(t) => with_truncated(out, t),
+        None => out,
     }
-    out
+}
+
+/// `headers` plus the headers saying the value is only the record's first
+/// bytes.
+pub fn with_truncated(headers: OwnedHeaders, t: &Truncated) -> OwnedHeaders {
+    let bytes = t.original_bytes.to_string();
+    headers
+        .insert(Header {
+            key: TRUNCATED_BYTES,
+            value: Some(&bytes),
+        })
+        .insert(Header {
+            key: TRUNCATED_SHA256,
+            value: Some(&t.original_sha256),
+        })
 }
 
 /// The headers of a dead letter for `message`: its own headers first, in

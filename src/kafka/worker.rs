@@ -26,7 +26,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::util::Timeout;
@@ -41,7 +41,7 @@ use crate::config::{Config, KafkaSection};
 use crate::engine::{ClosedSession, CompletionTracker, IdleClock, IdlePolicy};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{self, FailingMark, PartitionGauges};
-use crate::model::{kept_payload, DeadLetterReason};
+use crate::model::{kept_payload, DeadLetterReason, KEPT_PREFIX_BYTES};
 use crate::pipeline::{Outcome, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
@@ -93,6 +93,8 @@ struct Tracked {
     start_offset: i64,
     /// What was last committed, to skip commits that change nothing.
     last_commit: Option<(i64, String)>,
+    /// The last offset the broker confirmed as committed.
+    confirmed: Option<i64>,
     /// Whether the commit point has stopped advancing with records
     /// unresolved behind it (for `/readyz` and the gauge).
     stall: CommitStall,
@@ -103,6 +105,8 @@ struct Tracked {
 /// partition counts as failing for `/readyz` (a missing DLQ topic once froze
 /// commits with nothing in the metrics or `/readyz`).
 struct CommitStall {
+    /// The last offset the broker confirmed as committed, as last observed.
+    confirmed: Option<i64>,
     since: Option<i64>,
     mark: FailingMark,
     gauge: ::metrics::Gauge,
@@ -111,15 +115,19 @@ struct CommitStall {
 impl CommitStall {
     fn new(tp: &Tp, after_ms: i64) -> Self {
         CommitStall {
+            confirmed: None,
             since: None,
             mark: FailingMark::after(after_ms),
             gauge: metrics::commit_stalled(&format!("{}/{}", tp.0, tp.1)),
         }
     }
 
-    /// At a commit interval: whether the point advanced, and whether records
-    /// wait behind it.
-    fn observe(&mut self, advanced: bool, waiting: bool, now_ms: i64) {
+    /// On every tick: the offset last confirmed committed, and whether
+    /// records wait behind it. Progress is what the broker confirmed, not
+    /// what was asked: a commit that keeps failing is a stall too.
+    fn observe(&mut self, confirmed: Option<i64>, waiting: bool, now_ms: i64) {
+        let advanced = confirmed != self.confirmed;
+        self.confirmed = confirmed;
         if advanced || !waiting {
             self.since = None;
             self.mark.ok();
@@ -170,18 +178,15 @@ struct Shared {
 impl Shared {
     /// The commit points of `which` partitions (all when `None`) that changed
     /// since the last commit; marks them committed (see
-    /// [`Self::commit_failed`]) and updates each partition's [`CommitStall`].
+    /// [`Self::commit_failed`]).
     fn take_commit_points(&self, which: Option<&[Tp]>) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();
         let mut tracked = self.tracked.lock().expect("not poisoned");
-        let now = now_ms();
         for (tp, t) in tracked.iter_mut() {
             if which.is_some_and(|w| !w.contains(tp)) {
                 continue;
             }
             let point = t.commit_point();
-            let advanced = t.last_commit.as_ref().is_none_or(|last| last.0 != point.0);
-            t.stall.observe(advanced, t.tracker.in_flight() > 0, now);
             if t.last_commit.as_ref() == Some(&point) {
                 continue;
             }
@@ -193,6 +198,26 @@ impl Shared {
             t.last_commit = Some(point);
         }
         list
+    }
+
+    /// The broker confirmed `offsets` as committed.
+    fn commit_confirmed(&self, offsets: &TopicPartitionList) {
+        let mut tracked = self.tracked.lock().expect("not poisoned");
+        for elem in offsets.elements() {
+            let tp = (Arc::from(elem.topic()), elem.partition());
+            if let (Some(t), Offset::Offset(offset)) = (tracked.get_mut(&tp), elem.offset()) {
+                t.confirmed = Some(offset);
+            }
+        }
+    }
+
+    /// Updates each partition's [`CommitStall`].
+    fn observe_stalls(&self, now_ms: i64) {
+        let mut tracked = self.tracked.lock().expect("not poisoned");
+        for t in tracked.values_mut() {
+            let waiting = t.tracker.in_flight() > 0;
+            t.stall.observe(t.confirmed, waiting, now_ms);
+        }
     }
 
     /// A commit of `offsets` failed: they are committed again at the next
@@ -425,20 +450,36 @@ impl InFlight {
         self.gauge.set(self.bytes as f64);
     }
 
+    /// Pauses or resumes `partitions` as the current state says.
+    fn apply_to(&self, consumer: &StreamConsumer<WorkerContext>, partitions: &[Tp]) {
+        let mut list = TopicPartitionList::new();
+        for (topic, partition) in partitions {
+            list.add_partition(topic, *partition);
+        }
+        let result = if self.paused {
+            consumer.pause(&list)
+        } else {
+            consumer.resume(&list)
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, paused = self.paused, "setting newly assigned partitions' pause state failed");
+        }
+    }
+
     /// Pauses or resumes fetching as the bound says; while paused, newly
-    /// assigned partitions are paused too.
+    /// assigned partitions are paused too. Returns whether it just paused.
     fn pause_or_resume(
         &mut self,
         consumer: &StreamConsumer<WorkerContext>,
         assigned: &std::collections::HashSet<Tp>,
-    ) {
+    ) -> bool {
         let pause = if self.paused {
             self.bytes > self.max / 2
         } else {
             self.bytes > self.max
         };
         if !pause && !self.paused {
-            return; // the common case: one comparison per record
+            return false; // the common case: one comparison per record
         }
         let mut partitions = TopicPartitionList::new();
         for (topic, partition) in assigned {
@@ -451,8 +492,9 @@ impl InFlight {
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, pause, "pausing or resuming the input failed; trying again");
-            return;
+            return false;
         }
+        let just_paused = pause && !self.paused;
         if pause != self.paused {
             if pause {
                 tracing::warn!(
@@ -469,6 +511,7 @@ impl InFlight {
             self.paused = pause;
             metrics::input_paused(pause);
         }
+        just_paused
     }
 }
 
@@ -616,6 +659,15 @@ fn dead_letter_headroom(producer_limit: usize) -> usize {
     (64 << 10).min(producer_limit / 4)
 }
 
+/// Whether this record's outcome is the last of its group to be settled
+/// (always, outside a group); counts it as settled.
+fn last_of_group(outgoing: &Outgoing) -> bool {
+    outgoing
+        .group
+        .as_ref()
+        .is_none_or(|remaining| remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1)
+}
+
 /// Whether a send error is about the record itself, so retrying cannot help.
 fn is_permanent(error: &KafkaError) -> bool {
     matches!(
@@ -704,7 +756,7 @@ impl Worker {
                     self.on_committed(done);
                 }
                 message = consumer.recv() => {
-                    self.apply_rebalance_events();
+                    self.apply_rebalance_events(consumer);
                     if matches!(message, Ok(_) | Err(KafkaError::PartitionEOF(_))) {
                         metrics::READINESS.set_connected(true);
                         reached = true;
@@ -714,9 +766,12 @@ impl Worker {
                             self.on_message(consumer, &m);
                             // At once, not on the tick: while records are
                             // queued the tick waits behind them.
-                            self.in_flight.pause_or_resume(consumer, &self.assigned);
+                            self.pause_or_resume(consumer);
                         }
-                        Err(KafkaError::PartitionEOF(partition)) => self.mark_caught_up(consumer, now_ms(), Some(partition)),
+                        Err(KafkaError::PartitionEOF(partition)) if !self.in_flight.paused => {
+                            self.mark_caught_up(consumer, now_ms(), Some(partition))
+                        }
+                        Err(KafkaError::PartitionEOF(_)) => {}
                         Err(e) => {
                             if let Some(count) = self.log_throttle.occurred(&e.to_string(), now_ms()) {
                                 tracing::warn!(error = %e, count, "consumer error; librdkafka retries");
@@ -734,10 +789,15 @@ impl Worker {
                         }
                     }
                     let now = now_ms();
-                    self.in_flight.pause_or_resume(consumer, &self.assigned);
-                    self.mark_caught_up(consumer, now, None);
-                    self.advance_idle(now);
+                    self.pause_or_resume(consumer);
+                    // Paused, a partition's cached high watermark stands
+                    // still: it must not look caught up and quiet.
+                    if !self.in_flight.paused {
+                        self.mark_caught_up(consumer, now, None);
+                        self.advance_idle(now);
+                    }
                     self.update_gauges(consumer, now);
+                    self.shared.observe_stalls(now);
                     if now - last_commit >= self.kafka.commit_interval.0 {
                         self.commit(consumer)?;
                         last_commit = now;
@@ -755,13 +815,27 @@ impl Worker {
             .unwrap_or_else(|| Arc::from(name))
     }
 
-    fn apply_rebalance_events(&mut self) {
+    /// [`InFlight::pause_or_resume`]; a pause also ends every partition's
+    /// quiet stretch, so after the resume a partition must be seen caught up
+    /// and quiet afresh before the clock may close its sessions.
+    fn pause_or_resume(&mut self, consumer: &StreamConsumer<WorkerContext>) {
+        if self.in_flight.pause_or_resume(consumer, &self.assigned) {
+            for state in self.partitions.values_mut() {
+                state.idle.on_record();
+            }
+        }
+    }
+
+    fn apply_rebalance_events(&mut self, consumer: &StreamConsumer<WorkerContext>) {
         let events = std::mem::take(&mut *self.shared.events.lock().expect("not poisoned"));
         for event in events {
             match event {
                 // Pipeline state is created on a partition's first record.
                 Rebalanced::Assigned(assigned) => {
                     metrics::READINESS.set_connected(true);
+                    // librdkafka keeps a partition's pause flag across a
+                    // revoke and a re-assignment: set it as the bound says.
+                    self.in_flight.apply_to(consumer, &assigned);
                     self.assigned.extend(assigned);
                 }
                 Rebalanced::Revoked(revoked) => {
@@ -812,6 +886,7 @@ impl Worker {
                     tracker: CompletionTracker::new(),
                     start_offset: m.offset(),
                     last_commit: None,
+                    confirmed: None,
                     stall: CommitStall::new(&tp, self.commit_stall_ms),
                 },
             );
@@ -986,10 +1061,7 @@ impl Worker {
         match result {
             Ok(()) => {
                 self.in_flight.remove(outgoing.size());
-                let last_of_group = outgoing.group.as_ref().is_none_or(|remaining| {
-                    remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1
-                });
-                if !self.kafka.exactly_once && last_of_group {
+                if !self.kafka.exactly_once && last_of_group(&outgoing) {
                     self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
                 }
             }
@@ -1015,16 +1087,34 @@ impl Worker {
     /// freeze the partition's commits). A turn becomes one dead letter per
     /// message, each the message as a ChatEvent (reason `undeliverable`),
     /// resolving the turn's records once all are durable. A refused dead
-    /// letter (bounded by [`max_dead_letter_bytes`], so only enormous
-    /// original headers can do that) is logged with its position and given
-    /// up: the record itself stays in the input topic.
-    fn undeliverable(&mut self, outgoing: Outgoing, error: KafkaError) {
+    /// letter (the DLQ topic's own size limit can be below the producer's)
+    /// is sent again with only its first [`KEPT_PREFIX_BYTES`]; refused even
+    /// then, it is logged with its position and given up (the record stays in
+    /// the input topic), and its records resolve once the rest of its group
+    /// is durable.
+    fn undeliverable(&mut self, mut outgoing: Outgoing, error: KafkaError) {
         let events = (!outgoing.dead_letter)
             .then(|| turn_as_events(&outgoing.payload, self.format))
             .flatten();
         let Some((turn_id, events)) = events else {
-            tracing::error!(error = %error, topic = %outgoing.topic, source_topic = %outgoing.tp.0, source_partition = outgoing.tp.1, first_offset = ?self.first_offset(&outgoing), "a dead letter was refused by the broker for good; giving it up (the record stays in the input topic)");
-            self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
+            if outgoing.dead_letter && outgoing.payload.len() > KEPT_PREFIX_BYTES {
+                let (kept, truncated) = kept_payload(&outgoing.payload, KEPT_PREFIX_BYTES);
+                let already = outgoing
+                    .headers
+                    .iter()
+                    .any(|h| h.key == dead_letter::TRUNCATED_BYTES);
+                if let (Some(t), false) = (truncated, already) {
+                    outgoing.headers = dead_letter::with_truncated(outgoing.headers, &t);
+                }
+                outgoing.payload = kept.to_vec();
+                tracing::warn!(error = %error, topic = %outgoing.topic, "a dead letter was refused for good; sending its first bytes only");
+                self.enqueue(outgoing);
+                return;
+            }
+            tracing::error!(error = %error, topic = %outgoing.topic, source_topic = %outgoing.tp.0, source_partition = outgoing.tp.1, first_offset = ?self.first_offset(&outgoing), "a record was refused by the broker for good; giving it up (the input record stays in its topic)");
+            if last_of_group(&outgoing) {
+                self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
+            }
             return;
         };
         let offset = self.first_offset(&outgoing).unwrap_or(-1);
@@ -1105,11 +1195,12 @@ impl Worker {
         for ((topic, partition), state) in self.partitions.iter_mut() {
             // `>=`: tansu's cached high watermark can trail what was read
             // after batched produce; being quiet is checked separately.
+            // The end-of-partition event names no topic: the high
+            // watermark decides for each topic's partition of that number.
             if only.is_none_or(|p| p == *partition)
                 && state.pipeline.engine().open_sessions() > 0
-                && (only.is_some()
-                    || cached_high_watermark(consumer, topic, *partition)
-                        .is_some_and(|high| state.next_offset >= high))
+                && cached_high_watermark(consumer, topic, *partition)
+                    .is_some_and(|high| state.next_offset >= high)
             {
                 let newest = state.pipeline.engine().max_event_time();
                 state.idle.on_caught_up(now, newest);
@@ -1161,6 +1252,9 @@ impl Worker {
             let committed =
                 commit_transaction(&self.output_producer, &**consumer, &offsets, &self.in_txn);
             metrics::commit(committed.is_ok());
+            if committed.is_ok() {
+                self.shared.commit_confirmed(&offsets);
+            }
             return committed;
         }
         if offsets.count() > 0 {
@@ -1187,7 +1281,8 @@ impl Worker {
         };
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
-                metrics::commit(true)
+                metrics::commit(true);
+                self.shared.commit_confirmed(&offsets);
             }
             Err(e) => {
                 metrics::commit(false);
