@@ -1409,3 +1409,48 @@ fn a_graceful_stop_mid_stream_leaves_nothing_to_re_emit() {
     let re_emitted = support::assert_complete_without_partial_duplicates(&want, &got);
     assert_eq!(re_emitted, 0, "a graceful stop re-emits nothing");
 }
+
+/// At `maxmemory` a stale owner is fenced the normal way: its fence check
+/// (allowed to run at OOM) touches the fence key and its step reads nothing.
+/// A review expected the old check, whose `INCR` Redis refuses at OOM, to let
+/// the stale step's read through; on Redis 7.0 it did not (nothing pending
+/// either way), but the old check never touched the fence key there, so it
+/// relied on Redis aborting the whole transaction for memory.
+#[test]
+fn the_fence_holds_at_maxmemory() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "oom", 1, "", "");
+    let shard = setup.shards().remove(0);
+    let worker = Worker::start(&setup.config_text);
+    wait_for("the lease", TIMEOUT, || {
+        (lease_holders(&mut conn, &setup) == vec![Some(worker.pid())]).then_some(())
+    });
+    worker.signal("STOP");
+    produce(&mut conn, &setup, &workload(10, 50, 3));
+    let fence_before: Option<i64> = conn.get(&shard.fence).unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(1)
+        .query(&mut conn)
+        .unwrap();
+    // DEL runs at OOM: the lease is no longer the worker's.
+    let () = conn.del(&shard.lease).unwrap();
+    worker.signal("CONT");
+    wait_for("the stale worker's next step", TIMEOUT, || {
+        let fence: Option<i64> = conn.get(&shard.fence).unwrap();
+        (fence != fence_before || pending(&mut conn, &setup) > 0).then_some(())
+    });
+    assert_eq!(
+        pending(&mut conn, &setup),
+        0,
+        "the stale worker read nothing into the shard's pending list"
+    );
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg(0)
+        .query(&mut conn)
+        .unwrap();
+}

@@ -49,8 +49,10 @@ return 1
 /// KEYS: lease, fence. ARGV: token. Replies 1 while the lease is the
 /// token's; otherwise touches the fence key, which the caller `WATCH`es, so
 /// its `EXEC` that follows in the same pipeline aborts, and replies 0. Only
-/// keys and a token pass through Lua, never entries or turns.
-pub const FENCE_CHECK: &str = r"
+/// keys and a token pass through Lua, never entries or turns. `allow-oom`:
+/// at `maxmemory` Redis refuses a plain script's `INCR`, and the fence would
+/// then rest on Redis aborting the stale step for memory.
+pub const FENCE_CHECK: &str = r"#!lua flags=allow-oom
 if redis.call('GET', KEYS[1]) == ARGV[1] then return 1 end
 redis.call('INCR', KEYS[2])
 return 0
