@@ -310,15 +310,17 @@ async fn workers_joining_and_leaving_lose_nothing() {
     assert_complete_without_partial_duplicates(&want, &turns);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
+/// `workers` workers read a backlog of `count` records over four
+/// partitions; once `turns` turns are out the first is killed with -9 and a
+/// new one started: nothing is lost and no turn is re-emitted in part.
+async fn kill_one_mid_stream(name: &str, count: usize, workers: usize, turns: usize) {
     let broker = Broker::start();
-    let t = topics(&broker, "kill", 4).await;
-    let (config_text, want, _) = backlog(&broker, &t, 40_000).await;
-    let mut worker = Worker::start(&config_text);
-    wait_for_turns(&broker, &t.output, 1_000);
-    worker.kill9();
-    let _restarted = Worker::start(&config_text);
+    let t = topics(&broker, name, 4).await;
+    let (config_text, want, _) = backlog(&broker, &t, count).await;
+    let mut running: Vec<Worker> = (0..workers).map(|_| Worker::start(&config_text)).collect();
+    wait_for_turns(&broker, &t.output, turns);
+    running[0].kill9();
+    running.push(Worker::start(&config_text));
     let turns = read_until(
         broker.client_config(),
         &t.output,
@@ -329,6 +331,11 @@ async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
     assert_complete_without_partial_duplicates(&want, &turns);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
+    kill_one_mid_stream("kill", 40_000, 1, 1_000).await;
+}
+
 /// Two workers, one killed with -9 mid-stream and replaced: the partitions
 /// change hands and, once read to their end and quiet, get their last
 /// sessions flushed too (a reviewer found 9 of 14,542 messages in no turn
@@ -337,22 +344,7 @@ async fn a_worker_killed_with_sigkill_loses_nothing_after_restart() {
 /// 90 s (its `session.timeout.ms` is 6 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_takeover_the_last_sessions_are_flushed() {
-    let broker = Broker::start();
-    let t = topics(&broker, "takeover", 4).await;
-    let (config_text, want, _) = backlog(&broker, &t, 15_000).await;
-    let mut first = Worker::start(&config_text);
-    let _second = Worker::start(&config_text);
-    wait_for_turns(&broker, &t.output, 500);
-    first.kill9();
-    let _replacement = Worker::start(&config_text);
-    let turns = read_until(
-        broker.client_config(),
-        &t.output,
-        false,
-        TIMEOUT,
-        covers(&want),
-    );
-    assert_complete_without_partial_duplicates(&want, &turns);
+    kill_one_mid_stream("takeover", 15_000, 2, 500).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

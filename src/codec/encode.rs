@@ -123,45 +123,38 @@ fn to_proto(turn: &Turn<'_>) -> proto::Turn {
 /// for good, so every message still ends in a dead letter that `dlq replay`
 /// can send back. `None` if the bytes are not a turn of this format.
 pub fn turn_as_events(bytes: &[u8], format: OutputFormat) -> Option<(String, Vec<Vec<u8>>)> {
-    let turn: Turn<'static> = match format {
-        OutputFormat::Json => serde_json::from_slice(bytes).ok()?,
+    let (turn_id, user_id, conversation_id, messages) = match format {
+        OutputFormat::Json => {
+            let t: Turn<'static> = serde_json::from_slice(bytes).ok()?;
+            (t.turn_id, t.user_id, t.conversation_id, t.messages)
+        }
         OutputFormat::Protobuf => {
             let t = proto::Turn::decode(bytes).ok()?;
-            Turn {
-                turn_id: t.turn_id,
-                user_id: Cow::Owned(t.user_id),
-                conversation_id: t.conversation_id.map(Cow::Owned),
-                start_time: t.start_time,
-                end_time: t.end_time,
-                closed_by: ClosedBy::Gap,
-                late: t.late,
-                message_count: t.message_count,
-                text: t.text,
-                messages: t
-                    .messages
-                    .into_iter()
-                    .map(|m| TurnMessage {
-                        message_id: Cow::Owned(m.message_id),
-                        event_time: m.event_time,
-                        text: Cow::Owned(m.text),
-                        attributes: (!m.attributes.is_empty())
-                            .then(|| Cow::Owned(m.attributes.into_iter().collect())),
-                    })
-                    .collect(),
-            }
+            let messages = t
+                .messages
+                .into_iter()
+                .map(|m| TurnMessage {
+                    message_id: Cow::Owned(m.message_id),
+                    event_time: m.event_time,
+                    text: Cow::Owned(m.text),
+                    attributes: (!m.attributes.is_empty())
+                        .then(|| Cow::Owned(m.attributes.into_iter().collect())),
+                })
+                .collect();
+            let conversation_id = t.conversation_id.map(Cow::Owned);
+            (t.turn_id, Cow::Owned(t.user_id), conversation_id, messages)
         }
     };
-    let events = turn
-        .messages
+    let events = messages
         .iter()
         .map(|m| {
             let mut event = serde_json::json!({
                 "message_id": m.message_id,
-                "user_id": turn.user_id,
+                "user_id": user_id,
                 "text": m.text,
                 "event_time": m.event_time,
             });
-            if let Some(c) = &turn.conversation_id {
+            if let Some(c) = &conversation_id {
                 event["conversation_id"] = serde_json::json!(c);
             }
             if let Some(a) = &m.attributes {
@@ -170,7 +163,7 @@ pub fn turn_as_events(bytes: &[u8], format: OutputFormat) -> Option<(String, Vec
             serde_json::to_vec(&event).expect("a JSON value serializes")
         })
         .collect();
-    Some((turn.turn_id, events))
+    Some((turn_id, events))
 }
 
 #[cfg(test)]

@@ -40,26 +40,13 @@ pub fn turn_headers(
     offset: i64,
     provenance: &Provenance<'_>,
 ) -> OwnedHeaders {
-    let mut out = OwnedHeaders::new_with_capacity(8);
-    let (partition, offset) = (partition.to_string(), offset.to_string());
-    for (key, value) in [
-        (REASON, provenance.reason.as_str()),
-        (ERROR, provenance.error),
-        (SOURCE_TOPIC, topic),
-        (SOURCE_PARTITION, &partition),
-        (SOURCE_OFFSET, &offset),
-        (FAILED_AT, provenance.failed_at),
-        (WORKER, provenance.worker),
-    ] {
-        out = out.insert(Header {
-            key,
-            value: Some(value),
-        });
-    }
-    match provenance.truncated {
-        Some(t) => with_truncated(out, t),
-        None => out,
-    }
+    let source = Source {
+        topic,
+        partition,
+        offset,
+        timestamp: None,
+    };
+    with_provenance(OwnedHeaders::new_with_capacity(9), &source, provenance)
 }
 
 /// `headers` plus the headers saying the value is only the record's first
@@ -80,7 +67,7 @@ pub fn with_truncated(headers: OwnedHeaders, t: &Truncated) -> OwnedHeaders {
 /// The headers of a dead letter for `message`: its own headers first, in
 /// order, then the provenance.
 pub fn headers(message: &BorrowedMessage<'_>, provenance: &Provenance<'_>) -> OwnedHeaders {
-    let capacity = message.headers().map_or(0, |h| h.count()) + 8;
+    let capacity = message.headers().map_or(0, |h| h.count()) + 9;
     let mut out = OwnedHeaders::new_with_capacity(capacity);
     if let Some(original) = message.headers() {
         for h in original.iter() {
@@ -90,28 +77,50 @@ pub fn headers(message: &BorrowedMessage<'_>, provenance: &Provenance<'_>) -> Ow
             });
         }
     }
-    let partition = message.partition().to_string();
-    let offset = message.offset().to_string();
-    let timestamp = message.timestamp().to_millis().map(|t| t.to_string());
-    let mut add = |key: &str, value: &str| {
-        out = std::mem::replace(&mut out, OwnedHeaders::new()).insert(Header {
-            key,
-            value: Some(value),
-        });
+    let source = Source {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp: message.timestamp().to_millis(),
     };
-    add(REASON, provenance.reason.as_str());
-    add(ERROR, provenance.error);
-    add(SOURCE_TOPIC, message.topic());
-    add(SOURCE_PARTITION, &partition);
-    add(SOURCE_OFFSET, &offset);
-    if let Some(t) = &timestamp {
-        add(SOURCE_TIMESTAMP, t);
+    with_provenance(out, &source, provenance)
+}
+
+/// Where a dead letter's record came from.
+struct Source<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+}
+
+/// `headers` plus the `sessionizer.dlq.*` provenance headers.
+fn with_provenance(
+    mut headers: OwnedHeaders,
+    source: &Source<'_>,
+    provenance: &Provenance<'_>,
+) -> OwnedHeaders {
+    let (partition, offset) = (source.partition.to_string(), source.offset.to_string());
+    let timestamp = source.timestamp.map(|t| t.to_string());
+    for (key, value) in [
+        (REASON, Some(provenance.reason.as_str())),
+        (ERROR, Some(provenance.error)),
+        (SOURCE_TOPIC, Some(source.topic)),
+        (SOURCE_PARTITION, Some(&partition)),
+        (SOURCE_OFFSET, Some(&offset)),
+        (SOURCE_TIMESTAMP, timestamp.as_deref()),
+        (FAILED_AT, Some(provenance.failed_at)),
+        (WORKER, Some(provenance.worker)),
+    ] {
+        if let Some(value) = value {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value),
+            });
+        }
     }
-    add(FAILED_AT, provenance.failed_at);
-    add(WORKER, provenance.worker);
-    if let Some(t) = provenance.truncated {
-        add(TRUNCATED_BYTES, &t.original_bytes.to_string());
-        add(TRUNCATED_SHA256, &t.original_sha256);
+    match provenance.truncated {
+        Some(t) => with_truncated(headers, t),
+        None => headers,
     }
-    out
 }

@@ -93,8 +93,6 @@ struct Tracked {
     start_offset: i64,
     /// What was last committed, to skip commits that change nothing.
     last_commit: Option<(i64, String)>,
-    /// The last offset the broker confirmed as committed.
-    confirmed: Option<i64>,
     /// Whether the commit point has stopped advancing with records
     /// unresolved behind it (for `/readyz` and the gauge).
     stall: CommitStall,
@@ -105,8 +103,9 @@ struct Tracked {
 /// partition counts as failing for `/readyz` (a missing DLQ topic once froze
 /// commits with nothing in the metrics or `/readyz`).
 struct CommitStall {
-    /// The last offset the broker confirmed as committed, as last observed.
+    /// The last offset the broker confirmed as committed.
     confirmed: Option<i64>,
+    /// Since when records have waited behind it.
     since: Option<i64>,
     mark: FailingMark,
     gauge: ::metrics::Gauge,
@@ -122,21 +121,33 @@ impl CommitStall {
         }
     }
 
-    /// On every tick: the offset last confirmed committed, and whether
-    /// records wait behind it. Progress is what the broker confirmed, not
-    /// what was asked: a commit that keeps failing is a stall too.
-    fn observe(&mut self, confirmed: Option<i64>, waiting: bool, now_ms: i64) {
-        let advanced = confirmed != self.confirmed;
-        self.confirmed = confirmed;
-        if advanced || !waiting {
-            self.since = None;
-            self.mark.ok();
-            self.gauge.set(0.0);
+    /// The broker confirmed `offset` as committed. Progress is what the
+    /// broker confirmed, not what was asked: a commit that keeps failing is a
+    /// stall too.
+    fn confirmed(&mut self, offset: i64) {
+        if self.confirmed != Some(offset) {
+            self.confirmed = Some(offset);
+            self.clear();
+        }
+    }
+
+    /// On every tick: whether records wait behind the confirmed offset.
+    fn observe(&mut self, waiting: bool, now_ms: i64) {
+        if !waiting {
+            self.clear();
             return;
         }
         let since = *self.since.get_or_insert(now_ms);
         self.mark.failed(now_ms);
         self.gauge.set((now_ms - since) as f64 / 1000.0);
+    }
+}
+
+impl CommitStall {
+    fn clear(&mut self) {
+        self.since = None;
+        self.mark.ok();
+        self.gauge.set(0.0);
     }
 }
 
@@ -200,13 +211,20 @@ impl Shared {
         list
     }
 
-    /// The broker confirmed `offsets` as committed.
-    fn commit_confirmed(&self, offsets: &TopicPartitionList) {
+    /// The outcome of committing `offsets`: confirmed, they are each
+    /// partition's progress ([`CommitStall`]); failed, they are committed
+    /// again at the next interval, even if nothing changed meanwhile.
+    fn committed(&self, offsets: &TopicPartitionList, ok: bool) {
         let mut tracked = self.tracked.lock().expect("not poisoned");
         for elem in offsets.elements() {
             let tp = (Arc::from(elem.topic()), elem.partition());
-            if let (Some(t), Offset::Offset(offset)) = (tracked.get_mut(&tp), elem.offset()) {
-                t.confirmed = Some(offset);
+            let Some(t) = tracked.get_mut(&tp) else {
+                continue;
+            };
+            match (ok, elem.offset()) {
+                (true, Offset::Offset(offset)) => t.stall.confirmed(offset),
+                (true, _) => {}
+                (false, _) => t.last_commit = None,
             }
         }
     }
@@ -216,19 +234,7 @@ impl Shared {
         let mut tracked = self.tracked.lock().expect("not poisoned");
         for t in tracked.values_mut() {
             let waiting = t.tracker.in_flight() > 0;
-            t.stall.observe(t.confirmed, waiting, now_ms);
-        }
-    }
-
-    /// A commit of `offsets` failed: they are committed again at the next
-    /// interval, even if nothing changed meanwhile.
-    fn commit_failed(&self, offsets: &TopicPartitionList) {
-        let mut tracked = self.tracked.lock().expect("not poisoned");
-        for elem in offsets.elements() {
-            let tp = (Arc::from(elem.topic()), elem.partition());
-            if let Some(t) = tracked.get_mut(&tp) {
-                t.last_commit = None;
-            }
+            t.stall.observe(waiting, now_ms);
         }
     }
 }
@@ -450,24 +456,27 @@ impl InFlight {
         self.gauge.set(self.bytes as f64);
     }
 
-    /// Pauses or resumes `partitions` as the current state says.
-    fn apply_to(&self, consumer: &StreamConsumer<WorkerContext>, partitions: &[Tp]) {
+    /// Pauses or resumes `partitions` as the current state says (newly
+    /// assigned ones: librdkafka keeps a partition's flag across a revoke and
+    /// a re-assignment).
+    fn apply_to<'a>(
+        &self,
+        consumer: &StreamConsumer<WorkerContext>,
+        partitions: impl IntoIterator<Item = &'a Tp>,
+    ) -> KafkaResult<()> {
         let mut list = TopicPartitionList::new();
         for (topic, partition) in partitions {
             list.add_partition(topic, *partition);
         }
-        let result = if self.paused {
+        if self.paused {
             consumer.pause(&list)
         } else {
             consumer.resume(&list)
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %e, paused = self.paused, "setting newly assigned partitions' pause state failed");
         }
     }
 
-    /// Pauses or resumes fetching as the bound says; while paused, newly
-    /// assigned partitions are paused too. Returns whether it just paused.
+    /// Pauses or resumes fetching as the bound says. Returns whether it just
+    /// paused.
     fn pause_or_resume(
         &mut self,
         consumer: &StreamConsumer<WorkerContext>,
@@ -478,40 +487,30 @@ impl InFlight {
         } else {
             self.bytes > self.max
         };
-        if !pause && !self.paused {
+        if pause == self.paused {
             return false; // the common case: one comparison per record
         }
-        let mut partitions = TopicPartitionList::new();
-        for (topic, partition) in assigned {
-            partitions.add_partition(topic, *partition);
-        }
-        let result = if pause {
-            consumer.pause(&partitions)
-        } else {
-            consumer.resume(&partitions)
-        };
-        if let Err(e) = result {
+        self.paused = pause;
+        if let Err(e) = self.apply_to(consumer, assigned) {
+            // Tried again on the next record or tick.
+            self.paused = !pause;
             tracing::warn!(error = %e, pause, "pausing or resuming the input failed; trying again");
             return false;
         }
-        let just_paused = pause && !self.paused;
-        if pause != self.paused {
-            if pause {
-                tracing::warn!(
-                    in_flight_bytes = self.bytes,
-                    max = self.max,
-                    "output not acknowledged fast enough: input paused (kafka.max_in_flight_bytes)"
-                );
-            } else {
-                tracing::info!(
-                    in_flight_bytes = self.bytes,
-                    "output caught up: input resumed"
-                );
-            }
-            self.paused = pause;
-            metrics::input_paused(pause);
+        if pause {
+            tracing::warn!(
+                in_flight_bytes = self.bytes,
+                max = self.max,
+                "output not acknowledged fast enough: input paused (kafka.max_in_flight_bytes)"
+            );
+        } else {
+            tracing::info!(
+                in_flight_bytes = self.bytes,
+                "output caught up: input resumed"
+            );
         }
-        just_paused
+        metrics::input_paused(pause);
+        pause
     }
 }
 
@@ -833,9 +832,9 @@ impl Worker {
                 // Pipeline state is created on a partition's first record.
                 Rebalanced::Assigned(assigned) => {
                     metrics::READINESS.set_connected(true);
-                    // librdkafka keeps a partition's pause flag across a
-                    // revoke and a re-assignment: set it as the bound says.
-                    self.in_flight.apply_to(consumer, &assigned);
+                    if let Err(e) = self.in_flight.apply_to(consumer, &assigned) {
+                        tracing::warn!(error = %e, "setting newly assigned partitions' pause state failed");
+                    }
                     self.assigned.extend(assigned);
                 }
                 Rebalanced::Revoked(revoked) => {
@@ -886,7 +885,6 @@ impl Worker {
                     tracker: CompletionTracker::new(),
                     start_offset: m.offset(),
                     last_commit: None,
-                    confirmed: None,
                     stall: CommitStall::new(&tp, self.commit_stall_ms),
                 },
             );
@@ -1252,9 +1250,7 @@ impl Worker {
             let committed =
                 commit_transaction(&self.output_producer, &**consumer, &offsets, &self.in_txn);
             metrics::commit(committed.is_ok());
-            if committed.is_ok() {
-                self.shared.commit_confirmed(&offsets);
-            }
+            self.shared.committed(&offsets, committed.is_ok());
             return committed;
         }
         if offsets.count() > 0 {
@@ -1282,11 +1278,11 @@ impl Worker {
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                 metrics::commit(true);
-                self.shared.commit_confirmed(&offsets);
+                self.shared.committed(&offsets, true);
             }
             Err(e) => {
                 metrics::commit(false);
-                self.shared.commit_failed(&offsets);
+                self.shared.committed(&offsets, false);
                 if let Some(count) = self.log_throttle.occurred(&e.to_string(), now_ms()) {
                     tracing::warn!(error = %e, count, "offset commit failed; retried at the next interval");
                 }

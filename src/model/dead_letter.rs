@@ -147,7 +147,7 @@ impl Truncated {
         use sha2::Digest;
         Truncated {
             original_bytes,
-            original_sha256: hex(&hasher.finalize()),
+            original_sha256: super::hex(&hasher.finalize()),
         }
     }
 }
@@ -164,16 +164,6 @@ pub fn kept_payload(payload: &[u8], max_bytes: usize) -> (&[u8], Option<Truncate
     let truncated =
         Truncated::from_hasher(payload.len() as u64, sha2::Sha256::new_with_prefix(payload));
     (kept, Some(truncated))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(HEX[(b >> 4) as usize] as char);
-        out.push(HEX[(b & 0xf) as usize] as char);
-    }
-    out
 }
 
 #[cfg(test)]

@@ -12,3 +12,14 @@ pub use dead_letter::{
 };
 pub use event::{Attributes, ChatEvent, EventKind};
 pub use turn::{turn_id, ClosedBy, Turn, TurnMessage};
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0xf) as usize] as char);
+    }
+    out
+}

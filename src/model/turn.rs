@@ -110,14 +110,7 @@ pub fn turn_id<'m>(
     for id in ids {
         field(&mut hasher, id.as_bytes());
     }
-    let digest = hasher.finalize();
-    let mut id = String::with_capacity(32);
-    for byte in &digest[..16] {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        id.push(HEX[(byte >> 4) as usize] as char);
-        id.push(HEX[(byte & 0xf) as usize] as char);
-    }
-    id
+    super::hex(&hasher.finalize()[..16])
 }
 
 #[cfg(test)]

@@ -133,12 +133,21 @@ struct EmitArgs {
     /// Entries whose outcome is durable already: drops, and writes an earlier
     /// step confirmed.
     acks: Vec<String>,
+    /// Entry ids in `writes` and `acks` (kept, not summed: the step is
+    /// checked against [`ACKS_PER_EMIT`] for every outcome).
+    entries: usize,
 }
 
 impl EmitArgs {
-    /// Entry ids this step resolves, written or acked.
-    fn entries(&self) -> usize {
-        self.acks.len() + self.writes.iter().map(|(_, ids)| ids.len()).sum::<usize>()
+    fn write(&mut self, write: Write, ids: Vec<String>) {
+        self.entries += ids.len();
+        self.writes.push((write, ids));
+    }
+
+    fn ack(&mut self, ids: impl IntoIterator<Item = String>) {
+        let before = self.acks.len();
+        self.acks.extend(ids);
+        self.entries += self.acks.len() - before;
     }
 }
 
@@ -525,7 +534,7 @@ impl ShardTask {
         let replies = match self.fenced(read).await {
             Ok(replies) => replies,
             Err(e) => {
-                if step.as_ref().is_some_and(|step| step.entries() > 0) {
+                if step.as_ref().is_some_and(|step| step.entries > 0) {
                     count_commit(&e);
                 }
                 return Err((e, step));
@@ -626,7 +635,7 @@ impl ShardTask {
         if entry.fields.is_none() {
             // Trimmed away while pending: nothing left to process or keep.
             tracing::warn!(shard = %self.keys.stream, id = %entry.id, "a pending entry was deleted; acking it");
-            self.step().acks.push(entry.id);
+            self.step().ack([entry.id]);
             return;
         }
         let seq = self.next_seq;
@@ -687,9 +696,7 @@ impl ShardTask {
                         .iter()
                         .filter_map(|seq| self.take_id(*seq))
                         .collect();
-                    self.step()
-                        .writes
-                        .push((Write::Turn { turn, id, user }, acks));
+                    self.step().write(Write::Turn { turn, id, user }, acks);
                 }
                 Outcome::DeadLetter { seq, reason, error } => {
                     let about = about
@@ -720,11 +727,11 @@ impl ShardTask {
                         fields.push((name, value.to_vec()));
                     }
                     let acks = self.take_id(seq).into_iter().collect();
-                    self.step().writes.push((Write::DeadLetter(fields), acks));
+                    self.step().write(Write::DeadLetter(fields), acks);
                 }
                 Outcome::Dropped { seq, .. } => {
                     let acks = self.take_id(seq);
-                    self.step().acks.extend(acks);
+                    self.step().ack(acks);
                 }
             }
         }
@@ -747,7 +754,7 @@ impl ShardTask {
         if self
             .steps
             .back()
-            .is_none_or(|last| last.entries() >= ACKS_PER_EMIT)
+            .is_none_or(|last| last.entries >= ACKS_PER_EMIT)
         {
             self.steps.push_back(EmitArgs::default());
         }
@@ -758,7 +765,17 @@ impl ShardTask {
     /// retrying connection errors and failed writes until each is written,
     /// fenced or stopped.
     async fn emit(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
-        while let Some(args) = self.steps.pop_front() {
+        self.emit_until(0, stop).await
+    }
+
+    /// Writes steps from the front until at most `left` remain.
+    async fn emit_until(
+        &mut self,
+        left: usize,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), Failure> {
+        while self.steps.len() > left {
+            let args = self.steps.pop_front().expect("more than left");
             if let Err(e) = self.emit_once(args).await {
                 self.after_error(e, stop).await?;
             }
@@ -805,7 +822,7 @@ impl ShardTask {
                 Some(Value::BulkString(_) | Value::SimpleString(_)) => confirmed.extend(ids),
                 other => {
                     first_error.get_or_insert(reply_error("XADD", other));
-                    failed.writes.push((write, ids));
+                    failed.write(write, ids);
                 }
             }
         }
@@ -814,18 +831,19 @@ impl ShardTask {
                 Some(Value::Int(_)) => {}
                 other => {
                     first_error.get_or_insert(reply_error("XACK", other));
-                    failed.acks = args.acks;
+                    failed.ack(args.acks);
                 }
             }
         }
         if !confirmed.is_empty() {
             // Acked by the step that goes next (the front), or a new one.
             match self.steps.front_mut() {
-                Some(next) if next.entries() < ACKS_PER_EMIT => next.acks.extend(confirmed),
-                _ => self.steps.push_front(EmitArgs {
-                    writes: Vec::new(),
-                    acks: confirmed,
-                }),
+                Some(next) if next.entries < ACKS_PER_EMIT => next.ack(confirmed),
+                _ => {
+                    let mut acks = EmitArgs::default();
+                    acks.ack(confirmed);
+                    self.steps.push_front(acks);
+                }
             }
         }
         metrics::commit(first_error.is_none());
@@ -842,12 +860,7 @@ impl ShardTask {
         &mut self,
         stop: &mut watch::Receiver<bool>,
     ) -> Result<Option<EmitArgs>, Failure> {
-        while self.steps.len() > 1 {
-            let args = self.steps.pop_front().expect("two or more");
-            if let Err(e) = self.emit_once(args).await {
-                self.after_error(e, stop).await?;
-            }
-        }
+        self.emit_until(1, stop).await?;
         Ok(self.steps.pop_back())
     }
 
