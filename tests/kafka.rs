@@ -354,11 +354,7 @@ async fn the_worker_recovers_from_a_broker_restart() {
     let records = workload(100, 4_000, 13);
     let (first, second) = records.split_at(2_000);
     produce(broker.client_config(), &t.input, first).await;
-    let port = support::free_port();
-    let config_text = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        worker_config(&broker, &t, "")
-    );
+    let (config_text, port) = support::with_metrics(&worker_config(&broker, &t, ""));
     let config = Config::from_toml(&config_text, Vec::new()).unwrap();
     let _worker = Worker::start(&config_text);
     let readyz = |status: u16| {
@@ -491,11 +487,7 @@ async fn produce_and_metrics_count_what_was_sent() {
     use support::{http_get, metric};
     let broker = Broker::start();
     let t = topics(&broker, "metrics", 2).await;
-    let port = support::free_port();
-    let config_text = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        worker_config(&broker, &t, "")
-    );
+    let (config_text, port) = support::with_metrics(&worker_config(&broker, &t, ""));
     let config = Config::from_toml(&config_text, Vec::new()).unwrap();
     let _worker = Worker::start(&config_text);
     wait_for("/readyz to say ready", TIMEOUT, || {
@@ -981,10 +973,8 @@ async fn a_backlog_produced_while_the_worker_reads_gives_the_turns_read_afterwar
     use support::{http_get, metric};
     let broker = Broker::start();
     let t = topics(&broker, "backlog", 2).await;
-    let port = support::free_port();
-    let text = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        worker_config(&broker, &t, "").replace("backlog_quiet = \"1s\"", "backlog_quiet = \"5s\"")
+    let (text, port) = support::with_metrics(
+        &worker_config(&broker, &t, "").replace("backlog_quiet = \"1s\"", "backlog_quiet = \"5s\""),
     );
     let _worker = Worker::start(&text);
     wait_for("/readyz", TIMEOUT, || {
@@ -1044,8 +1034,7 @@ async fn a_blocked_output_pauses_the_input_within_the_bound() {
     let max = 16_384.0;
     let (text, config, input) = load(&broker, &t, &records, "max_in_flight_bytes = 16384").await;
     let (want_turns, _) = reference(&config, &input);
-    let port = support::free_port();
-    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let (text, port) = support::with_metrics(&text);
     let dir = tempfile::tempdir().unwrap();
     let hold = dir.path().join("hold-output");
     std::fs::write(&hold, "").unwrap();
@@ -1128,12 +1117,11 @@ async fn a_stalled_commit_makes_the_worker_unready() {
     let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
         r.len() == records.len()
     });
-    let port = support::free_port();
     let text = worker_config(&broker, &t, "commit_stall = \"3s\"").replace(
         "[window]\n",
         "[window]\ngap = \"500ms\"\nmax_duration = \"1s\"\n",
     );
-    let text = format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n");
+    let (text, port) = support::with_metrics(&text);
     let config = Config::from_toml(&text, Vec::new()).unwrap();
     let (want_turns, _) = reference(&config, &input);
     let dir = tempfile::tempdir().unwrap();

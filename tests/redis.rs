@@ -597,11 +597,7 @@ fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
     use support::{http_get, metric};
     let mut server = RedisServer::start();
     let setup = Setup::new(&server, "metrics", 2, "", "");
-    let port = support::free_port();
-    let config = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        setup.config_text
-    );
+    let (config, port) = support::with_metrics(&setup.config_text);
     server.kill();
     let _worker = Worker::start(&config);
     let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz"));
@@ -1049,11 +1045,7 @@ fn a_turn_that_fails_to_write_leaves_its_entries_pending() {
     let server = RedisServer::start();
     let mut conn = server.conn();
     let setup = Setup::new(&server, "wrongtype", 2, "", "");
-    let port = support::free_port();
-    let config = format!(
-        "{}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n",
-        setup.config_text
-    );
+    let (config, port) = support::with_metrics(&setup.config_text);
     produce(&mut conn, &setup, &workload(40, 2_000, 21));
     let (want_turns, _) = reference(&mut conn, &setup);
     let want = message_ids(&want_turns);

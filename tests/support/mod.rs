@@ -730,6 +730,16 @@ pub fn workload(users: u32, count: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// `config` with `/metrics`, `/healthz` and `/readyz` served on a free
+/// loopback port: (the config, the port).
+pub fn with_metrics(config: &str) -> (String, u16) {
+    let port = free_port();
+    (
+        format!("{config}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        port,
+    )
+}
+
 /// `GET path` on a loopback port: the status code and body, or `None` while
 /// nothing answers there.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
