@@ -1003,13 +1003,13 @@ async fn a_backlog_produced_while_the_worker_reads_gives_the_turns_read_afterwar
         .iter()
         .flat_map(message_ids)
         .collect::<BTreeSet<_>>();
-    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
-        r.iter()
-            .map(Read::json)
-            .flat_map(|t| message_ids(&t))
-            .collect::<BTreeSet<_>>()
-            == want
-    });
+    let turns = read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
     let got = sorted_turns(&turns);
     assert_eq!(
         got.iter().filter(|t| t["late"] == true).count(),
@@ -1063,13 +1063,13 @@ async fn a_blocked_output_pauses_the_input_within_the_bound() {
 
     std::fs::remove_file(&hold).unwrap();
     let want: BTreeSet<String> = want_turns.iter().flat_map(message_ids).collect();
-    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
-        r.iter()
-            .map(Read::json)
-            .flat_map(|t| message_ids(&t))
-            .collect::<BTreeSet<_>>()
-            == want
-    });
+    let turns = read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
     let turns: Vec<serde_json::Value> = turns.iter().map(Read::json).collect();
     support::assert_complete_without_partial_duplicates(&want, &turns);
     wait_for("the input to be resumed", TIMEOUT, || {
@@ -1141,13 +1141,13 @@ async fn a_stalled_commit_makes_the_worker_unready() {
 
     std::fs::remove_file(&hold).unwrap();
     let want: BTreeSet<String> = want_turns.iter().flat_map(message_ids).collect();
-    read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
-        r.iter()
-            .map(Read::json)
-            .flat_map(|t| message_ids(&t))
-            .collect::<BTreeSet<_>>()
-            == want
-    });
+    read_until(
+        broker.client_config(),
+        &t.output,
+        false,
+        TIMEOUT,
+        covers(&want),
+    );
     wait_for("/readyz to be ready again", TIMEOUT, || {
         http_get(port, "/readyz").filter(|(status, _)| *status == 200)
     });
