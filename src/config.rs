@@ -137,6 +137,13 @@ pub struct KafkaSection {
     /// `window.max_duration` + `window.gap`, so it must be longer than that.
     #[serde(default = "default_commit_stall")]
     pub commit_stall: Millis,
+    /// On a broker that does not keep commit metadata, how long a partition's
+    /// commit may stay pulled back to the first record of a delivered turn
+    /// that spans the resolved prefix's end; then it moves to that end (a
+    /// crash after that may re-send the rest of such a turn as a turn of its
+    /// own). Bounds what a crash replays when turns overlap without pause.
+    #[serde(default = "default_max_pullback")]
+    pub max_pullback: Millis,
     /// Passed to librdkafka verbatim, for consumer and producers alike: TLS
     /// (`security.protocol`, `ssl.ca.location`, …), SASL, timeouts.
     #[serde(default)]
@@ -145,6 +152,10 @@ pub struct KafkaSection {
 
 fn default_commit_interval() -> Millis {
     Millis(1_000)
+}
+
+fn default_max_pullback() -> Millis {
+    Millis(60_000)
 }
 
 fn default_commit_stall() -> Millis {
@@ -557,13 +568,18 @@ impl Config {
                     ));
                 };
                 k.validate()?;
-                let held = w.max_duration.0.saturating_add(w.gap.0);
+                let held = w
+                    .max_duration
+                    .0
+                    .saturating_add(w.gap.0)
+                    .saturating_add(k.max_pullback.0);
                 if k.commit_stall.0 <= held {
                     return Err(ConfigError::new(
                         "kafka.commit_stall",
                         format!(
-                            "must be longer than window.max_duration + window.gap ({held} ms): \
-                             an open session holds the commit point that long"
+                            "must be longer than window.max_duration + window.gap + \
+                             kafka.max_pullback ({held} ms): an open session and a pulled-back \
+                             commit hold the commit point that long"
                         ),
                     ));
                 }
@@ -1153,7 +1169,12 @@ mod tests {
             (
                 "commit_stall = \"2m\"\n",
                 "kafka.commit_stall",
-                "max_duration + window.gap",
+                "max_duration + window.gap + kafka.max_pullback",
+            ),
+            (
+                "commit_stall = \"3m\"\nmax_pullback = \"1m\"\n",
+                "kafka.commit_stall",
+                "kafka.max_pullback (183000 ms)",
             ),
             (
                 "max_in_flight_bytes = 0\n",

@@ -70,6 +70,13 @@ pub const FAILING: &str = "sessionizer_failing_partitions";
 /// behind it, by `partition` (Kafka; past `kafka.commit_stall` the partition
 /// counts in [`FAILING`]).
 pub const COMMIT_STALLED: &str = "sessionizer_commit_stalled_seconds";
+/// Records a partition has read past its last confirmed commit, by
+/// `partition` (Kafka): what a crash would make the next owner read again.
+pub const COMMIT_LAG: &str = "sessionizer_commit_lag_records";
+/// Times a partition's commit, pulled back to the start of a delivered turn,
+/// was moved to the end of its resolved prefix after `kafka.max_pullback`
+/// (Kafka, brokers that do not keep commit metadata), by `partition`.
+pub const PULLBACKS_RELEASED: &str = "sessionizer_commit_pullbacks_released_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -208,6 +215,16 @@ pub fn dead_letter(reason: DeadLetterReason) {
 /// The gauge of [`COMMIT_STALLED`] for one partition.
 pub fn commit_stalled(partition: &str) -> Gauge {
     gauge!(COMMIT_STALLED, "partition" => partition.to_owned())
+}
+
+/// The gauge of [`COMMIT_LAG`] for one partition.
+pub fn commit_lag(partition: &str) -> Gauge {
+    gauge!(COMMIT_LAG, "partition" => partition.to_owned())
+}
+
+/// A pulled-back commit was released on `partition` ([`PULLBACKS_RELEASED`]).
+pub fn pullback_released(partition: &str) {
+    counter!(PULLBACKS_RELEASED, "partition" => partition.to_owned()).increment(1);
 }
 
 /// The gauge of [`IN_FLIGHT_BYTES`].

@@ -150,6 +150,21 @@ impl PartitionPipeline {
         }
     }
 
+    /// A record that an earlier owner already resolved and that is left out
+    /// of the sessions (Kafka's `r2` commit metadata, `docs/semantics.md`):
+    /// counted as read, and its event time moves the watermark as it did
+    /// when it was processed, which can close sessions.
+    pub fn observe_resolved(&mut self, payload: &[u8], now_ms: i64, out: &mut Vec<Outcome>) {
+        self.stats.records += 1;
+        self.metrics.record();
+        if let Ok(event) = self.decoder.decode(payload, now_ms) {
+            let mut resolutions = std::mem::take(&mut self.scratch);
+            self.engine
+                .observe_event_time(event.event_time, &mut resolutions);
+            self.drain(resolutions, out);
+        }
+    }
+
     /// A record the source refused before decoding (a flat Redis entry that
     /// is not UTF-8, a record over the size bound while reading): counted as
     /// a record and dead-lettered, never handed to the engine.

@@ -1117,7 +1117,7 @@ async fn a_stalled_commit_makes_the_worker_unready() {
     let input = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
         r.len() == records.len()
     });
-    let text = worker_config(&broker, &t, "commit_stall = \"3s\"").replace(
+    let text = worker_config(&broker, &t, "commit_stall = \"3s\"\nmax_pullback = \"1s\"").replace(
         "[window]\n",
         "[window]\ngap = \"500ms\"\nmax_duration = \"1s\"\n",
     );
@@ -1220,4 +1220,125 @@ async fn a_turn_the_broker_refuses_for_good_becomes_dead_letters() {
             })
             .then_some(())
     });
+}
+
+/// Two users of one partition who never pause, out of phase: `user-b` sends
+/// two messages before `user-a` starts, then they alternate, 10 ms apart in
+/// event time (starting at `t0`). With `max_messages = 4` every turn overlaps
+/// one of the other user's, so the resolved prefix always ends inside a
+/// delivered turn.
+fn never_pausing_users(from: usize, count: usize, t0: i64) -> Vec<(Vec<u8>, Vec<u8>)> {
+    (from..from + count)
+        .map(|i| {
+            let user = if i < 2 || i % 2 == 1 {
+                "user-b"
+            } else {
+                "user-a"
+            };
+            let time = t0 + i as i64 * 10;
+            let payload = format!(
+                r#"{{"message_id":"m{i}","user_id":"{user}","text":"t{i}","event_time":{time}}}"#
+            );
+            (user.as_bytes().to_vec(), payload.into_bytes())
+        })
+        .collect()
+}
+
+/// Issue #17 item 2: pulling the commit back to the start of the turn that
+/// spans it chained back from turn to turn, so two users who never pause
+/// kept a partition's commit at offset 0 while thousands of turns went out.
+/// tansu does not keep commit metadata, so the worker pulls back here, and
+/// `kafka.max_pullback` must bound it while the traffic goes on. Prints the
+/// commit lag it saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_turns_do_not_hold_the_commit_back() {
+    use sessionizer::metrics as m;
+    use support::{http_get, metric};
+    let broker = Broker::start();
+    let t = topics(&broker, "overlap", 1).await;
+    let text = worker_config(&broker, &t, "max_pullback = \"2s\"\n")
+        .replace("[window]\n", "[window]\nmax_messages = 4\n");
+    let (text, port) = support::with_metrics(&text);
+    let _worker = Worker::start(&text);
+    let t0 = sessionizer::wall_clock::now_ms() - 60_000;
+    let (batch, batches) = (20, 400);
+    let mut lags = Vec::new();
+    for b in 0..batches {
+        let sent = (b + 1) * batch;
+        produce(
+            broker.client_config(),
+            &t.input,
+            &never_pausing_users(b * batch, batch, t0),
+        )
+        .await;
+        wait_for("the worker to read everything so far", TIMEOUT, || {
+            let (_, body) = http_get(port, "/metrics")?;
+            (metric(&body, m::RECORDS_CONSUMED, &[]) as usize >= sent).then_some(())
+        });
+        let commit = committed(broker.client_config(), &t.group, &t.input, 1)[0];
+        lags.push(sent as i64 - commit.max(0));
+        if commit >= 500 {
+            let (_, body) = http_get(port, "/metrics").unwrap();
+            eprintln!(
+                "commit at {commit} after {sent} records; commit lag per batch {lags:?}; \
+                 pull-backs released: {}",
+                metric(&body, m::PULLBACKS_RELEASED, &[])
+            );
+            return;
+        }
+    }
+    panic!(
+        "the commit stayed at {} after {} records of overlapping turns",
+        committed(broker.client_config(), &t.group, &t.input, 1)[0],
+        batch * batches
+    );
+}
+
+/// On a broker that keeps commit metadata (librdkafka's mock cluster), a
+/// partition commits the end of its resolved prefix however its turns
+/// overlap, with the resolved offsets past it in the metadata. A worker
+/// killed with -9 there, and a new one that reads on from that commit, send
+/// no part of a delivered turn again (the listed records stay out of the
+/// sessions) and lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_commit_metadata_the_commit_follows_the_prefix_and_no_turn_is_resent_in_part() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let t = Topics {
+        input: "meta-chat".into(),
+        output: "meta-turns".into(),
+        dlq: "meta-dlq".into(),
+        group: "meta-workers".into(),
+    };
+    for topic in [&t.input, &t.output, &t.dlq] {
+        cluster.create_topic(topic, 1, 1).unwrap();
+    }
+    let bootstrap = cluster.bootstrap_servers();
+    let client = || {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &bootstrap);
+        c
+    };
+    let count = 2_000;
+    let records = never_pausing_users(0, count, sessionizer::wall_clock::now_ms() - 60_000);
+    produce(client(), &t.input, &records).await;
+    // Sessions stay open until the worker has been quiet for 10 minutes: the
+    // last ones hold the prefix until the kill.
+    let config = |quiet: &str| {
+        format!(
+            "source = \"kafka\"\n[window]\nmax_messages = 4\nidle_timeout = \"{quiet}\"\nbacklog_quiet = \"{quiet}\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\ncommit_interval = \"200ms\"\nmax_pullback = \"10m\"\ncommit_stall = \"20m\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
+            t.group, t.input, t.output, t.dlq
+        )
+    };
+    let want: BTreeSet<String> = (0..count).map(|i| format!("m{i}")).collect();
+    let mut first = Worker::start(&config("10m"));
+    let at = wait_for("the commit to near the end", TIMEOUT, || {
+        let at = committed(client(), &t.group, &t.input, 1)[0];
+        (at >= count as i64 - 10).then_some(at)
+    });
+    first.kill9();
+    let sent_by_the_first = read_until(client(), &t.output, false, TIMEOUT, |_| true).len();
+    eprintln!("killed with the commit at {at} of {count}; {sent_by_the_first} turns out");
+    let _second = Worker::start(&config("200ms"));
+    let turns = read_until(client(), &t.output, false, TIMEOUT, covers(&want));
+    assert_complete_without_partial_duplicates(&want, &turns);
 }

@@ -119,6 +119,15 @@ impl<P: Copy> CompletionTracker<P> {
         position
     }
 
+    /// Forgets the holds that the prefix's end falls inside: the caller
+    /// resumes there from now on (the resolved records past it are recorded
+    /// elsewhere, or a bounded pull-back gave up; see `docs/semantics.md`,
+    /// "Kafka commits"). Holds of outcomes wholly past the prefix stay.
+    pub fn release_holds(&mut self) {
+        let base = self.base_seq;
+        self.holds.retain(|(first, _, _)| *first >= base);
+    }
+
     /// Where a restart must resume: after the resolved prefix (`next` of its
     /// last position; `start` while nothing is resolved), or earlier where
     /// [`Self::held_from`] says a resolved outcome reaches past it.
@@ -126,8 +135,14 @@ impl<P: Copy> CompletionTracker<P> {
     where
         P: Ord,
     {
-        let prefix = self.peek_committable().map_or(start, next);
+        let prefix = self.prefix_end(start, next);
         self.held_from().map_or(prefix, |held| held.min(prefix))
+    }
+
+    /// The position after the resolved prefix (`next` of its last position;
+    /// `start` while nothing is resolved), ignoring holds.
+    pub fn prefix_end(&self, start: P, next: impl Fn(P) -> P) -> P {
+        self.peek_committable().map_or(start, next)
     }
 
     /// Positions resolved but not yet in the prefix (they wait behind an
@@ -205,6 +220,28 @@ mod tests {
         // inside A (0, 3), so the replay must start at A's first record.
         assert_eq!(t.peek_committable(), Some(4));
         assert_eq!(t.held_from(), Some(0));
+    }
+
+    #[test]
+    fn released_holds_let_the_resume_point_reach_the_prefix_end() {
+        let mut t = CompletionTracker::new();
+        let s: Vec<u64> = (0..8_i64).map(|p| t.register(p)).collect();
+        // Turn A: 0 and 3, resolved; record 2 open; turn C: 5 and 7,
+        // resolved; record 6 open.
+        t.hold(s[0], s[3]);
+        t.hold(s[5], s[7]);
+        for i in [0, 1, 3, 5, 7] {
+            t.resolve(s[i]);
+        }
+        assert_eq!(t.resume_point(0, |p| p + 1), 0, "held at A's start");
+        t.release_holds();
+        assert_eq!(t.resume_point(0, |p| p + 1), 2, "A's hold is gone");
+        // C lies wholly past the prefix: its hold still counts once the
+        // prefix ends inside it.
+        t.resolve(s[2]);
+        t.resolve(s[4]);
+        assert_eq!(t.prefix_end(0, |p| p + 1), 6);
+        assert_eq!(t.resume_point(0, |p| p + 1), 5, "held at C's start");
     }
 
     #[test]

@@ -346,6 +346,13 @@ impl SessionEngine {
         self.observe(t, out);
     }
 
+    /// Moves the watermark for an event that is not placed in a session (it
+    /// belongs to a turn an earlier owner already delivered); closes what
+    /// that lets close.
+    pub fn observe_event_time(&mut self, event_time: i64, out: &mut Vec<Resolution>) {
+        self.observe(event_time, out);
+    }
+
     /// The caught-up idle advance (see [`WatermarkTracker::advance_idle`]);
     /// the caller has established with an [`super::IdleClock`] that the
     /// partition is read to its end and quiet.

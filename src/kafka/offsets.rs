@@ -2,21 +2,54 @@
 //!
 //! A partition commits the end of its contiguous resolved prefix, but records
 //! after it may be resolved already (their turn was delivered while an older
-//! session is still open). A restart from the committed offset must not
-//! process those again, or it would re-emit part of a delivered turn under a
+//! session is still open). A restart from the committed offset must not send
+//! those again in part, or it would re-emit part of a delivered turn under a
 //! new `turn_id`. So each commit carries, in Kafka's commit metadata, the
-//! resolved offsets after it as ranges relative to the committed offset:
-//! `r1:3-5,9,12-40`. The metadata is bounded (Kafka's default
-//! `offset.metadata.max.bytes` is 4096); offsets that do not fit are replayed,
-//! which is safe, only less tidy.
+//! resolved offsets after it as ranges relative to the committed offset, in
+//! one of two forms (see `docs/semantics.md`, "Kafka commits"):
+//!
+//! - `r2:3-5,9,12-40` ([`Skip::Exclude`]): the list is complete, the commit
+//!   is the prefix's end. The next owner leaves these records out of its
+//!   sessions (their event times still move its watermark): every one of them
+//!   is part of an outcome already delivered.
+//! - `r1:…` ([`Skip::Replay`]): the commit was pulled back to the first
+//!   record of a turn that spans it (the broker may not keep metadata, or the
+//!   list did not fit). The next owner processes the listed records like any
+//!   other and only leaves out what is made of them alone.
+//!
+//! The metadata is bounded (Kafka's default `offset.metadata.max.bytes` is
+//! 4096); an `r2` list that does not fit is not written (the worker falls
+//! back to `r1`, where a cut list is safe, only less tidy).
 
 /// The most metadata written.
 const MAX_METADATA: usize = 3_000;
-const PREFIX: &str = "r1:";
 
-/// Encodes the resolved offsets (ascending, all ≥ `committed`) after `committed`.
-pub fn encode(committed: i64, resolved: impl IntoIterator<Item = i64>) -> String {
-    let mut out = String::from(PREFIX);
+/// How the next owner treats the listed records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    /// Processed again; outcomes made only of them are not sent again.
+    Replay,
+    /// Left out of the sessions (only their event times count).
+    Exclude,
+}
+
+impl Skip {
+    fn prefix(self) -> &'static str {
+        match self {
+            Skip::Replay => "r1:",
+            Skip::Exclude => "r2:",
+        }
+    }
+}
+
+/// Encodes the resolved offsets (ascending, all ≥ `committed`) after
+/// `committed`. The flag says whether all of them fit.
+pub fn encode(
+    form: Skip,
+    committed: i64,
+    resolved: impl IntoIterator<Item = i64>,
+) -> (String, bool) {
+    let mut out = String::from(form.prefix());
     let mut range: Option<(i64, i64)> = None;
     let push = |out: &mut String, (a, b): (i64, i64)| -> bool {
         let item = if a == b {
@@ -27,7 +60,7 @@ pub fn encode(committed: i64, resolved: impl IntoIterator<Item = i64>) -> String
         if out.len() + item.len() + 1 > MAX_METADATA {
             return false;
         }
-        if out.len() > PREFIX.len() {
+        if out.len() > form.prefix().len() {
             out.push(',');
         }
         out.push_str(&item);
@@ -38,24 +71,35 @@ pub fn encode(committed: i64, resolved: impl IntoIterator<Item = i64>) -> String
             Some((a, b)) if offset == b + 1 => Some((a, offset)),
             Some(r) => {
                 if !push(&mut out, r) {
-                    return out;
+                    return (out, false);
                 }
                 Some((offset, offset))
             }
             None => Some((offset, offset)),
         };
     }
-    if let Some(r) = range {
-        push(&mut out, r);
-    }
-    out
+    let complete = range.is_none_or(|r| push(&mut out, r));
+    (out, complete)
 }
 
-/// Decodes metadata written by [`encode`] into absolute inclusive ranges;
-/// anything else (another tool's metadata, none) means nothing to skip.
-pub fn decode(committed: i64, metadata: &str) -> Vec<(i64, i64)> {
-    let Some(body) = metadata.strip_prefix(PREFIX) else {
-        return Vec::new();
+/// Whether `metadata` was written by [`encode`] (a broker that keeps commit
+/// metadata gives it back; one that does not gives back an empty string).
+pub fn is_ours(metadata: &str) -> bool {
+    [Skip::Replay, Skip::Exclude]
+        .iter()
+        .any(|f| metadata.starts_with(f.prefix()))
+}
+
+/// Decodes metadata written by [`encode`] into its form and absolute
+/// inclusive ranges; anything else (another tool's metadata, none) means
+/// nothing to skip.
+pub fn decode(committed: i64, metadata: &str) -> (Skip, Vec<(i64, i64)>) {
+    let nothing = (Skip::Replay, Vec::new());
+    let Some((form, body)) = [Skip::Replay, Skip::Exclude]
+        .into_iter()
+        .find_map(|f| Some(f).zip(metadata.strip_prefix(f.prefix())))
+    else {
+        return nothing;
     };
     let mut ranges = Vec::new();
     for item in body.split(',').filter(|i| !i.is_empty()) {
@@ -65,10 +109,10 @@ pub fn decode(committed: i64, metadata: &str) -> Vec<(i64, i64)> {
         };
         match parsed {
             Some((a, b)) if a <= b => ranges.push((committed + a, committed + b)),
-            _ => return Vec::new(), // not ours after all: skip nothing
+            _ => return nothing, // not ours after all: skip nothing
         }
     }
-    ranges
+    (form, ranges)
 }
 
 #[cfg(test)]
@@ -77,20 +121,34 @@ mod tests {
 
     #[test]
     fn round_trips_as_ranges() {
-        let m = encode(100, [103, 104, 105, 109, 112, 113]);
+        let (m, complete) = encode(Skip::Replay, 100, [103, 104, 105, 109, 112, 113]);
+        assert!(complete);
         assert_eq!(m, "r1:3-5,9,12-13");
-        assert_eq!(decode(100, &m), vec![(103, 105), (109, 109), (112, 113)]);
-        assert_eq!(encode(7, []), "r1:");
-        assert!(decode(7, "r1:").is_empty());
-        assert!(decode(7, "someone else's").is_empty());
-        assert!(decode(7, "r1:5-2").is_empty());
+        assert_eq!(
+            decode(100, &m),
+            (Skip::Replay, vec![(103, 105), (109, 109), (112, 113)])
+        );
+        let (m, _) = encode(Skip::Exclude, 100, [101]);
+        assert_eq!(m, "r2:1");
+        assert_eq!(decode(100, &m), (Skip::Exclude, vec![(101, 101)]));
+        assert_eq!(encode(Skip::Replay, 7, []), ("r1:".to_owned(), true));
+        assert!(decode(7, "r1:").1.is_empty());
+        assert!(is_ours("r1:") && is_ours("r2:4") && !is_ours(""));
+        assert_eq!(decode(7, "someone else's"), (Skip::Replay, vec![]));
+        assert!(decode(7, "r1:5-2").1.is_empty());
+        assert_eq!(
+            decode(7, "r2:x"),
+            (Skip::Replay, vec![]),
+            "not ours: no exclusion"
+        );
     }
 
     #[test]
-    fn stays_bounded() {
-        let m = encode(0, (0..100_000).map(|i| i * 2));
+    fn stays_bounded_and_says_when_cut() {
+        let (m, complete) = encode(Skip::Exclude, 0, (0..100_000).map(|i| i * 2));
+        assert!(!complete);
         assert!(m.len() <= MAX_METADATA);
-        let ranges = decode(0, &m);
+        let (_, ranges) = decode(0, &m);
         assert!(ranges.len() > 100 && ranges.iter().all(|(a, b)| a == b && a % 2 == 0));
     }
 }

@@ -34,7 +34,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::client::{consumer_config, producer_config};
 use super::dead_letter::{self, Provenance};
-use super::offsets;
+use super::offsets::{self, Skip};
 use crate::codec::turn_as_events;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
@@ -93,6 +93,9 @@ struct Tracked {
     start_offset: i64,
     /// What was last committed, to skip commits that change nothing.
     last_commit: Option<(i64, String)>,
+    /// Since when the commit has been pulled back behind the resolved
+    /// prefix's end (see [`Tracked::commit_point`]).
+    pulled_back_since: Option<i64>,
     /// Whether the commit point has stopped advancing with records
     /// unresolved behind it (for `/readyz` and the gauge).
     stall: CommitStall,
@@ -109,6 +112,8 @@ struct CommitStall {
     since: Option<i64>,
     mark: FailingMark,
     gauge: ::metrics::Gauge,
+    /// Records read past the confirmed offset (what a crash replays).
+    lag: ::metrics::Gauge,
 }
 
 impl CommitStall {
@@ -118,6 +123,7 @@ impl CommitStall {
             since: None,
             mark: FailingMark::after(after_ms),
             gauge: metrics::commit_stalled(&format!("{}/{}", tp.0, tp.1)),
+            lag: metrics::commit_lag(&format!("{}/{}", tp.0, tp.1)),
         }
     }
 
@@ -154,22 +160,57 @@ impl CommitStall {
 impl Drop for CommitStall {
     fn drop(&mut self) {
         self.gauge.set(0.0);
+        self.lag.set(0.0);
     }
 }
 
 impl Tracked {
-    /// The offset to commit and its metadata (the resolved offsets past it):
-    /// the end of the resolved prefix, or earlier where an emitted turn
-    /// reaches past it (see [`CompletionTracker::hold`]).
-    fn commit_point(&mut self) -> (i64, String) {
-        let offset = self
-            .tracker
-            .resume_point(self.start_offset, |last| last + 1);
-        (
-            offset,
-            offsets::encode(offset, self.tracker.resolved_beyond_prefix()),
-        )
+    /// The offset to commit and its metadata (the resolved offsets past it;
+    /// `docs/semantics.md`, "Kafka commits"). Where the broker keeps commit
+    /// metadata and the list fits, that is the end of the resolved prefix.
+    /// Otherwise the commit is pulled back to the first record of a turn
+    /// that reaches past it (see [`CompletionTracker::hold`]), so a replay
+    /// re-forms whole turns; overlapping turns can chain that back without
+    /// end, so after `max_pullback_ms` the commit moves to the prefix's end.
+    fn commit_point(&mut self, tp: &Tp, now_ms: i64, policy: CommitPolicy) -> (i64, String) {
+        let prefix = self.tracker.prefix_end(self.start_offset, |last| last + 1);
+        if policy.metadata_kept {
+            let (metadata, complete) =
+                offsets::encode(Skip::Exclude, prefix, self.tracker.resolved_beyond_prefix());
+            if complete {
+                self.tracker.release_holds();
+                self.pulled_back_since = None;
+                return (prefix, metadata);
+            }
+        }
+        let mut offset = prefix;
+        match self.tracker.held_from().filter(|held| *held < prefix) {
+            Some(held) => {
+                let since = *self.pulled_back_since.get_or_insert(now_ms);
+                if now_ms - since < policy.max_pullback_ms {
+                    offset = held;
+                } else {
+                    tracing::info!(topic = %tp.0, partition = tp.1, from = held, to = prefix, "commit pulled back for kafka.max_pullback; moved to the resolved prefix's end");
+                    metrics::pullback_released(&format!("{}/{}", tp.0, tp.1));
+                    self.tracker.release_holds();
+                    self.pulled_back_since = None;
+                }
+            }
+            None => self.pulled_back_since = None,
+        }
+        let (metadata, _) =
+            offsets::encode(Skip::Replay, offset, self.tracker.resolved_beyond_prefix());
+        (offset, metadata)
     }
+}
+
+/// What decides a commit point besides the partition's own state.
+#[derive(Debug, Clone, Copy)]
+struct CommitPolicy {
+    /// The broker gave back the metadata of a commit (see [`probe_metadata`]).
+    metadata_kept: bool,
+    /// `kafka.max_pullback`.
+    max_pullback_ms: i64,
 }
 
 /// State shared between the loop and the consumer's rebalance callbacks.
@@ -177,6 +218,11 @@ impl Tracked {
 /// locks are never contended; they only make the sharing explicit.
 #[derive(Default)]
 struct Shared {
+    /// `kafka.max_pullback`.
+    max_pullback_ms: i64,
+    /// Whether the broker keeps commit metadata: unknown (`None`) until the
+    /// first confirmed commit is read back.
+    metadata_kept: Mutex<Option<bool>>,
     tracked: Mutex<HashMap<Tp, Tracked>>,
     events: Mutex<Vec<Rebalanced>>,
     /// The transactional producer, in exactly-once mode: a revoke commits the
@@ -192,12 +238,17 @@ impl Shared {
     /// [`Self::commit_failed`]).
     fn take_commit_points(&self, which: Option<&[Tp]>) -> TopicPartitionList {
         let mut list = TopicPartitionList::new();
+        let policy = CommitPolicy {
+            metadata_kept: self.metadata_kept() == Some(true),
+            max_pullback_ms: self.max_pullback_ms,
+        };
+        let now = now_ms();
         let mut tracked = self.tracked.lock().expect("not poisoned");
         for (tp, t) in tracked.iter_mut() {
             if which.is_some_and(|w| !w.contains(tp)) {
                 continue;
             }
-            let point = t.commit_point();
+            let point = t.commit_point(tp, now, policy);
             if t.last_commit.as_ref() == Some(&point) {
                 continue;
             }
@@ -209,6 +260,23 @@ impl Shared {
             t.last_commit = Some(point);
         }
         list
+    }
+
+    fn metadata_kept(&self) -> Option<bool> {
+        *self.metadata_kept.lock().expect("not poisoned")
+    }
+
+    /// What reading back a confirmed commit showed (see [`probe_metadata`]).
+    fn learned_metadata_kept(&self, kept: bool) {
+        let mut known = self.metadata_kept.lock().expect("not poisoned");
+        if known.is_none() {
+            if kept {
+                tracing::info!("the broker keeps commit metadata: each partition commits the end of its resolved prefix");
+            } else {
+                tracing::warn!("the broker does not keep commit metadata: a commit is pulled back to the start of a turn that spans it, for up to kafka.max_pullback (docs/semantics.md, \"Kafka commits\")");
+            }
+            *known = Some(kept);
+        }
     }
 
     /// The outcome of committing `offsets`: confirmed, they are each
@@ -386,8 +454,8 @@ struct PartitionState {
     pipeline: PartitionPipeline,
     idle: IdleClock,
     /// Offsets after the committed one that an earlier owner already resolved
-    /// (from the commit metadata).
-    skip: Vec<(i64, i64)>,
+    /// (from the commit metadata), and what to do with them.
+    skip: (Skip, Vec<(i64, i64)>),
     /// An offset gap already re-read once (see `on_message`).
     gap_checked: Option<i64>,
     /// Sequence numbers of records in `skip` whose outcome is still to come.
@@ -553,7 +621,10 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<Stats, WorkerError> {
     let kafka = config.kafka.as_ref().ok_or(WorkerError::NoKafkaSection)?;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        max_pullback_ms: kafka.max_pullback.0,
+        ..Shared::default()
+    });
     // Shared with the thread that runs each periodic commit.
     let consumer: Arc<StreamConsumer<WorkerContext>> = Arc::new(
         consumer_config(kafka)
@@ -723,7 +794,7 @@ struct Worker {
     /// What `deliveries` holds, and whether reading is paused for it.
     in_flight: InFlight,
     /// The periodic commit in progress (at most one).
-    commits: FuturesUnordered<tokio::task::JoinHandle<(TopicPartitionList, KafkaResult<()>)>>,
+    commits: FuturesUnordered<tokio::task::JoinHandle<CommitDone>>,
     commit_stall_ms: i64,
     log_throttle: LogThrottle,
     /// Counts of partitions no longer owned, plus totals at the end.
@@ -885,6 +956,7 @@ impl Worker {
                     tracker: CompletionTracker::new(),
                     start_offset: m.offset(),
                     last_commit: None,
+                    pulled_back_since: None,
                     stall: CommitStall::new(&tp, self.commit_stall_ms),
                 },
             );
@@ -919,23 +991,32 @@ impl Worker {
             let t = tracked.get_mut(&tp).expect("tracked with its state");
             t.tracker.register(m.offset())
         };
-        if state
-            .skip
-            .iter()
-            .any(|(a, b)| (*a..=*b).contains(&m.offset()))
-        {
-            // Processed all the same, so the sessions and the watermark come
-            // out as they did for the earlier owner; only what is made of
-            // such records alone is not sent again (see `dispatch`).
-            state.replayed.insert(seq);
-        }
+        let (form, skip) = &state.skip;
+        let resolved_before = skip.iter().any(|(a, b)| (*a..=*b).contains(&m.offset()));
+        let excluded = resolved_before && *form == Skip::Exclude;
         let payload = m.payload().unwrap_or(&[]);
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        if let Some(panic) = state
-            .pipeline
-            .process_guarded(payload, seq, now, &mut outcomes)
-        {
-            tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it");
+        if excluded {
+            // Part of an outcome already delivered, and every such record
+            // past the commit is listed: only its event time counts, so the
+            // watermark comes out as it did for the earlier owner.
+            state.pipeline.observe_resolved(payload, now, &mut outcomes);
+        } else {
+            if resolved_before {
+                // Processed all the same, so the sessions re-form as they did
+                // for the earlier owner; only what is made of such records
+                // alone is not sent again (see `dispatch`).
+                state.replayed.insert(seq);
+            }
+            if let Some(panic) = state
+                .pipeline
+                .process_guarded(payload, seq, now, &mut outcomes)
+            {
+                tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it");
+            }
+        }
+        if excluded {
+            self.resolve(&tp, epoch, &[seq], None);
         }
         self.dispatch(&tp, epoch, &mut outcomes, Some(m));
         self.outcomes = outcomes;
@@ -1207,6 +1288,16 @@ impl Worker {
     }
 
     fn update_gauges(&self, consumer: &StreamConsumer<WorkerContext>, now: i64) {
+        let tracked = self.shared.tracked.lock().expect("not poisoned");
+        for (tp, state) in &self.partitions {
+            if let Some(t) = tracked.get(tp) {
+                let confirmed = t.stall.confirmed.unwrap_or(t.start_offset);
+                t.stall
+                    .lag
+                    .set((state.next_offset - confirmed).max(0) as f64);
+            }
+        }
+        drop(tracked);
         for ((topic, partition), state) in &self.partitions {
             let engine = state.pipeline.engine();
             state
@@ -1246,28 +1337,42 @@ impl Worker {
             return Ok(()); // the previous one is still on its way
         }
         let offsets = self.shared.take_commit_points(None);
+        let probe = self.shared.metadata_kept().is_none();
         if self.kafka.exactly_once {
             let committed =
                 commit_transaction(&self.output_producer, &**consumer, &offsets, &self.in_txn);
             metrics::commit(committed.is_ok());
             self.shared.committed(&offsets, committed.is_ok());
+            if probe && committed.is_ok() && offsets.count() > 0 {
+                if let Ok(kept) = probe_metadata(&**consumer, &offsets) {
+                    self.shared.learned_metadata_kept(kept);
+                }
+            }
             return committed;
         }
         if offsets.count() > 0 {
             let consumer = consumer.clone();
             self.commits.push(tokio::task::spawn_blocking(move || {
                 let result = consumer.commit(&offsets, CommitMode::Sync);
-                (offsets, result)
+                let metadata_kept = (probe && result.is_ok())
+                    .then(|| probe_metadata(&*consumer, &offsets).ok())
+                    .flatten();
+                CommitDone {
+                    offsets,
+                    result,
+                    metadata_kept,
+                }
             }));
         }
         Ok(())
     }
 
-    fn on_committed(
-        &mut self,
-        done: Result<(TopicPartitionList, KafkaResult<()>), tokio::task::JoinError>,
-    ) {
-        let (offsets, result) = match done {
+    fn on_committed(&mut self, done: Result<CommitDone, tokio::task::JoinError>) {
+        let CommitDone {
+            offsets,
+            result,
+            metadata_kept,
+        } = match done {
             Ok(done) => done,
             Err(e) => {
                 tracing::error!(error = %e, "the commit task failed");
@@ -1275,6 +1380,9 @@ impl Worker {
                 return;
             }
         };
+        if let Some(kept) = metadata_kept {
+            self.shared.learned_metadata_kept(kept);
+        }
         match result {
             Ok(()) | Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {
                 metrics::commit(true);
@@ -1337,9 +1445,39 @@ impl Worker {
     }
 }
 
+/// A periodic commit's result, with what reading it back showed (the first
+/// time only; see [`probe_metadata`]).
+struct CommitDone {
+    offsets: TopicPartitionList,
+    result: KafkaResult<()>,
+    metadata_kept: Option<bool>,
+}
+
+/// Reads back the commit of `offsets`, just confirmed, and says whether the
+/// broker kept its metadata (Kafka does; `tansu` 0.6 gives back an empty
+/// string). Every commit the worker writes has metadata, so metadata that is
+/// not ours means the broker dropped it.
+fn probe_metadata<X: ConsumerContext, K: Consumer<X>>(
+    consumer: &K,
+    offsets: &TopicPartitionList,
+) -> KafkaResult<bool> {
+    let mut list = TopicPartitionList::new();
+    for e in offsets.elements() {
+        list.add_partition(e.topic(), e.partition());
+    }
+    let read = consumer.committed_offsets(list, Duration::from_secs(10))?;
+    Ok(read
+        .elements()
+        .iter()
+        .any(|e| offsets::is_ours(e.metadata())))
+}
+
 /// The offsets after the group's committed offset that an earlier owner
 /// already resolved, from the commit metadata (see [`offsets`]).
-fn resolved_by_earlier_owner(consumer: &StreamConsumer<WorkerContext>, tp: &Tp) -> Vec<(i64, i64)> {
+fn resolved_by_earlier_owner(
+    consumer: &StreamConsumer<WorkerContext>,
+    tp: &Tp,
+) -> (Skip, Vec<(i64, i64)>) {
     let mut list = TopicPartitionList::new();
     list.add_partition(&tp.0, tp.1);
     match consumer.committed_offsets(list, Duration::from_secs(10)) {
@@ -1349,10 +1487,10 @@ fn resolved_by_earlier_owner(consumer: &StreamConsumer<WorkerContext>, tp: &Tp) 
                 Offset::Offset(offset) => Some(offsets::decode(offset, e.metadata())),
                 _ => None,
             })
-            .unwrap_or_default(),
+            .unwrap_or((Skip::Replay, Vec::new())),
         Err(e) => {
             tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the commit metadata; resolved records past the commit are replayed");
-            Vec::new()
+            (Skip::Replay, Vec::new())
         }
     }
 }
