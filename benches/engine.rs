@@ -52,6 +52,8 @@ fn window() -> WindowConfig {
         max_messages: 200,
         max_bytes: 65_536,
         late: LatePolicy::NewTurn,
+        max_gap_ms: 60_000,
+        follow_up_ms: None,
     }
 }
 
@@ -69,6 +71,7 @@ fn engine_pass(events: &[Decoded]) -> usize {
             text: e.text.as_str().into(),
             event_time: e.event_time,
             attributes: None,
+            gap_ms: None,
         };
         engine.on_event(event, seq as u64, &mut out);
         turns += out.len();

@@ -53,6 +53,8 @@ fn main() {
         max_messages: 200,
         max_bytes: 65_536,
         late: LatePolicy::NewTurn,
+        max_gap_ms: 60_000,
+        follow_up_ms: None,
     };
     let names: Vec<(String, String)> = (0..SESSIONS)
         .map(|i| (format!("user-{i}"), format!("u{i}-b0-m0")))
@@ -71,6 +73,7 @@ fn main() {
             text: TEXT.into(),
             event_time: 1_700_000_000_000 + (seq as i64 % 1000),
             attributes: None,
+            gap_ms: None,
         };
         engine.on_event(event, seq as u64, &mut out);
     }

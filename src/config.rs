@@ -361,6 +361,13 @@ pub struct WindowSection {
     pub max_bytes: u32,
     /// What happens to a late message: `new-turn`, `dlq` or `drop`.
     pub late: LateSetting,
+    /// The largest per-event `gap_ms` honoured; a larger one is clamped
+    /// (and counted), never an error.
+    pub max_gap: Millis,
+    /// A turn that starts within this of its key's previous turn's last
+    /// event carries `previous_turn_id`. Off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follow_up: Option<Millis>,
 }
 
 impl Default for WindowSection {
@@ -375,6 +382,8 @@ impl Default for WindowSection {
             max_messages: 200,
             max_bytes: 65_536,
             late: LateSetting::NewTurn,
+            max_gap: Millis(60_000),
+            follow_up: None,
         }
     }
 }
@@ -523,6 +532,12 @@ impl Config {
                 "must be greater than 0",
             ));
         }
+        if w.follow_up.is_some_and(|f| f.0 <= 0) {
+            return Err(ConfigError::new(
+                "window.follow_up",
+                "must be greater than 0 (leave it out to turn follow-up links off)",
+            ));
+        }
         if w.max_messages == 0 {
             return Err(ConfigError::new(
                 "window.max_messages",
@@ -657,6 +672,8 @@ impl Config {
                 LateSetting::Dlq => LatePolicy::Dlq,
                 LateSetting::Drop => LatePolicy::Drop,
             },
+            max_gap_ms: w.max_gap.0,
+            follow_up_ms: w.follow_up.map(|f| f.0),
         }
     }
 

@@ -70,6 +70,8 @@ pub const FAILING: &str = "sessionizer_failing_partitions";
 /// behind it, by `partition` (Kafka; past `kafka.commit_stall` the partition
 /// counts in [`FAILING`]).
 pub const COMMIT_STALLED: &str = "sessionizer_commit_stalled_seconds";
+/// Per-event `gap_ms` values over `window.max_gap`, clamped to it.
+pub const GAPS_CLAMPED: &str = "sessionizer_gaps_clamped_total";
 /// Records a partition has read past its last confirmed commit, by
 /// `partition` (Kafka): what a crash would make the next owner read again.
 pub const COMMIT_LAG: &str = "sessionizer_commit_lag_records";
@@ -215,6 +217,11 @@ pub fn dead_letter(reason: DeadLetterReason) {
 /// The gauge of [`COMMIT_STALLED`] for one partition.
 pub fn commit_stalled(partition: &str) -> Gauge {
     gauge!(COMMIT_STALLED, "partition" => partition.to_owned())
+}
+
+/// An event's `gap_ms` was clamped to `window.max_gap`.
+pub fn gap_clamped() {
+    counter!(GAPS_CLAMPED).increment(1);
 }
 
 /// The gauge of [`COMMIT_LAG`] for one partition.

@@ -139,8 +139,12 @@ impl PartitionPipeline {
                 self.stats.events[kind] += 1;
                 self.metrics.event(kind);
                 let event_time = event.event_time;
+                let clamped = self.engine.clamped_gaps();
                 let mut resolutions = std::mem::take(&mut self.scratch);
                 self.engine.on_event(event, seq, &mut resolutions);
+                if self.engine.clamped_gaps() != clamped {
+                    crate::metrics::gap_clamped();
+                }
                 for r in resolutions.drain(..) {
                     let outcome = self.outcome(r, event_time);
                     self.push(outcome, out);
@@ -160,7 +164,7 @@ impl PartitionPipeline {
         if let Ok(event) = self.decoder.decode(payload, now_ms) {
             let mut resolutions = std::mem::take(&mut self.scratch);
             self.engine
-                .observe_event_time(event.event_time, &mut resolutions);
+                .observe_event_time(event.event_time, event.gap_ms, &mut resolutions);
             self.drain(resolutions, out);
         }
     }

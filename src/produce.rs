@@ -253,6 +253,7 @@ fn encode(record: &GeneratedRecord, event_time: i64, protobuf: bool) -> Vec<u8> 
         text: text("text"),
         event_time_ms: event_time,
         attributes: Default::default(),
+        gap_ms: None,
     };
     prost::Message::encode_to_vec(&message)
 }

@@ -1,13 +1,15 @@
 //! Property tests of the session engine against small, obviously-correct
 //! reference models (the invariants of `DESIGN.md`).
 //!
-//! - `reference`: a naive simulator of the full rules (scans every session,
-//!   stores every event) that the indexed engine must match exactly.
+//! - `reference`: the definition of `docs/semantics.md` ("Sessions and
+//!   turns") applied offline: per key, sort, chain, cut. Whatever the arrival
+//!   order within the disorder bound, the engine must produce exactly its
+//!   turns, byte for byte.
 //! - `batch_sessions`: Flink's / Kafka Streams' session windows computed offline
 //!   by sorting each key's events and splitting where the gap is exceeded; with
 //!   disorder below `max_out_of_orderness` the engine must produce exactly these.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use sessionizer::codec::{DecodeLimits, Decoder, InputFormat};
@@ -25,6 +27,7 @@ struct Ev {
     id: String,
     text_len: usize,
     t: i64,
+    gap: Option<i64>,
 }
 
 type Key = (u8, bool);
@@ -47,56 +50,14 @@ impl Ev {
             },
             event_time: self.t,
             attributes: None,
+            gap_ms: self.gap,
         }
     }
 }
 
-/// A turn as compared: (message ids, seqs, closed_by, late).
-type TurnSummary = (Vec<String>, Vec<u64>, ClosedBy, bool);
-
-/// A comparable summary of what became of the records.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct Summary {
-    /// Per key, the turns in emission order.
-    turns: BTreeMap<Key, Vec<TurnSummary>>,
-    dropped: BTreeSet<(u64, &'static str)>,
-    late_dead_letters: BTreeSet<u64>,
-}
-
-fn summarize(events: &[Ev], resolutions: &[Resolution]) -> Summary {
-    let mut s = Summary::default();
-    for r in resolutions {
-        match r {
-            Resolution::Turn(t) => {
-                let first = t
-                    .seqs
-                    .iter()
-                    .copied()
-                    .find(|seq| events[*seq as usize].kind == EventKind::Message)
-                    .unwrap();
-                let key = events[first as usize].key();
-                let mut seqs = t.seqs.clone();
-                seqs.sort();
-                let ids = t
-                    .messages
-                    .iter()
-                    .map(|m| m.message_id().to_owned())
-                    .collect();
-                s.turns
-                    .entry(key)
-                    .or_default()
-                    .push((ids, seqs, t.closed_by, t.late));
-            }
-            Resolution::Dropped { seq, reason, .. } => {
-                s.dropped.insert((*seq, reason.as_str()));
-            }
-            Resolution::LateDeadLetter { seq } => {
-                s.late_dead_letters.insert(*seq);
-            }
-        }
-    }
-    s
-}
+/// An emitted turn as compared: (its JSON, message ids, closed_by,
+/// previous_turn_id).
+type EmittedTurn = (String, Vec<String>, ClosedBy, Option<String>);
 
 fn run_engine(config: WindowConfig, events: &[Ev]) -> Vec<Resolution> {
     let mut engine = SessionEngine::new(config);
@@ -109,182 +70,121 @@ fn run_engine(config: WindowConfig, events: &[Ev]) -> Vec<Resolution> {
     out
 }
 
-/// The naive reference simulator of the full rules.
+/// The definition, offline and written apart from the engine: per key, the
+/// events sorted by (time, end of turn last, message id, text), chained
+/// while the next event is within the furthest `t + gap` so far, cut before
+/// an event past `max_duration` from the piece's first, before a message
+/// that would break `max_messages` or `max_bytes`, and right after an end of
+/// turn. A message id already in the piece is a duplicate. Returns per key
+/// the turns' (message ids, closed_by, previous turn's index in that list).
 mod reference {
     use super::*;
 
-    struct Session {
-        key: Key,
-        /// (seq, event)
-        events: Vec<(u64, Ev)>,
-    }
+    pub type RefTurn = (Vec<String>, ClosedBy, Option<usize>);
 
-    impl Session {
-        fn min_t(&self) -> i64 {
-            self.events.iter().map(|(_, e)| e.t).min().unwrap()
+    pub fn turns(c: &WindowConfig, events: &[Ev]) -> BTreeMap<Key, Vec<RefTurn>> {
+        let mut by_key: BTreeMap<Key, Vec<&Ev>> = BTreeMap::new();
+        for e in events {
+            by_key.entry(e.key()).or_default().push(e);
         }
-        fn max_t(&self) -> i64 {
-            self.events.iter().map(|(_, e)| e.t).max().unwrap()
-        }
-    }
-
-    pub fn run(c: WindowConfig, events: &[Ev]) -> Summary {
-        let mut w = i64::MIN;
-        let mut open: Vec<Session> = Vec::new();
-        let mut out = Summary::default();
-        let close = |s: Session, by: ClosedBy, out: &mut Summary| {
-            let mut evs = s.events;
-            if !evs.iter().any(|(_, e)| e.kind == EventKind::Message) {
-                for (seq, _) in evs {
-                    out.dropped.insert((seq, DropReason::NoMessage.as_str()));
-                }
-                return;
-            }
-            evs.sort_by_key(|(seq, e)| (e.t, *seq));
-            let ids = evs
-                .iter()
-                .filter(|(_, e)| e.kind == EventKind::Message)
-                .map(|(_, e)| e.id.clone())
-                .collect();
-            let mut seqs: Vec<u64> = evs.iter().map(|(seq, _)| *seq).collect();
-            seqs.sort();
-            out.turns
-                .entry(s.key)
-                .or_default()
-                .push((ids, seqs, by, false));
-        };
-        for (seq, e) in events.iter().enumerate() {
-            let seq = seq as u64;
-            let same_key = |s: &Session| s.key == e.key();
-            let duplicate = e.kind == EventKind::Message
-                && open.iter().filter(|s| same_key(s)).any(|s| {
-                    s.events
-                        .iter()
-                        .any(|(_, x)| x.kind == EventKind::Message && x.id == e.id)
-                });
-            if duplicate {
-                out.dropped.insert((seq, DropReason::Duplicate.as_str()));
-            } else {
-                let (reached, rest): (Vec<Session>, Vec<Session>) = open.drain(..).partition(|s| {
-                    same_key(s) && s.events.iter().any(|(_, x)| (x.t - e.t).abs() <= c.gap_ms)
-                });
-                open = rest;
-                if reached.is_empty() {
-                    if e.t + c.gap_ms < w {
-                        match (e.kind, c.late) {
-                            (EventKind::Message, LatePolicy::NewTurn) => {
-                                out.turns.entry(e.key()).or_default().push((
-                                    vec![e.id.clone()],
-                                    vec![seq],
-                                    ClosedBy::Gap,
-                                    true,
-                                ));
-                            }
-                            (EventKind::Message, LatePolicy::Dlq) => {
-                                out.late_dead_letters.insert(seq);
-                            }
-                            _ => {
-                                out.dropped.insert((seq, DropReason::Late.as_str()));
-                            }
-                        }
-                    } else if e.kind == EventKind::EndOfTurn {
-                        out.dropped.insert((seq, DropReason::NoMessage.as_str()));
-                    } else {
-                        open.push(Session {
-                            key: e.key(),
-                            events: vec![(seq, e.clone())],
-                        });
-                    }
+        let gap_of = |e: &Ev| e.gap.map_or(c.gap_ms, |g| g.clamp(0, c.max_gap_ms));
+        let mut result = BTreeMap::new();
+        for (key, mut evs) in by_key {
+            // Only a message has text (the engine orders by it after the id).
+            evs.sort_by_key(|e| {
+                let text = if e.kind == EventKind::Message {
+                    e.text_len
                 } else {
-                    let mut all: Vec<(u64, Ev)> = reached
-                        .iter()
-                        .flat_map(|s| s.events.iter().cloned())
-                        .collect();
-                    all.push((seq, e.clone()));
-                    let messages = all
-                        .iter()
-                        .filter(|(_, x)| x.kind == EventKind::Message)
-                        .count() as u64;
-                    let bytes: u64 = all
-                        .iter()
-                        .filter(|(_, x)| x.kind == EventKind::Message)
-                        .map(|(_, x)| x.text_len as u64)
-                        .sum();
-                    let span = all.iter().map(|(_, x)| x.t).max().unwrap()
-                        - all.iter().map(|(_, x)| x.t).min().unwrap();
-                    let cap = if messages > u64::from(c.max_messages) {
-                        Some(ClosedBy::MaxMessages)
-                    } else if bytes > u64::from(c.max_bytes) {
-                        Some(ClosedBy::MaxBytes)
-                    } else if span > c.max_duration_ms {
-                        Some(ClosedBy::MaxDuration)
-                    } else {
-                        None
-                    };
-                    match cap {
-                        Some(cap) => {
-                            let mut reached = reached;
-                            reached.sort_by_key(Session::min_t);
-                            for s in reached {
-                                close(s, cap, &mut out);
-                            }
-                            if e.kind == EventKind::EndOfTurn {
-                                out.dropped.insert((seq, DropReason::NoMessage.as_str()));
-                            } else {
-                                open.push(Session {
-                                    key: e.key(),
-                                    events: vec![(seq, e.clone())],
-                                });
-                            }
+                    0
+                };
+                (
+                    e.t,
+                    e.kind == EventKind::EndOfTurn,
+                    e.id.clone(),
+                    text,
+                    gap_of(e),
+                )
+            });
+            let mut turns: Vec<RefTurn> = Vec::new();
+            let mut last_end: Option<(usize, i64)> = None; // (turn index, end time)
+            let mut i = 0;
+            while i < evs.len() {
+                let start = evs[i].t;
+                let mut reach = i64::MIN;
+                let mut ids: Vec<String> = Vec::new();
+                let mut bytes = 0usize;
+                let mut closed_by = None;
+                let mut j = i;
+                while j < evs.len() {
+                    let e = evs[j];
+                    if j > i && e.t > reach {
+                        closed_by = Some(ClosedBy::Gap);
+                        break;
+                    }
+                    if e.t - start > c.max_duration_ms {
+                        closed_by = Some(ClosedBy::MaxDuration);
+                        break;
+                    }
+                    if e.kind == EventKind::Message && ids.contains(&e.id) {
+                        j += 1; // a duplicate: neither counts nor chains
+                        continue;
+                    }
+                    if e.kind == EventKind::Message {
+                        if j > i && ids.len() as u32 >= c.max_messages {
+                            closed_by = Some(ClosedBy::MaxMessages);
+                            break;
                         }
-                        None => {
-                            let merged = Session {
-                                key: e.key(),
-                                events: all,
-                            };
-                            if e.kind == EventKind::EndOfTurn {
-                                close(merged, ClosedBy::EndOfTurn, &mut out);
-                            } else {
-                                open.push(merged);
-                            }
+                        if j > i && !ids.is_empty() && bytes + e.text_len > c.max_bytes as usize {
+                            closed_by = Some(ClosedBy::MaxBytes);
+                            break;
                         }
+                        ids.push(e.id.clone());
+                        bytes += e.text_len;
+                    }
+                    reach = reach.max(e.t + gap_of(e));
+                    j += 1;
+                    if e.kind == EventKind::EndOfTurn {
+                        closed_by = Some(ClosedBy::EndOfTurn);
+                        break;
                     }
                 }
+                // A chain ending by its gap after max_duration ended there.
+                let closed_by = match closed_by {
+                    None | Some(ClosedBy::Gap) if reach > start + c.max_duration_ms => {
+                        ClosedBy::MaxDuration
+                    }
+                    None => ClosedBy::Gap,
+                    Some(by) => by,
+                };
+                if !ids.is_empty() {
+                    let end = evs[j - 1].t;
+                    let previous = match (c.follow_up_ms, last_end) {
+                        (Some(f), Some((index, last))) if start - last <= f => Some(index),
+                        _ => None,
+                    };
+                    turns.push((ids, closed_by, previous));
+                    last_end = Some((turns.len() - 1, end));
+                }
+                i = j;
             }
-            w = w.max(e.t - c.max_out_of_orderness_ms);
-            close_expired(&mut open, w, c.gap_ms, &mut out, &close);
+            if !turns.is_empty() {
+                result.insert(key, turns);
+            }
         }
-        close_expired(&mut open, i64::MAX, c.gap_ms, &mut out, &close);
-        out
-    }
-
-    fn close_expired(
-        open: &mut Vec<Session>,
-        w: i64,
-        gap: i64,
-        out: &mut Summary,
-        close: &dyn Fn(Session, ClosedBy, &mut Summary),
-    ) {
-        let (mut expired, rest): (Vec<Session>, Vec<Session>) =
-            open.drain(..).partition(|s| s.max_t() + gap < w);
-        *open = rest;
-        expired.sort_by_key(|s| s.max_t());
-        for s in expired {
-            close(s, ClosedBy::Gap, out);
-        }
+        result
     }
 }
 
 /// Flink's session windows, offline: per key, sort by time and split where
 /// consecutive events are more than `gap` apart. Returns per key the sessions'
-/// message ids in (time, seq) order.
+/// message ids in (time, message id) order.
 fn batch_sessions(gap: i64, events: &[Ev]) -> BTreeMap<Key, Vec<Vec<String>>> {
-    let mut by_key: BTreeMap<Key, Vec<(i64, u64, &str)>> = BTreeMap::new();
+    let mut by_key: BTreeMap<Key, Vec<(i64, &str, u64)>> = BTreeMap::new();
     for (seq, e) in events.iter().enumerate() {
         by_key
             .entry(e.key())
             .or_default()
-            .push((e.t, seq as u64, &e.id));
+            .push((e.t, &e.id, seq as u64));
     }
     by_key
         .into_iter()
@@ -292,7 +192,7 @@ fn batch_sessions(gap: i64, events: &[Ev]) -> BTreeMap<Key, Vec<Vec<String>>> {
             evs.sort();
             let mut sessions: Vec<Vec<String>> = Vec::new();
             let mut last = i64::MIN;
-            for (t, _, id) in evs {
+            for (t, id, _) in evs {
                 if sessions.is_empty() || t - last > gap {
                     sessions.push(Vec::new());
                 }
@@ -320,14 +220,16 @@ fn arbitrary_events() -> impl Strategy<Value = Vec<Ev>> {
             0u32..12,
             1usize..10,
             0i64..60,
+            prop_oneof![6 => Just(None), 1 => (0i64..12).prop_map(|g| Some(g * 500))],
         )
-            .prop_map(|(user, conversation, kind, id, text_len, slot)| Ev {
+            .prop_map(|(user, conversation, kind, id, text_len, slot, gap)| Ev {
                 user,
                 conversation: conversation && user == 0,
                 kind,
                 id: format!("m{id}"),
                 text_len,
                 t: 1_000_000 + slot * 500,
+                gap,
             }),
         0..60,
     )
@@ -345,15 +247,23 @@ fn arbitrary_config() -> impl Strategy<Value = WindowConfig> {
             Just(LatePolicy::Dlq),
             Just(LatePolicy::Drop)
         ],
+        (
+            1i64..10,
+            prop_oneof![Just(None), (0i64..10).prop_map(|f| Some(f * 500))],
+        ),
     )
         .prop_map(
-            |(gap, ooo, max_messages, max_bytes, max_duration, late)| WindowConfig {
-                gap_ms: gap * 500,
-                max_out_of_orderness_ms: ooo * 250,
-                max_duration_ms: max_duration * 500,
-                max_messages,
-                max_bytes,
-                late,
+            |(gap, ooo, max_messages, max_bytes, max_duration, late, (max_gap, follow_up))| {
+                WindowConfig {
+                    gap_ms: gap * 500,
+                    max_out_of_orderness_ms: ooo * 250,
+                    max_duration_ms: max_duration * 500,
+                    max_messages,
+                    max_bytes,
+                    late,
+                    max_gap_ms: max_gap * 500,
+                    follow_up_ms: follow_up,
+                }
             },
         )
 }
@@ -373,6 +283,7 @@ fn ordered_bursts() -> impl Strategy<Value = Vec<Ev>> {
                     id: format!("m{i}"),
                     text_len: 3,
                     t,
+                    gap: None,
                 }
             })
             .collect()
@@ -382,11 +293,59 @@ fn ordered_bursts() -> impl Strategy<Value = Vec<Ev>> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
-    /// The indexed engine makes exactly the naive simulator's decisions.
+    /// Any arrival order within the disorder bound gives the same turns,
+    /// byte for byte (turn_id, messages, closed_by, previous_turn_id), and
+    /// they are the definition's.
     #[test]
-    fn engine_matches_the_reference_simulator(config in arbitrary_config(), events in arbitrary_events()) {
-        let got = summarize(&events, &run_engine(config, &events));
-        let want = reference::run(config, &events);
+    fn turns_do_not_depend_on_arrival_order_within_the_bound(
+        config in arbitrary_config(),
+        events in arbitrary_events(),
+        delays in proptest::collection::vec(0.0f64..=1.0, 60),
+        other_delays in proptest::collection::vec(0.0f64..=1.0, 60),
+    ) {
+        // Each event arrives at most max_out_of_orderness after its time:
+        // within the bound, so nothing is late.
+        let arrival = |delays: &[f64]| {
+            let mut order: Vec<(i64, usize)> = events.iter().enumerate()
+                .map(|(i, e)| (e.t + (delays[i] * config.max_out_of_orderness_ms as f64) as i64, i))
+                .collect();
+            order.sort();
+            order.into_iter().map(|(_, i)| events[i].clone()).collect::<Vec<Ev>>()
+        };
+        let (a, b) = (arrival(&delays), arrival(&other_delays));
+        let turns_of = |evs: &[Ev]| -> BTreeMap<Key, Vec<EmittedTurn>> {
+            let mut got: BTreeMap<Key, Vec<_>> = BTreeMap::new();
+            for r in run_engine(config, evs) {
+                match r {
+                    Resolution::Turn(t) => {
+                        assert!(!t.late, "nothing is late within the bound");
+                        let key = evs[*t.seqs.iter().find(|s| evs[**s as usize].kind == EventKind::Message).unwrap() as usize].key();
+                        let mut bytes = Vec::new();
+                        sessionizer::codec::encode_turn(&t, sessionizer::codec::OutputFormat::Json, &mut bytes);
+                        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                        got.entry(key).or_default().push((
+                            String::from_utf8(bytes).unwrap(),
+                            t.messages.iter().map(|m| m.message_id().to_owned()).collect(),
+                            t.closed_by,
+                            json["previous_turn_id"].as_str().map(str::to_owned),
+                        ));
+                    }
+                    Resolution::LateDeadLetter { .. } => panic!("nothing is late within the bound"),
+                    Resolution::Dropped { reason, .. } => assert_ne!(reason, DropReason::Late),
+                }
+            }
+            got
+        };
+        let (got_a, got_b) = (turns_of(&a), turns_of(&b));
+        let bytes = |g: &BTreeMap<Key, Vec<EmittedTurn>>| -> BTreeMap<Key, Vec<String>> {
+            g.iter().map(|(k, v)| (*k, v.iter().map(|t| t.0.clone()).collect())).collect()
+        };
+        prop_assert_eq!(bytes(&got_a), bytes(&got_b));
+        let want = reference::turns(&config, &events);
+        let got: BTreeMap<Key, Vec<reference::RefTurn>> = got_a.iter().map(|(k, v)| {
+            let ids: Vec<&str> = v.iter().map(|t| serde_json::from_str::<serde_json::Value>(&t.0).unwrap()["turn_id"].as_str().unwrap().to_owned().leak() as &str).collect();
+            (*k, v.iter().enumerate().map(|(n, t)| (t.1.clone(), t.2, t.3.as_ref().map(|p| ids[..n].iter().rposition(|id| id == p).expect("links an earlier turn of the key")))).collect())
+        }).collect();
         prop_assert_eq!(got, want);
     }
 
@@ -394,7 +353,7 @@ proptest! {
     /// are exactly Flink's session windows; nothing is late or lost.
     #[test]
     fn bounded_disorder_gives_exactly_flinks_sessions(ooo in 1i64..2_000, gap in 500i64..5_000, mut events in ordered_bursts()) {
-        let config = WindowConfig { gap_ms: gap, max_out_of_orderness_ms: ooo, max_duration_ms: i64::MAX / 4, max_messages: u32::MAX, max_bytes: u32::MAX, late: LatePolicy::Dlq };
+        let config = WindowConfig { gap_ms: gap, max_out_of_orderness_ms: ooo, max_duration_ms: i64::MAX / 4, max_messages: u32::MAX, max_bytes: u32::MAX, late: LatePolicy::Dlq, max_gap_ms: 0, follow_up_ms: None };
         // Swap neighbours whose times differ by less than ooo: bounded disorder.
         for i in (1..events.len()).step_by(2) {
             if events[i].t - events[i - 1].t < ooo {
@@ -429,7 +388,7 @@ proptest! {
             let c = e.chat_event();
             serde_json::to_vec(&serde_json::json!({
                 "message_id": c.message_id, "user_id": c.user_id, "conversation_id": c.conversation_id,
-                "kind": c.kind.as_str(), "text": c.text, "event_time": c.event_time,
+                "kind": c.kind.as_str(), "text": c.text, "event_time": c.event_time, "gap_ms": c.gap_ms,
             })).unwrap()
         }).collect();
         let decoder = Decoder::new(InputFormat::Json, DecodeLimits { max_record_bytes: 1 << 20, max_text_bytes: 10, max_future_skew_ms: i64::MAX / 4 });
@@ -464,9 +423,17 @@ proptest! {
             match outcome {
                 Outcome::Turn(t) => {
                     for s in &t.seqs { seen[*s as usize] += 1; }
-                    let mut times: Vec<i64> = t.seqs.iter().map(|s| events[*s as usize].t).collect();
-                    times.sort();
-                    prop_assert!(times.windows(2).all(|w| w[1] - w[0] <= config.gap_ms), "gap exceeded in {:?}", times);
+                    // Each event is within the window of the ones before it.
+                    let mut chain: Vec<(i64, i64)> = t.seqs.iter().map(|s| {
+                        let e = &events[*s as usize];
+                        (e.t, e.t + config.gap_of(e.gap))
+                    }).collect();
+                    chain.sort();
+                    let mut reach = chain[0].1;
+                    for (time, end) in &chain[1..] {
+                        prop_assert!(*time <= reach, "gap exceeded in {:?}", chain);
+                        reach = reach.max(*end);
+                    }
                     prop_assert!(t.messages.len() as u32 <= config.max_messages);
                 }
                 Outcome::DeadLetter { seq, .. } | Outcome::Dropped { seq, .. } => seen[*seq as usize] += 1,

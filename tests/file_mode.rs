@@ -163,8 +163,9 @@ fn golden_conversation() {
         summary,
         [
             ("alice", "gap", false),
-            ("carol", "end_of_turn", false),
+            // An end of turn's turn waits for the watermark to pass it.
             ("alice", "gap", true),
+            ("carol", "end_of_turn", false),
             ("bob", "gap", false),
             ("dave", "gap", false)
         ]
@@ -234,6 +235,50 @@ fn golden_every_poison_kind() {
         }
     }
     assert_eq!(turns.len(), 2, "ok1 and x1 become turns");
+}
+
+/// The order-independent rules (`docs/semantics.md`, "Sessions and turns"):
+/// an end of turn that overtook the burst's last message still ends after
+/// it, a voice note's own `gap_ms` bridges to its transcript, a huge
+/// `gap_ms` is clamped to `max_gap`, and `follow_up` links a turn to the
+/// key's previous one.
+#[test]
+fn golden_order() {
+    let (turns, dlq) = golden("order");
+    assert!(dlq.is_empty());
+    let of =
+        |user: &str| -> Vec<&Value> { turns.iter().filter(|t| t["user_id"] == user).collect() };
+    let ids = |t: &Value| -> Vec<String> {
+        t["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["message_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let ann = of("ann");
+    assert_eq!(ids(ann[0]), ["a1", "a2"], "one answer for the burst");
+    assert_eq!(ann[0]["closed_by"], "end_of_turn");
+    assert_eq!(ids(ann[1]), ["a3"]);
+    assert_eq!(ann[1]["previous_turn_id"], ann[0]["turn_id"]);
+    assert!(ann[0].get("previous_turn_id").is_none());
+    assert_eq!(
+        ids(of("vic")[0]),
+        ["v1", "v2"],
+        "bridged by the note's own gap"
+    );
+    assert_eq!(
+        ids(of("xen")[0]),
+        ["x1", "x2"],
+        "gap clamped to max_gap, 20 s"
+    );
+    let tim = of("tim");
+    assert_eq!(
+        (ids(tim[0]), ids(tim[1])),
+        (vec!["t1".to_owned()], vec!["t2".to_owned()])
+    );
+    assert_eq!(tim[1]["previous_turn_id"], tim[0]["turn_id"]);
+    assert!(of("zed")[0].get("previous_turn_id").is_none());
 }
 
 #[test]

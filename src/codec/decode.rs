@@ -76,6 +76,7 @@ struct Fields<'a> {
     text: Option<Cow<'a, str>>,
     event_time: Option<EventTime<'a>>,
     attributes: Option<Attributes>,
+    gap_ms: Option<i64>,
 }
 
 enum EventTime<'a> {
@@ -166,6 +167,11 @@ impl Decoder {
                 })?
                 .timestamp_millis(),
         };
+        if let Some(gap) = f.gap_ms.filter(|g| *g < 0) {
+            return Err(Poison::invalid(format!(
+                "field `gap_ms` must be a non-negative number of milliseconds, got {gap}"
+            )));
+        }
         if event_time <= 0 {
             return Err(Poison::invalid(format!(
                 "field `event_time` must be a positive epoch-millisecond time, got {event_time}"
@@ -186,6 +192,7 @@ impl Decoder {
             text,
             event_time,
             attributes: f.attributes.filter(|a| !a.is_empty()).map(Box::new),
+            gap_ms: f.gap_ms,
         })
     }
 }
@@ -243,6 +250,8 @@ struct JsonEvent<'a> {
     event_time: Option<JsonEventTime<'a>>,
     #[serde(default)]
     attributes: Option<Attributes>,
+    #[serde(default)]
+    gap_ms: Option<i64>,
 }
 
 fn json_fields(bytes: &[u8]) -> Result<Fields<'_>, Poison> {
@@ -268,6 +277,7 @@ fn fast_fields(f: super::fast_json::FastFields<'_>) -> Fields<'_> {
             Err(s) => EventTime::Rfc3339(Cow::Borrowed(s)),
         }),
         attributes: None,
+        gap_ms: None,
     }
 }
 
@@ -296,6 +306,7 @@ fn serde_fields(text: &str) -> Result<Fields<'_>, Poison> {
         text: raw.text.map(|s| s.0),
         event_time: raw.event_time.map(|t| t.0),
         attributes: raw.attributes,
+        gap_ms: raw.gap_ms,
     })
 }
 
@@ -321,6 +332,7 @@ fn protobuf_fields(bytes: &[u8]) -> Result<Fields<'static>, Poison> {
         // proto3 cannot tell 0 from unset: 0 counts as missing.
         event_time: (event.event_time_ms != 0).then_some(EventTime::Millis(event.event_time_ms)),
         attributes: Some(event.attributes),
+        gap_ms: event.gap_ms,
     })
 }
 
@@ -508,6 +520,7 @@ mod tests {
             text: "hello".into(),
             event_time_ms: 1_000,
             attributes: [("k".to_string(), "v".to_string())].into(),
+            gap_ms: Some(250),
         };
         let bytes = event.encode_to_vec();
         for format in [InputFormat::Protobuf, InputFormat::Auto] {

@@ -41,6 +41,7 @@ pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
         end_time: session.end_time,
         closed_by: session.closed_by,
         late: session.late,
+        previous_turn_id: session.previous_turn_id.clone(),
         message_count: session.messages.len() as u32,
         text,
         messages: session
@@ -102,6 +103,7 @@ fn to_proto(turn: &Turn<'_>) -> proto::Turn {
         end_time: turn.end_time,
         closed_by: closed_by as i32,
         late: turn.late,
+        previous_turn_id: turn.previous_turn_id.clone(),
         message_count: turn.message_count,
         text: turn.text.clone(),
         messages: turn
@@ -180,6 +182,8 @@ mod tests {
             max_messages: 10,
             max_bytes: 1000,
             late: LatePolicy::NewTurn,
+            max_gap_ms: 60_000,
+            follow_up_ms: None,
         });
         let mut out = Vec::new();
         for (seq, (id, t, text)) in [("b", 2000, "world"), ("a", 1000, "hello")]
@@ -194,6 +198,7 @@ mod tests {
                 text: text.into(),
                 event_time: t,
                 attributes: None,
+                gap_ms: None,
             };
             engine.on_event(event, seq as u64, &mut out);
         }

@@ -131,7 +131,7 @@ pub fn read(text: &str) -> Option<FastFields<'_>> {
                 "kind" => 8,
                 "text" => 16,
                 "event_time" => 32,
-                "attributes" => return None,
+                "attributes" | "gap_ms" => return None,
                 _ => 0,
             };
             if seen & bit != 0 {

@@ -30,6 +30,10 @@ pub fn write_turn(session: &ClosedSession, turn_id: &str, buf: &mut Vec<u8>) {
     } else {
         b"\",\"late\":false"
     });
+    if let Some(previous) = &session.previous_turn_id {
+        buf.extend_from_slice(b",\"previous_turn_id\":");
+        write_str(buf, previous);
+    }
     buf.extend_from_slice(b",\"message_count\":");
     write_int(buf, session.messages.len() as i64);
     buf.extend_from_slice(b",\"text\":\"");
@@ -161,6 +165,8 @@ mod tests {
             max_messages: 100,
             max_bytes: 1 << 20,
             late: LatePolicy::NewTurn,
+            max_gap_ms: 60_000,
+            follow_up_ms: None,
         });
         let mut out = Vec::new();
         for (i, text) in texts.iter().enumerate() {
@@ -173,6 +179,7 @@ mod tests {
                 event_time: 1000 + i as i64,
                 attributes: attributes
                     .then(|| Box::new([("k\n".to_string(), text.clone())].into())),
+                gap_ms: None,
             };
             engine.on_event(event, i as u64, &mut out);
         }

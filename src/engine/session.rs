@@ -3,6 +3,13 @@
 //! A key lives in one partition, so each partition has its own engine, its own
 //! watermark and its own sessions: a backlog in one partition never holds back
 //! another's turns, and a revoked partition is dropped whole.
+//!
+//! Turns follow one definition that does not depend on arrival order
+//! (`docs/semantics.md`, "Sessions and turns"): per key, the events sorted by
+//! event time are chained by their gaps and cut after an end of turn and
+//! before a message that would break a cap. The engine keeps each key's
+//! events sorted, applies that cut to them, and emits a piece once the
+//! watermark has passed everything that could still change it.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -40,12 +47,24 @@ pub struct WindowConfig {
     /// values (see [`message_bytes`]), so a turn's size stays bounded.
     pub max_bytes: u32,
     pub late: LatePolicy,
+    /// The largest per-event `gap_ms` honoured; larger ones are clamped.
+    pub max_gap_ms: i64,
+    /// A turn starting within this of its key's previous turn's last event
+    /// names that turn (`previous_turn_id`); `None`: off.
+    pub follow_up_ms: Option<i64>,
+}
+
+impl WindowConfig {
+    /// An event's gap: its own `gap_ms`, clamped to `max_gap`, or `gap`.
+    pub fn gap_of(&self, gap_ms: Option<i64>) -> i64 {
+        gap_ms.map_or(self.gap_ms, |g| g.clamp(0, self.max_gap_ms))
+    }
 }
 
 /// Why a record was resolved without output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
-    /// Its `message_id` was already in an open session of its key.
+    /// Its `message_id` was already in its piece (see the module docs).
     Duplicate,
     /// A late typing or end-of-turn event, or a late message under `late = "drop"`.
     Late,
@@ -106,10 +125,13 @@ pub struct ClosedSession {
     pub end_time: i64,
     pub closed_by: ClosedBy,
     pub late: bool,
-    /// In (event time, seq) order.
+    /// In event-time order (ties: by message id, then text, then arrival).
     pub messages: Vec<SessionMessage>,
     /// Every record the session absorbed (messages, typing, end of turn).
     pub seqs: Vec<u64>,
+    /// With `window.follow_up`: the key's previous turn, when this one
+    /// started within `follow_up` of its last event.
+    pub previous_turn_id: Option<String>,
 }
 
 /// What became of records. Every record handed to the engine ends in exactly
@@ -120,8 +142,8 @@ pub enum Resolution {
     Dropped {
         seq: u64,
         reason: DropReason,
-        /// For a duplicate: the first record (lowest seq) of the open
-        /// session that holds the original. A replay that starts after that
+        /// For a duplicate: the first record (lowest seq) of the piece that
+        /// holds the original. A replay that starts after that
         /// record but at or before this one would see the duplicate without
         /// its original and emit it again, so a source must not resume
         /// between them (see `CompletionTracker::hold`).
@@ -134,39 +156,95 @@ pub enum Resolution {
     },
 }
 
-const NONE: u32 = u32::MAX;
-
-/// One record inside an open session. Typing and end-of-turn entries have no
-/// text and only keep the session's extent and the record's position.
+/// One event of a key waiting in its sorted buffer. Typing and end-of-turn
+/// entries keep their message id (it orders events of the same millisecond)
+/// and no text.
 #[derive(Debug)]
 struct Entry {
     time: i64,
     seq: u64,
+    /// `message_id` followed by the text.
     id_text: Box<str>,
     attributes: Option<Box<Attributes>>,
     id_len: u32,
-    is_message: bool,
+    /// The event's own gap (clamped to `max_gap`) or `window.gap`.
+    gap: u32,
+    kind: EventKind,
 }
 
+impl Entry {
+    fn message_id(&self) -> &str {
+        &self.id_text[..self.id_len as usize]
+    }
+
+    fn is_message(&self) -> bool {
+        self.kind == EventKind::Message
+    }
+
+    /// The order of the definition: event time, an end of turn after the
+    /// other events of its millisecond, then content (id, text, gap), then
+    /// arrival (which only separates exact copies).
+    fn sort_key(&self) -> (i64, bool, &str, &str, u32, u64) {
+        let (id, text) = self.id_text.split_at(self.id_len as usize);
+        (
+            self.time,
+            self.kind == EventKind::EndOfTurn,
+            id,
+            text,
+            self.gap,
+            self.seq,
+        )
+    }
+
+    /// The end of the event's window: a later event within it chains.
+    fn reach(&self) -> i64 {
+        self.time.saturating_add(i64::from(self.gap))
+    }
+
+    /// What the entry counts toward `max_bytes` (0 for typing and end of turn).
+    fn bytes(&self) -> u32 {
+        if self.is_message() {
+            message_bytes(
+                &self.id_text[self.id_len as usize..],
+                self.attributes.as_deref(),
+            )
+        } else {
+            0
+        }
+    }
+}
+
+/// The first piece of a key's sorted events, as far as they go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Piece {
+    /// How many of the sorted entries it takes.
+    len: usize,
+    closed_by: ClosedBy,
+    /// It is final once the watermark is past this: every event that could
+    /// still join it or move its cut is then in.
+    deadline: i64,
+}
+
+/// One key's events not yet emitted, in [`Entry::sort_key`] order, and what
+/// the follow-up link needs of its last turn.
 #[derive(Debug)]
-struct Session {
+struct KeyState {
     /// `user_id` followed by `conversation_id` (empty when absent: a valid
     /// conversation id is never empty).
     key: Box<str>,
     user_len: u32,
-    /// Next open session of the same key (several are open when out-of-order
-    /// events have not bridged them yet), or `NONE`.
-    next_same_key: u32,
-    start: i64,
-    last: i64,
-    bytes: u32,
-    message_count: u32,
+    /// The smallest deadline this key has in the engine's heap (`i64::MAX`:
+    /// none), so a later, larger deadline needs no new heap entry.
+    queued: i64,
     /// The first entry lives inline: most open sessions hold one message, and
     /// this saves them an allocation.
     entries: SmallVec<[Entry; 1]>,
+    /// The key's last turn (its id and last event time), while a turn could
+    /// still follow it up.
+    previous: Option<Box<(String, i64)>>,
 }
 
-impl Session {
+impl KeyState {
     fn user_id(&self) -> &str {
         &self.key[..self.user_len as usize]
     }
@@ -180,10 +258,11 @@ impl Session {
         self.user_id() == user_id && self.conversation_id() == conversation_id
     }
 
-    fn has_message(&self, message_id: &str) -> bool {
+    /// Whether an event with window `[time, reach]` chains with any entry.
+    fn reached_by(&self, time: i64, reach: i64) -> bool {
         self.entries
             .iter()
-            .any(|e| e.is_message && &e.id_text[..e.id_len as usize] == message_id)
+            .any(|e| time <= e.reach() && e.time <= reach)
     }
 }
 
@@ -191,16 +270,16 @@ impl Session {
 struct Slot {
     /// Bumped whenever the slot is freed, so stale deadline entries are skipped.
     generation: u32,
-    session: Option<Session>,
+    key: Option<KeyState>,
 }
 
-/// The open sessions of one partition and its watermark.
+/// The keys with events or a follow-up memory in one partition, and its
+/// watermark.
 ///
-/// Sessions live in a slab; a hash table maps each key to its first open
-/// session, and a min-heap of `(deadline, slot)` is the ordered index of
-/// deadlines, so closing never scans the keys. A session's deadline
-/// (`last + gap`) only grows, so the heap holds one entry per session, possibly
-/// older than the session's real deadline: when such an entry comes due, it is
+/// Keys live in a slab; a hash table maps each key to its slot, and a
+/// min-heap of `(deadline, slot, generation)` is the ordered index of
+/// deadlines, so emitting never scans the keys. A key's deadline only needs a
+/// new heap entry when it moves earlier; an entry that comes due early is
 /// re-pushed with the real one.
 #[derive(Debug)]
 pub struct SessionEngine {
@@ -211,9 +290,12 @@ pub struct SessionEngine {
     slots: Vec<Slot>,
     free: Vec<u32>,
     deadlines: BinaryHeap<Reverse<(i64, u32, u32)>>,
+    /// Keys with events waiting.
     open: usize,
-    /// Scratch: the sessions an event reaches.
-    reached: Vec<u32>,
+    /// Gaps above `max_gap` clamped so far.
+    clamped_gaps: u64,
+    /// Scratch: hashes of the message ids of the piece being cut.
+    seen: Vec<u64>,
 }
 
 fn key_hash(hasher: &DefaultHashBuilder, user_id: &str, conversation_id: &str) -> u64 {
@@ -224,18 +306,25 @@ fn key_hash(hasher: &DefaultHashBuilder, user_id: &str, conversation_id: &str) -
     h.finish()
 }
 
+fn id_hash(hasher: &DefaultHashBuilder, id: &str) -> u64 {
+    let mut h = hasher.build_hasher();
+    h.write(id.as_bytes());
+    h.finish()
+}
+
 impl SessionEngine {
     pub fn new(config: WindowConfig) -> Self {
         SessionEngine {
             config,
-            watermark: WatermarkTracker::new(config.max_out_of_orderness_ms, config.gap_ms),
+            watermark: WatermarkTracker::new(config.max_out_of_orderness_ms),
             hasher: DefaultHashBuilder::default(),
             by_key: HashTable::new(),
             slots: Vec::new(),
             free: Vec::new(),
             deadlines: BinaryHeap::new(),
             open: 0,
-            reached: Vec::new(),
+            clamped_gaps: 0,
+            seen: Vec::new(),
         }
     }
 
@@ -252,13 +341,19 @@ impl SessionEngine {
         self.watermark.max_event_time()
     }
 
+    /// Keys with events not yet emitted.
     pub fn open_sessions(&self) -> usize {
         self.open
     }
 
-    /// The earliest event-time deadline of an open session: something closes
-    /// once the watermark exceeds it. Under the idle advance that is at wall
-    /// clock `deadline + max_out_of_orderness + 1`. May be early (never late),
+    /// Per-event gaps above `window.max_gap` clamped so far.
+    pub fn clamped_gaps(&self) -> u64 {
+        self.clamped_gaps
+    }
+
+    /// The earliest event-time deadline of a key: something is emitted once
+    /// the watermark exceeds it. Under the idle advance that is at wall clock
+    /// `deadline + max_out_of_orderness + 1`. May be early (never late),
     /// which only costs a wake-up.
     pub fn next_deadline(&self) -> Option<i64> {
         self.deadlines.peek().map(|Reverse((d, _, _))| *d)
@@ -266,91 +361,46 @@ impl SessionEngine {
 
     /// Hands the engine the next record of the partition (in read order) and
     /// its sequence number; pushes what got resolved to `out`. The event's own
-    /// watermark update happens after it has been placed, and every session it
-    /// lets close is closed before this returns, so the result does not depend
+    /// watermark update happens after it has been placed, and everything it
+    /// lets out is emitted before this returns, so the result does not depend
     /// on how records are batched.
     pub fn on_event(&mut self, event: ChatEvent<'_>, seq: u64, out: &mut Vec<Resolution>) {
         let t = event.event_time;
+        if event.gap_ms.is_some_and(|g| g > self.config.max_gap_ms) {
+            self.clamped_gaps += 1;
+        }
+        let gap = self.config.gap_of(event.gap_ms);
+        let reach = t.saturating_add(gap);
         let conversation_id = event.conversation_id.as_deref();
         let hash = key_hash(&self.hasher, &event.user_id, conversation_id.unwrap_or(""));
-        let head = self.find_head(hash, &event.user_id, conversation_id);
-
-        if event.kind == EventKind::Message {
-            if let Some(head) = head {
-                let original = self
-                    .chain(head)
-                    .find(|s| s.has_message(&event.message_id))
-                    .map(|s| s.entries.iter().map(|e| e.seq).min());
-                if let Some(held_by) = original {
-                    out.push(Resolution::Dropped {
-                        seq,
-                        reason: DropReason::Duplicate,
-                        held_by,
-                    });
-                    self.observe(t, out);
-                    return;
-                }
-            }
-        }
-
-        let gap = self.config.gap_ms;
-        let mut reached = std::mem::take(&mut self.reached);
-        reached.clear();
-        let mut slot = head.unwrap_or(NONE);
-        while slot != NONE {
-            let session = self.session(slot);
-            if t >= session.start.saturating_sub(gap) && t <= session.last.saturating_add(gap) {
-                reached.push(slot);
-            }
-            slot = session.next_same_key;
-        }
-
-        if reached.is_empty() {
-            if t.saturating_add(gap) < self.watermark.current() {
-                self.on_late(event, seq, out);
-            } else if event.kind == EventKind::EndOfTurn {
-                out.push(Resolution::Dropped {
-                    seq,
-                    reason: DropReason::NoMessage,
-                    held_by: None,
-                });
-            } else {
-                self.open_session(hash, head, event, seq);
-            }
-        } else if let Some(cap) = self.broken_cap(&reached, &event) {
-            // Close what the event would have joined, oldest first; the event
-            // opens the next session.
-            reached.sort_by_key(|&slot| self.session(slot).start);
-            for &slot in &reached {
-                self.close(slot, cap, out);
-            }
-            if event.kind == EventKind::EndOfTurn {
-                out.push(Resolution::Dropped {
-                    seq,
-                    reason: DropReason::NoMessage,
-                    held_by: None,
-                });
-            } else {
-                let head = self.find_head(hash, &event.user_id, event.conversation_id.as_deref());
-                self.open_session(hash, head, event, seq);
-            }
+        let slot = self.find(hash, &event.user_id, conversation_id);
+        let reached = slot.is_some_and(|s| self.key(s).reached_by(t, reach));
+        if !reached && reach < self.watermark.current() {
+            self.on_late(event, seq, out);
         } else {
-            let target = self.merge(&reached);
-            let is_end = event.kind == EventKind::EndOfTurn;
-            self.add_to(target, event, seq);
-            if is_end {
-                self.close(target, ClosedBy::EndOfTurn, out);
-            }
+            let slot = slot.unwrap_or_else(|| self.open_key(hash, &event));
+            let entry = make_entry(event, seq, gap);
+            let entries = &mut self.key_mut(slot).entries;
+            let was_empty = entries.is_empty();
+            let at = entries.partition_point(|e| e.sort_key() < entry.sort_key());
+            entries.insert(at, entry);
+            self.open += usize::from(was_empty);
+            self.schedule(slot);
         }
-        self.reached = reached;
-        self.observe(t, out);
+        self.observe(t, reach, out);
     }
 
     /// Moves the watermark for an event that is not placed in a session (it
-    /// belongs to a turn an earlier owner already delivered); closes what
-    /// that lets close.
-    pub fn observe_event_time(&mut self, event_time: i64, out: &mut Vec<Resolution>) {
-        self.observe(event_time, out);
+    /// belongs to a turn an earlier owner already delivered); emits what that
+    /// lets out.
+    pub fn observe_event_time(
+        &mut self,
+        event_time: i64,
+        gap_ms: Option<i64>,
+        out: &mut Vec<Resolution>,
+    ) {
+        let reach = event_time.saturating_add(self.config.gap_of(gap_ms));
+        self.observe(event_time, reach, out);
     }
 
     /// The caught-up idle advance (see [`WatermarkTracker::advance_idle`]);
@@ -358,48 +408,244 @@ impl SessionEngine {
     /// partition is read to its end and quiet.
     pub fn advance_idle(&mut self, now_ms: i64, out: &mut Vec<Resolution>) {
         if self.watermark.advance_idle(now_ms) {
-            self.close_expired(out);
+            self.emit_due(out);
         }
     }
 
-    /// End of input: closes every open session (`closed_by = gap`), in
-    /// deadline order.
+    /// End of input: emits every key's pieces, in deadline order, as they
+    /// come out once the watermark passes everything (a piece still open is
+    /// closed by `gap`, or `max_duration` when its chain reaches past it).
     pub fn flush(&mut self, out: &mut Vec<Resolution>) {
         self.watermark.advance_to_end();
-        self.close_expired(out);
+        while let Some(Reverse((_, slot, generation))) = self.deadlines.pop() {
+            if self.slots[slot as usize].generation != generation
+                || self.slots[slot as usize].key.is_none()
+            {
+                continue;
+            }
+            while !self.key(slot).entries.is_empty() {
+                let piece = self.first_piece(slot);
+                self.emit(slot, piece, out);
+            }
+            self.release(slot);
+        }
     }
 
-    /// Takes the event's time into the watermark and closes what is due. Also
-    /// runs when W did not move: a session opened after a cap closed its
-    /// predecessor may already be behind W, and then closes at once.
-    fn observe(&mut self, t: i64, out: &mut Vec<Resolution>) {
-        self.watermark.observe(t);
-        self.close_expired(out);
+    fn observe(&mut self, t: i64, reach: i64, out: &mut Vec<Resolution>) {
+        self.watermark.observe(t, reach);
+        self.emit_due(out);
     }
 
-    fn close_expired(&mut self, out: &mut Vec<Resolution>) {
+    /// Emits every piece the watermark has passed the deadline of.
+    fn emit_due(&mut self, out: &mut Vec<Resolution>) {
         let w = self.watermark.current();
-        let gap = self.config.gap_ms;
         while let Some(&Reverse((deadline, slot, generation))) = self.deadlines.peek() {
             if w <= deadline {
                 break;
             }
             self.deadlines.pop();
             let entry = &self.slots[slot as usize];
-            let Some(session) = entry
-                .session
+            let Some(state) = entry
+                .key
                 .as_ref()
                 .filter(|_| entry.generation == generation)
             else {
-                continue; // closed or merged away
+                continue; // released since
             };
-            let actual = session.last.saturating_add(gap);
-            if w > actual {
-                self.close(slot, ClosedBy::Gap, out);
+            if state.queued != deadline {
+                continue; // superseded by an earlier one
+            }
+            self.key_mut(slot).queued = i64::MAX;
+            loop {
+                if self.key(slot).entries.is_empty() {
+                    break;
+                }
+                let piece = self.first_piece(slot);
+                if w <= piece.deadline {
+                    break;
+                }
+                self.emit(slot, piece, out);
+            }
+            self.schedule(slot);
+        }
+    }
+
+    /// Queues the key's current deadline, or lets the key go when it has
+    /// neither events nor a follow-up memory that matters any more.
+    fn schedule(&mut self, slot: u32) {
+        let deadline = if self.key(slot).entries.is_empty() {
+            match (&self.key(slot).previous, self.config.follow_up_ms) {
+                (Some(previous), Some(follow_up)) => {
+                    let horizon = previous.1.saturating_add(follow_up);
+                    if horizon < self.watermark.current() {
+                        self.release(slot);
+                        return;
+                    }
+                    horizon
+                }
+                _ => {
+                    self.release(slot);
+                    return;
+                }
+            }
+        } else {
+            self.first_piece(slot).deadline
+        };
+        let generation = self.slots[slot as usize].generation;
+        let state = self.key_mut(slot);
+        if deadline < state.queued {
+            state.queued = deadline;
+            self.deadlines.push(Reverse((deadline, slot, generation)));
+        }
+    }
+
+    /// Cuts the key's first piece from its sorted entries (see the module
+    /// docs): chain while the next event is within the window so far, cut
+    /// before a message that would break a cap or an event past
+    /// `max_duration`, and right after an end of turn.
+    fn first_piece(&mut self, slot: u32) -> Piece {
+        let c = self.config;
+        let mut seen = std::mem::take(&mut self.seen);
+        seen.clear();
+        let state = self.slots[slot as usize]
+            .key
+            .as_ref()
+            .expect("slot holds a key");
+        let entries = &state.entries;
+        let start = entries[0].time;
+        let duration_end = start.saturating_add(c.max_duration_ms);
+        let mut chain_end = i64::MIN;
+        let (mut messages, mut bytes) = (0u32, 0u64);
+        // A chain that ends by its gap after `max_duration` was final at
+        // `max_duration` already.
+        let ended = |chain_end: i64| {
+            if chain_end <= duration_end {
+                (ClosedBy::Gap, chain_end)
             } else {
-                self.deadlines.push(Reverse((actual, slot, generation)));
+                (ClosedBy::MaxDuration, duration_end)
+            }
+        };
+        let mut piece = None;
+        for (i, e) in entries.iter().enumerate() {
+            if i > 0 && e.time > chain_end {
+                let (closed_by, deadline) = ended(chain_end);
+                piece = Some((i, closed_by, deadline));
+                break;
+            }
+            if e.time > duration_end {
+                piece = Some((i, ClosedBy::MaxDuration, duration_end));
+                break;
+            }
+            if e.is_message() {
+                let h = id_hash(&self.hasher, e.message_id());
+                let duplicate = seen.contains(&h)
+                    && entries[..i]
+                        .iter()
+                        .any(|x| x.is_message() && x.message_id() == e.message_id());
+                if duplicate {
+                    continue; // as if it were not there: it neither counts nor chains
+                }
+                {
+                    if i > 0 && messages >= c.max_messages {
+                        piece = Some((i, ClosedBy::MaxMessages, e.time));
+                        break;
+                    }
+                    let b = u64::from(e.bytes());
+                    if i > 0 && messages > 0 && bytes + b > u64::from(c.max_bytes) {
+                        piece = Some((i, ClosedBy::MaxBytes, e.time));
+                        break;
+                    }
+                    messages += 1;
+                    bytes += b;
+                    seen.push(h);
+                }
+            }
+            chain_end = chain_end.max(e.reach());
+            if e.kind == EventKind::EndOfTurn {
+                piece = Some((i + 1, ClosedBy::EndOfTurn, e.time));
+                break;
             }
         }
+        let (len, closed_by, deadline) = piece.unwrap_or_else(|| {
+            let (closed_by, deadline) = ended(chain_end);
+            (entries.len(), closed_by, deadline)
+        });
+        self.seen = seen;
+        Piece {
+            len,
+            closed_by,
+            deadline,
+        }
+    }
+
+    /// Takes the piece's entries out of the key and emits them: a turn with
+    /// its duplicates dropped, or, without a message, drops.
+    fn emit(&mut self, slot: u32, piece: Piece, out: &mut Vec<Resolution>) {
+        let follow_up = self.config.follow_up_ms;
+        let entries = &mut self.key_mut(slot).entries;
+        let taken: SmallVec<[Entry; 4]> = entries.drain(..piece.len).collect();
+        self.open -= usize::from(entries.is_empty());
+        let state = self.key_mut(slot);
+        if !taken.iter().any(Entry::is_message) {
+            for entry in &taken {
+                out.push(Resolution::Dropped {
+                    seq: entry.seq,
+                    reason: DropReason::NoMessage,
+                    held_by: None,
+                });
+            }
+            return;
+        }
+        let first_seq = taken.iter().map(|e| e.seq).min().expect("not empty");
+        let (start_time, end_time) = (taken[0].time, taken[taken.len() - 1].time);
+        let mut seqs = Vec::with_capacity(taken.len());
+        let mut messages: Vec<SessionMessage> = Vec::with_capacity(taken.len());
+        for e in taken {
+            if e.is_message() && messages.iter().any(|m| m.message_id() == e.message_id()) {
+                out.push(Resolution::Dropped {
+                    seq: e.seq,
+                    reason: DropReason::Duplicate,
+                    held_by: Some(first_seq),
+                });
+                continue;
+            }
+            seqs.push(e.seq);
+            if e.is_message() {
+                messages.push(SessionMessage {
+                    event_time: e.time,
+                    seq: e.seq,
+                    id_text: e.id_text,
+                    id_len: e.id_len,
+                    attributes: e.attributes,
+                });
+            }
+        }
+        seqs.sort_unstable();
+        let mut session = ClosedSession {
+            user_id: state.user_id().to_owned(),
+            conversation_id: state.conversation_id().map(str::to_owned),
+            start_time,
+            end_time,
+            closed_by: piece.closed_by,
+            late: false,
+            messages,
+            seqs,
+            previous_turn_id: None,
+        };
+        if let Some(follow_up) = follow_up {
+            if let Some(previous) = &state.previous {
+                if start_time.saturating_sub(previous.1) <= follow_up {
+                    session.previous_turn_id = Some(previous.0.clone());
+                }
+            }
+            let id = crate::model::turn_id(
+                &session.user_id,
+                session.conversation_id.as_deref(),
+                session.messages.iter().map(SessionMessage::message_id),
+            );
+            state.previous = Some(Box::new((id, end_time)));
+        }
+        out.push(Resolution::Turn(session));
     }
 
     fn on_late(&mut self, event: ChatEvent<'_>, seq: u64, out: &mut Vec<Resolution>) {
@@ -422,6 +668,7 @@ impl SessionEngine {
                         attributes: event.attributes,
                     }],
                     seqs: vec![seq],
+                    previous_turn_id: None,
                 })
             }
             (EventKind::Message, LatePolicy::Dlq) => Resolution::LateDeadLetter { seq },
@@ -434,94 +681,30 @@ impl SessionEngine {
         out.push(resolution);
     }
 
-    /// The first cap that joining `event` to the `reached` sessions would
-    /// break, checked in the order max_messages, max_bytes, max_duration.
-    fn broken_cap(&self, reached: &[u32], event: &ChatEvent<'_>) -> Option<ClosedBy> {
-        let (mut start, mut last) = (event.event_time, event.event_time);
-        let (mut messages, mut bytes) = (0u64, 0u64);
-        if event.kind == EventKind::Message {
-            messages = 1;
-            bytes = u64::from(message_bytes(&event.text, event.attributes.as_deref()));
-        }
-        for &slot in reached {
-            let s = self.session(slot);
-            start = start.min(s.start);
-            last = last.max(s.last);
-            messages += u64::from(s.message_count);
-            bytes += u64::from(s.bytes);
-        }
-        if messages > u64::from(self.config.max_messages) {
-            Some(ClosedBy::MaxMessages)
-        } else if bytes > u64::from(self.config.max_bytes) {
-            Some(ClosedBy::MaxBytes)
-        } else if last - start > self.config.max_duration_ms {
-            Some(ClosedBy::MaxDuration)
-        } else {
-            None
-        }
-    }
-
-    /// Merges the reached sessions (an out-of-order event bridging them) into
-    /// the first; returns its slot.
-    fn merge(&mut self, reached: &[u32]) -> u32 {
-        let target = reached[0];
-        for &other in &reached[1..] {
-            let absorbed = self.remove(other);
-            let t = self.session_mut(target);
-            t.start = t.start.min(absorbed.start);
-            t.last = t.last.max(absorbed.last);
-            t.bytes += absorbed.bytes;
-            t.message_count += absorbed.message_count;
-            t.entries.extend(absorbed.entries);
-        }
-        target
-    }
-
-    fn add_to(&mut self, slot: u32, event: ChatEvent<'_>, seq: u64) {
-        let entry = make_entry(event, seq);
-        let s = self.session_mut(slot);
-        s.start = s.start.min(entry.time);
-        s.last = s.last.max(entry.time);
-        if entry.is_message {
-            s.message_count += 1;
-            s.bytes = s.bytes.saturating_add(entry.bytes());
-        }
-        s.entries.push(entry);
-    }
-
-    /// The first open session of a key (the head of its chain).
-    fn find_head(&self, hash: u64, user_id: &str, conversation_id: Option<&str>) -> Option<u32> {
+    /// The slot of a key.
+    fn find(&self, hash: u64, user_id: &str, conversation_id: Option<&str>) -> Option<u32> {
         self.by_key
             .find(hash, |&slot| {
                 self.slots[slot as usize]
-                    .session
+                    .key
                     .as_ref()
                     .is_some_and(|s| s.is_key(user_id, conversation_id))
             })
             .copied()
     }
 
-    fn open_session(&mut self, hash: u64, head: Option<u32>, event: ChatEvent<'_>, seq: u64) {
-        let t = event.event_time;
+    fn open_key(&mut self, hash: u64, event: &ChatEvent<'_>) -> u32 {
         let mut key = String::with_capacity(
             event.user_id.len() + event.conversation_id.as_ref().map_or(0, |c| c.len()),
         );
         key.push_str(&event.user_id);
         key.push_str(event.conversation_id.as_deref().unwrap_or(""));
-        let user_len = event.user_id.len() as u32;
-        let entry = make_entry(event, seq);
-        let (message_count, bytes) = (u32::from(entry.is_message), entry.bytes());
-        let mut entries = SmallVec::new();
-        entries.push(entry);
-        let session = Session {
+        let state = KeyState {
             key: key.into_boxed_str(),
-            user_len,
-            next_same_key: head.unwrap_or(NONE),
-            start: t,
-            last: t,
-            bytes,
-            message_count,
-            entries,
+            user_len: event.user_id.len() as u32,
+            queued: i64::MAX,
+            entries: SmallVec::new(),
+            previous: None,
         };
         let slot = match self.free.pop() {
             Some(slot) => slot,
@@ -530,144 +713,53 @@ impl SessionEngine {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.slots[slot as usize].session = Some(session);
-        let generation = self.slots[slot as usize].generation;
-        self.open += 1;
-        // The new session becomes the head of its key's chain.
-        match head {
-            Some(old_head) => {
-                let found = self.by_key.find_mut(hash, |&s| s == old_head);
-                *found.expect("the chain head is in the table") = slot;
-            }
-            None => {
-                let (slots, hasher) = (&self.slots, &self.hasher);
-                self.by_key.insert_unique(hash, slot, |&s| {
-                    let session = slots[s as usize]
-                        .session
-                        .as_ref()
-                        .expect("indexed slots are open");
-                    key_hash(
-                        hasher,
-                        session.user_id(),
-                        session.conversation_id().unwrap_or(""),
-                    )
-                });
-            }
-        }
-        self.deadlines.push(Reverse((
-            t.saturating_add(self.config.gap_ms),
-            slot,
-            generation,
-        )));
+        self.slots[slot as usize].key = Some(state);
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.by_key.insert_unique(hash, slot, |&s| {
+            let state = slots[s as usize]
+                .key
+                .as_ref()
+                .expect("indexed slots hold keys");
+            key_hash(
+                hasher,
+                state.user_id(),
+                state.conversation_id().unwrap_or(""),
+            )
+        });
+        slot
     }
 
-    /// Closes a session and emits its turn (or drops a session without messages).
-    fn close(&mut self, slot: u32, closed_by: ClosedBy, out: &mut Vec<Resolution>) {
-        let mut session = self.remove(slot);
-        if session.message_count == 0 {
-            for entry in &session.entries {
-                out.push(Resolution::Dropped {
-                    seq: entry.seq,
-                    reason: DropReason::NoMessage,
-                    held_by: None,
-                });
-            }
-            return;
-        }
-        session.entries.sort_by_key(|e| (e.time, e.seq));
-        let seqs = session.entries.iter().map(|e| e.seq).collect();
-        let user_id = session.user_id().to_owned();
-        let conversation_id = session.conversation_id().map(str::to_owned);
-        let messages = session
-            .entries
-            .into_iter()
-            .filter(|e| e.is_message)
-            .map(|e| SessionMessage {
-                event_time: e.time,
-                seq: e.seq,
-                id_text: e.id_text,
-                id_len: e.id_len,
-                attributes: e.attributes,
-            })
-            .collect();
-        out.push(Resolution::Turn(ClosedSession {
-            user_id,
-            conversation_id,
-            start_time: session.start,
-            end_time: session.last,
-            closed_by,
-            late: false,
-            messages,
-            seqs,
-        }));
-    }
-
-    /// Takes a session out of the slab and its key's chain.
-    fn remove(&mut self, slot: u32) -> Session {
-        let session = self.slots[slot as usize]
-            .session
+    /// Lets a key with no events go.
+    fn release(&mut self, slot: u32) {
+        let state = self.slots[slot as usize]
+            .key
             .take()
-            .expect("removing an open session");
+            .expect("releasing a held key");
+        debug_assert!(state.entries.is_empty());
         self.slots[slot as usize].generation = self.slots[slot as usize].generation.wrapping_add(1);
         self.free.push(slot);
-        self.open -= 1;
         let hash = key_hash(
             &self.hasher,
-            session.user_id(),
-            session.conversation_id().unwrap_or(""),
+            state.user_id(),
+            state.conversation_id().unwrap_or(""),
         );
-        let entry = self.by_key.find_entry(hash, |&s| s == slot);
-        match entry {
-            Ok(head) => {
-                if session.next_same_key == NONE {
-                    head.remove();
-                } else {
-                    *head.into_mut() = session.next_same_key;
-                }
-            }
-            Err(_) => {
-                // Not the head: unlink it from the chain that starts at the head.
-                let head = self
-                    .find_head(hash, session.user_id(), session.conversation_id())
-                    .expect("an open session's key is indexed");
-                let mut previous = head;
-                loop {
-                    let next = self.session(previous).next_same_key;
-                    if next == slot {
-                        self.session_mut(previous).next_same_key = session.next_same_key;
-                        break;
-                    }
-                    previous = next;
-                }
-            }
+        if let Ok(entry) = self.by_key.find_entry(hash, |&s| s == slot) {
+            entry.remove();
         }
-        session
     }
 
-    fn chain(&self, head: u32) -> impl Iterator<Item = &Session> {
-        let mut slot = head;
-        std::iter::from_fn(move || {
-            if slot == NONE {
-                return None;
-            }
-            let session = self.session(slot);
-            slot = session.next_same_key;
-            Some(session)
-        })
-    }
-
-    fn session(&self, slot: u32) -> &Session {
+    fn key(&self, slot: u32) -> &KeyState {
         self.slots[slot as usize]
-            .session
+            .key
             .as_ref()
-            .expect("slot holds an open session")
+            .expect("slot holds a key")
     }
 
-    fn session_mut(&mut self, slot: u32) -> &mut Session {
+    fn key_mut(&mut self, slot: u32) -> &mut KeyState {
         self.slots[slot as usize]
-            .session
+            .key
             .as_mut()
-            .expect("slot holds an open session")
+            .expect("slot holds a key")
     }
 }
 
@@ -680,20 +772,6 @@ pub fn message_bytes(text: &str, attributes: Option<&Attributes>) -> u32 {
     u32::try_from(text.len() + attributes).unwrap_or(u32::MAX)
 }
 
-impl Entry {
-    /// What the entry counts toward `max_bytes` (0 for typing and end of turn).
-    fn bytes(&self) -> u32 {
-        if self.is_message {
-            message_bytes(
-                &self.id_text[self.id_len as usize..],
-                self.attributes.as_deref(),
-            )
-        } else {
-            0
-        }
-    }
-}
-
 fn join_id_text(message_id: &str, text: &str) -> (Box<str>, u32) {
     let mut id_text = String::with_capacity(message_id.len() + text.len());
     id_text.push_str(message_id);
@@ -701,20 +779,18 @@ fn join_id_text(message_id: &str, text: &str) -> (Box<str>, u32) {
     (id_text.into_boxed_str(), message_id.len() as u32)
 }
 
-fn make_entry(event: ChatEvent<'_>, seq: u64) -> Entry {
+fn make_entry(event: ChatEvent<'_>, seq: u64, gap: i64) -> Entry {
     let is_message = event.kind == EventKind::Message;
-    let (id_text, id_len) = if is_message {
-        join_id_text(&event.message_id, &event.text)
-    } else {
-        (Box::default(), 0)
-    };
+    let text = if is_message { &event.text[..] } else { "" };
+    let (id_text, id_len) = join_id_text(&event.message_id, text);
     Entry {
         time: event.event_time,
         seq,
         id_text,
         attributes: if is_message { event.attributes } else { None },
         id_len,
-        is_message,
+        gap: u32::try_from(gap).unwrap_or(u32::MAX),
+        kind: event.kind,
     }
 }
 

@@ -13,6 +13,8 @@ fn config() -> WindowConfig {
         max_messages: 200,
         max_bytes: 65_536,
         late: LatePolicy::NewTurn,
+        max_gap_ms: 60_000,
+        follow_up_ms: None,
     }
 }
 
@@ -29,6 +31,7 @@ fn event(kind: EventKind, id: &str, user: &str, t: i64) -> ChatEvent<'static> {
         },
         event_time: t,
         attributes: None,
+        gap_ms: None,
     }
 }
 
@@ -129,9 +132,8 @@ fn an_out_of_order_event_bridges_two_open_sessions() {
         ..config()
     });
     h.feed(msg("a", "u", 10_000)).feed(msg("c", "u", 16_000));
-    assert_eq!(h.engine.open_sessions(), 2);
+    assert_eq!(h.engine.open_sessions(), 1, "one key");
     h.feed(msg("b", "u", 13_000));
-    assert_eq!(h.engine.open_sessions(), 1);
     h.flush();
     assert_eq!(
         h.turns(),
@@ -237,8 +239,13 @@ fn an_event_at_the_edge_of_the_watermark_is_not_late() {
     assert_eq!(h.turns(), vec![(ids(&["edge"]), ClosedBy::Gap, false)]);
 }
 
+/// Moves the watermark with another user's event at `t`.
+fn tick(h: &mut Harness, t: i64) {
+    h.feed(event(EventKind::Typing, &format!("tick-{t}"), "clock", t));
+}
+
 #[test]
-fn caps_close_the_session_and_the_event_opens_the_next() {
+fn caps_cut_before_the_breaking_message_once_the_watermark_passes_it() {
     let mut h = Harness::new(WindowConfig {
         max_messages: 2,
         ..config()
@@ -246,6 +253,12 @@ fn caps_close_the_session_and_the_event_opens_the_next() {
     h.feed(msg("a", "u", 1_000))
         .feed(msg("b", "u", 1_100))
         .feed(msg("c", "u", 1_200));
+    tick(&mut h, 1_700);
+    assert!(
+        h.turns().is_empty(),
+        "W = 1200: not past the breaking message"
+    );
+    tick(&mut h, 1_701);
     assert_eq!(
         h.turns(),
         vec![(ids(&["a", "b"]), ClosedBy::MaxMessages, false)]
@@ -261,9 +274,13 @@ fn caps_close_the_session_and_the_event_opens_the_next() {
     h.feed(msg("a", "u", 1_000))
         .feed(msg("b", "u", 1_100))
         .feed(msg("c", "u", 1_200));
+    h.flush();
     assert_eq!(
         h.turns(),
-        vec![(ids(&["a", "b"]), ClosedBy::MaxBytes, false)]
+        vec![
+            (ids(&["a", "b"]), ClosedBy::MaxBytes, false),
+            (ids(&["c"]), ClosedBy::Gap, false)
+        ]
     );
 
     // Attributes count toward max_bytes: they go into the turn too.
@@ -281,6 +298,7 @@ fn caps_close_the_session_and_the_event_opens_the_next() {
     // 9 bytes of text + 21 of attributes = 30 each: two would be 60.
     h.feed(with_attributes("a", 1_000))
         .feed(with_attributes("b", 1_100));
+    tick(&mut h, 1_601);
     assert_eq!(h.turns(), vec![(ids(&["a"]), ClosedBy::MaxBytes, false)]);
 
     let mut h = Harness::new(WindowConfig {
@@ -290,14 +308,31 @@ fn caps_close_the_session_and_the_event_opens_the_next() {
     h.feed(msg("a", "u", 1_000))
         .feed(event(EventKind::Typing, "t", "u", 3_000))
         .feed(msg("b", "u", 6_000));
+    tick(&mut h, 6_500);
     assert!(h.turns().is_empty(), "exactly max_duration is allowed");
     h.feed(msg("c", "u", 6_001));
+    tick(&mut h, 6_501);
     assert_eq!(
         h.turns(),
         vec![(ids(&["a", "b"]), ClosedBy::MaxDuration, false)]
     );
     h.flush();
     assert_eq!(h.turns(), vec![(ids(&["c"]), ClosedBy::Gap, false)]);
+}
+
+#[test]
+fn the_endless_typist_gets_a_turn_at_max_duration() {
+    let mut h = Harness::new(WindowConfig {
+        max_duration_ms: 5_000,
+        ..config()
+    });
+    h.feed(msg("a", "u", 1_000));
+    for t in (2_000..=5_500).step_by(1_000) {
+        h.feed(event(EventKind::Typing, &format!("t{t}"), "u", t));
+    }
+    // Still typing: the chain reaches past 1000 + 5000, nothing else came.
+    tick(&mut h, 6_501);
+    assert_eq!(h.turns(), vec![(ids(&["a"]), ClosedBy::MaxDuration, false)]);
 }
 
 #[test]
@@ -332,34 +367,47 @@ fn typing_extends_a_session_but_alone_emits_nothing() {
 }
 
 #[test]
-fn end_of_turn_closes_the_session_on_arrival() {
+fn end_of_turn_cuts_right_after_it_once_the_watermark_passes_it() {
     let mut h = Harness::new(config());
     h.feed(msg("a", "u", 1_000))
-        .feed(msg("b", "u", 1_500))
-        .feed(event(EventKind::EndOfTurn, "e", "u", 1_600));
-    let turns = h.turns();
-    assert_eq!(turns, vec![(ids(&["a", "b"]), ClosedBy::EndOfTurn, false)]);
-    match &h.out[..] {
-        [] => {}
-        other => panic!("nothing else expected, got {other:?}"),
-    }
+        .feed(event(EventKind::EndOfTurn, "e", "u", 1_600))
+        // Sent before the end of turn, arriving after it: still in the turn.
+        .feed(msg("b", "u", 1_500));
+    tick(&mut h, 2_100);
+    assert!(
+        h.turns().is_empty(),
+        "W = 1600: an event at 1600 may still come"
+    );
+    tick(&mut h, 2_101);
+    assert_eq!(
+        h.turns(),
+        vec![(ids(&["a", "b"]), ClosedBy::EndOfTurn, false)]
+    );
     h.feed(msg("c", "u", 1_700));
     h.flush();
     assert_eq!(
         h.turns(),
         vec![(ids(&["c"]), ClosedBy::Gap, false)],
-        "later events open a new session"
+        "later events start the next turn"
     );
+
+    // A message of the same millisecond sorts before the end of turn.
+    let mut h = Harness::new(config());
+    h.feed(event(EventKind::EndOfTurn, "e", "u", 1_000))
+        .feed(msg("a", "u", 1_000))
+        .flush();
+    assert_eq!(h.turns(), vec![(ids(&["a"]), ClosedBy::EndOfTurn, false)]);
 
     let mut h = Harness::new(config());
     h.feed(event(EventKind::EndOfTurn, "e", "u", 1_000));
+    tick(&mut h, 1_501);
     assert_eq!(
-        h.others(),
-        vec![Resolution::Dropped {
+        h.others()[0],
+        Resolution::Dropped {
             seq: 0,
             reason: DropReason::NoMessage,
             held_by: None,
-        }]
+        }
     );
 }
 
@@ -368,7 +416,8 @@ fn a_turn_resolves_every_record_it_absorbed() {
     let mut h = Harness::new(config());
     h.feed(msg("a", "u", 1_000))
         .feed(event(EventKind::Typing, "t", "u", 1_100))
-        .feed(event(EventKind::EndOfTurn, "e", "u", 1_200));
+        .feed(event(EventKind::EndOfTurn, "e", "u", 1_200))
+        .flush();
     match &h.out[..] {
         [Resolution::Turn(s)] => assert_eq!(s.seqs, vec![0, 1, 2]),
         other => panic!("{other:?}"),
@@ -381,6 +430,8 @@ fn duplicates_within_an_open_session_are_dropped() {
     h.feed(msg("a", "u", 1_000))
         .feed(msg("a", "u", 1_000))
         .feed(msg("b", "u", 1_500));
+    h.flush();
+    assert_eq!(h.turns(), vec![(ids(&["a", "b"]), ClosedBy::Gap, false)]);
     assert_eq!(
         h.others(),
         vec![Resolution::Dropped {
@@ -389,8 +440,6 @@ fn duplicates_within_an_open_session_are_dropped() {
             held_by: Some(0),
         }]
     );
-    h.flush();
-    assert_eq!(h.turns(), vec![(ids(&["a", "b"]), ClosedBy::Gap, false)]);
     // Another user may reuse the id.
     let mut h = Harness::new(config());
     h.feed(msg("a", "u", 1_000)).feed(msg("a", "v", 1_000));
@@ -407,7 +456,7 @@ fn idle_advance_closes_a_lone_users_session_with_the_wall_clock() {
     assert!(out.is_empty());
     h.engine.advance_idle(13_501, &mut out); // W = 13_001
     assert!(matches!(&out[..], [Resolution::Turn(s)] if s.closed_by == ClosedBy::Gap));
-    assert_eq!(h.engine.watermark(), 13_001, "capped at max seen + gap + 1");
+    assert_eq!(h.engine.watermark(), 13_001, "capped at max t + gap + 1");
     h.engine.advance_idle(1_000_000, &mut out);
     assert_eq!(h.engine.watermark(), 13_001, "never further than needed");
     // A backfilled event older than the clock is still not late.

@@ -2,22 +2,23 @@
 /// max_out_of_orderness`, "no event older than W is expected". It never moves
 /// back. Besides event time, the caught-up idle advance moves it with the wall
 /// clock, capped so that it never goes further than needed to close every open
-/// session (`max seen + gap + 1 ms`): replayed or backfilled data fed in later
-/// is therefore never misjudged late.
+/// session (the furthest event window end seen, `t + gap`, plus 1 ms):
+/// replayed or backfilled data fed in later is therefore never misjudged late.
 #[derive(Debug, Clone)]
 pub struct WatermarkTracker {
     max_out_of_orderness_ms: i64,
-    gap_ms: i64,
     max_event_time: Option<i64>,
+    /// The furthest `t + gap` of the events seen.
+    max_reach: Option<i64>,
     watermark: i64,
 }
 
 impl WatermarkTracker {
-    pub fn new(max_out_of_orderness_ms: i64, gap_ms: i64) -> Self {
+    pub fn new(max_out_of_orderness_ms: i64) -> Self {
         WatermarkTracker {
             max_out_of_orderness_ms,
-            gap_ms,
             max_event_time: None,
+            max_reach: None,
             watermark: i64::MIN,
         }
     }
@@ -31,10 +32,14 @@ impl WatermarkTracker {
         self.max_event_time
     }
 
-    /// Takes an event's time into account; returns whether W moved.
-    pub fn observe(&mut self, event_time: i64) -> bool {
+    /// Takes an event's time and the end of its window (`t + gap`) into
+    /// account; returns whether W moved.
+    pub fn observe(&mut self, event_time: i64, reach: i64) -> bool {
         if self.max_event_time.is_none_or(|max| event_time > max) {
             self.max_event_time = Some(event_time);
+        }
+        if self.max_reach.is_none_or(|max| reach > max) {
+            self.max_reach = Some(reach);
         }
         self.raise(event_time.saturating_sub(self.max_out_of_orderness_ms))
     }
@@ -42,14 +47,14 @@ impl WatermarkTracker {
     /// The caught-up idle advance: the partition has been read to its end and
     /// stayed quiet for `idle_timeout` (the caller decides that, see
     /// [`IdleClock`]). W follows the wall clock to
-    /// `min(now − max_out_of_orderness, max event time seen + gap + 1 ms)`.
+    /// `min(now − max_out_of_orderness, furthest window end seen + 1 ms)`.
     /// Returns whether W moved.
     pub fn advance_idle(&mut self, now_ms: i64) -> bool {
-        let Some(max) = self.max_event_time else {
+        let Some(reach) = self.max_reach else {
             return false;
         };
         let by_clock = now_ms.saturating_sub(self.max_out_of_orderness_ms);
-        let cap = max.saturating_add(self.gap_ms).saturating_add(1);
+        let cap = reach.saturating_add(1);
         self.raise(by_clock.min(cap))
     }
 
@@ -158,25 +163,29 @@ mod tests {
 
     #[test]
     fn watermark_is_max_minus_disorder_and_never_moves_back() {
-        let mut w = WatermarkTracker::new(500, 3000);
+        let mut w = WatermarkTracker::new(500);
         assert_eq!(w.current(), i64::MIN);
-        assert!(w.observe(10_000));
+        assert!(w.observe(10_000, 13_000));
         assert_eq!(w.current(), 9_500);
-        assert!(!w.observe(9_000), "an older event does not move W");
+        assert!(!w.observe(9_000, 12_000), "an older event does not move W");
         assert_eq!(w.current(), 9_500);
-        assert!(w.observe(10_200));
+        assert!(w.observe(10_200, 13_200));
         assert_eq!(w.current(), 9_700);
     }
 
     #[test]
     fn idle_advance_follows_the_clock_up_to_the_cap() {
-        let mut w = WatermarkTracker::new(500, 3000);
+        let mut w = WatermarkTracker::new(500);
         assert!(!w.advance_idle(1_000_000), "nothing seen, nothing to close");
-        w.observe(10_000);
+        w.observe(10_000, 13_000);
         assert!(w.advance_idle(11_000));
         assert_eq!(w.current(), 10_500, "now - max_out_of_orderness");
         assert!(w.advance_idle(1_000_000));
-        assert_eq!(w.current(), 13_001, "capped at max seen + gap + 1 ms");
+        assert_eq!(w.current(), 13_001, "capped at the furthest t + gap + 1 ms");
+        // An earlier event with a longer gap of its own reaches further.
+        w.observe(9_000, 20_000);
+        assert!(w.advance_idle(1_000_000));
+        assert_eq!(w.current(), 20_001);
         assert!(!w.advance_idle(2_000_000));
     }
 

@@ -43,4 +43,8 @@ pub struct ChatEvent<'a> {
     /// Epoch milliseconds.
     pub event_time: i64,
     pub attributes: Option<Box<Attributes>>,
+    /// This event's own session gap (Flink's dynamic gap): its window is
+    /// `[event_time, event_time + gap_ms]`; `None`: `window.gap`. The engine
+    /// clamps it to `window.max_gap`.
+    pub gap_ms: Option<i64>,
 }

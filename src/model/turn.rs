@@ -73,6 +73,10 @@ pub struct Turn<'a> {
     pub end_time: i64,
     pub closed_by: ClosedBy,
     pub late: bool,
+    /// With `window.follow_up`: the key's previous turn, when this one
+    /// started within `follow_up` of its last event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_turn_id: Option<String>,
     pub message_count: u32,
     /// The message texts joined with "\n".
     pub text: String,
