@@ -12,8 +12,8 @@ pub enum EventKind {
     Message,
     /// The user is typing: extends the session, adds no text.
     Typing,
-    /// Closes the key's open session on arrival (a send button, the end of a
-    /// voice utterance).
+    /// Ends the turn right after it in event time (a send button, the end
+    /// of a voice utterance).
     EndOfTurn,
 }
 
