@@ -1343,3 +1343,40 @@ async fn with_commit_metadata_the_commit_follows_the_prefix_and_no_turn_is_resen
     let turns = read_until(client(), &t.output, false, TIMEOUT, covers(&want));
     assert_complete_without_partial_duplicates(&want, &turns);
 }
+
+/// Issue #11: a client stamps the end of turn a few ms after the burst's
+/// last message, and the end of turn overtakes it on the way. One turn, with
+/// both messages, closed by the end of turn: the agent answers once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
+    let broker = Broker::start();
+    let t = topics(&broker, "overtake", 1).await;
+    let _worker = Worker::start(&worker_config(&broker, &t, ""));
+    let now = sessionizer::wall_clock::now_ms();
+    let records: Vec<(Vec<u8>, Vec<u8>)> = [
+        format!(r#"{{"message_id":"a1","user_id":"ann","text":"my parcel","event_time":{now}}}"#),
+        format!(
+            r#"{{"message_id":"a-end","user_id":"ann","kind":"end_of_turn","event_time":{}}}"#,
+            now + 605
+        ),
+        format!(
+            r#"{{"message_id":"a2","user_id":"ann","text":"never came","event_time":{}}}"#,
+            now + 600
+        ),
+    ]
+    .into_iter()
+    .map(|p| (b"ann".to_vec(), p.into_bytes()))
+    .collect();
+    produce(broker.client_config(), &t.input, &records).await;
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.iter()
+            .flat_map(|r| message_ids(&r.json()))
+            .filter(|id| id == "a1" || id == "a2")
+            .count()
+            >= 2
+    });
+    assert_eq!(turns.len(), 1, "one turn");
+    let turn = turns[0].json();
+    assert_eq!(turn["closed_by"], "end_of_turn");
+    assert_eq!(turn["text"], "my parcel\nnever came");
+}

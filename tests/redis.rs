@@ -1446,3 +1446,35 @@ fn the_fence_holds_at_maxmemory() {
         .query(&mut conn)
         .unwrap();
 }
+
+/// Issue #11: a client stamps the end of turn a few ms after the burst's
+/// last message, and the end of turn overtakes it on the way. One turn, with
+/// both messages, closed by the end of turn: the agent answers once.
+#[test]
+fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "overtake", 1, "", "");
+    let t = sessionizer::wall_clock::now_ms();
+    let records: Vec<(String, Vec<u8>)> = [
+        format!(r#"{{"message_id":"a1","user_id":"ann","text":"my parcel","event_time":{t}}}"#),
+        format!(
+            r#"{{"message_id":"a-end","user_id":"ann","kind":"end_of_turn","event_time":{}}}"#,
+            t + 605
+        ),
+        format!(
+            r#"{{"message_id":"a2","user_id":"ann","text":"never came","event_time":{}}}"#,
+            t + 600
+        ),
+    ]
+    .into_iter()
+    .map(|p| ("ann".to_owned(), p.into_bytes()))
+    .collect();
+    produce(&mut conn, &setup, &records);
+    let _worker = Worker::start(&setup.config_text);
+    let want = BTreeSet::from(["a1".to_owned(), "a2".to_owned()]);
+    let got = wait_until_done(&mut conn, &setup, &want);
+    assert_eq!(got.len(), 1, "one turn: {got:?}");
+    assert_eq!(got[0]["closed_by"], "end_of_turn");
+    assert_eq!(got[0]["text"], "my parcel\nnever came");
+}
