@@ -14,9 +14,15 @@
 //! the traffic alone: any engine with these semantics (Flink's bounded
 //! out-of-orderness watermark, Kafka Streams' stream time) waits as long.
 //!
+//! Bursts end with an `end_of_turn` event (5 ms after the last message, same
+//! arrival disorder) in a fraction `EOT_FRACTION` of them (default 0.3): for
+//! their turns it prints the delay from the end of turn's arrival to the
+//! emit, which the semantics put at about `max_out_of_orderness` (the turn
+//! waits until the watermark passes the end of turn).
+//!
 //! `cargo bench --bench emit_delay` (env `DURATION_SECS`, default 30; `USERS`,
 //! default 20,000: about 1,100 events/s; `SHARDS`, default 4; `IDLE_TIMEOUT`,
-//! default "100ms").
+//! default "100ms"; `EOT_FRACTION`, default 0.3).
 //! Needs `redis-server`.
 
 #[path = "../tests/support/mod.rs"]
@@ -77,7 +83,20 @@ block = "100ms"
 
     // Live traffic from the load generator: each record is written at its
     // modeled arrival time (event time = now).
-    let produced = support::run_live_traffic(&config_text, seconds, users);
+    let eot_fraction: f64 = env_or("EOT_FRACTION", 0.3);
+    let produced = support::run_produce(
+        &config_text,
+        &[
+            "--real-time",
+            "--duration",
+            &format!("{seconds}s"),
+            "--users",
+            &users.to_string(),
+            "--end-of-turn-fraction",
+            &eot_fraction.to_string(),
+        ],
+    )
+    .0;
     let stopped = now_ms();
     // Every entry acked means every session closed (the idle advance closes
     // the last ones).
@@ -116,6 +135,26 @@ block = "100ms"
         .collect();
     let ooo = config.window.max_out_of_orderness.0;
     let idle = config.window.idle_timeout.0;
+    let mut after_end = (Vec::new(), Vec::new());
+    for (emitted, turn) in &turns {
+        if turn["closed_by"] != "end_of_turn" {
+            continue;
+        }
+        let user = turn["user_id"].as_str().unwrap();
+        let shard = shard_of(user, turn["conversation_id"].as_str(), shard_count);
+        let key = (user.to_owned(), turn["end_time"].as_i64().unwrap());
+        let arrived = arrivals[shard as usize].ends[&key];
+        if *emitted <= stopped {
+            after_end.0.push(emitted - arrived);
+        } else {
+            after_end.1.push(emitted - arrived);
+        }
+    }
+    println!(
+        "end_of_turn turns, emit − arrival of the end of turn (max_out_of_orderness {ooo} ms):"
+    );
+    support::print_percentiles("under load", &mut after_end.0);
+    support::print_percentiles("after the producer stopped", &mut after_end.1);
     let mut floors = Vec::new();
     for (emitted, turn) in &turns {
         if turn["late"].as_bool() == Some(true) || turn["closed_by"] != "gap" {
@@ -155,6 +194,8 @@ fn entry_time(id: &str) -> i64 {
 struct Arrivals {
     at: Vec<i64>,
     max_event_time: Vec<i64>,
+    /// When each end-of-turn event arrived, by (user, event time).
+    ends: std::collections::HashMap<(String, i64), i64>,
 }
 
 impl Arrivals {
@@ -168,18 +209,26 @@ impl Arrivals {
             .query(conn)
             .unwrap();
         let (mut at, mut max_event_time) = (Vec::new(), Vec::new());
+        let mut ends = std::collections::HashMap::new();
         let mut max = i64::MIN;
         for entry in entries.ids {
             let arrived = entry_time(&entry.id);
             if let Some(redis::Value::BulkString(payload)) = entry.map.get("payload") {
                 if let Ok(event) = decoder.decode(payload, arrived) {
                     max = max.max(event.event_time);
+                    if event.kind == sessionizer::model::EventKind::EndOfTurn {
+                        ends.insert((event.user_id.into_owned(), event.event_time), arrived);
+                    }
                 }
             }
             at.push(arrived);
             max_event_time.push(max);
         }
-        Arrivals { at, max_event_time }
+        Arrivals {
+            at,
+            max_event_time,
+            ends,
+        }
     }
 
     /// The earliest wall time a session due at `due` (last event + gap)

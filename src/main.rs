@@ -119,6 +119,10 @@ struct ProduceArgs {
     /// missing text, oversize text); duplicate copies come on top.
     #[arg(long, default_value_t = 0.0)]
     poison_fraction: f64,
+    /// Fraction of bursts that end with an end_of_turn event (5 ms after the
+    /// last message, with the same arrival disorder).
+    #[arg(long, default_value_t = 0.0)]
+    end_of_turn_fraction: f64,
     /// Encoding of valid events.
     #[arg(long, default_value = "json")]
     format: EventFormat,
@@ -315,6 +319,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             for (name, fraction) in [
                 ("--poison-fraction", args.poison_fraction),
                 ("--duplicate-fraction", args.duplicate_fraction),
+                ("--end-of-turn-fraction", args.end_of_turn_fraction),
             ] {
                 anyhow::ensure!(
                     (0.0..=1.0).contains(&fraction),
@@ -335,6 +340,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     disorder_ms: args.disorder.as_millis() as i64,
                     duplicate_fraction: args.duplicate_fraction,
                     poison_fraction: args.poison_fraction,
+                    end_of_turn_fraction: args.end_of_turn_fraction,
                     start_ms: 0,
                     seed: args.seed,
                 },

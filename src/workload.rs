@@ -25,6 +25,10 @@ pub struct WorkloadSpec {
     /// Fraction of records that are poison (invalid JSON, missing fields,
     /// oversize text).
     pub poison_fraction: f64,
+    /// Fraction of bursts that end with an `end_of_turn` event, stamped 5 ms
+    /// after the burst's last message (a send button) and arriving with the
+    /// same disorder, so it can overtake that message.
+    pub end_of_turn_fraction: f64,
     /// Event time of the first burst (epoch ms).
     pub start_ms: i64,
     pub seed: u64,
@@ -40,6 +44,7 @@ impl Default for WorkloadSpec {
             disorder_ms: 400,
             duplicate_fraction: 0.0,
             poison_fraction: 0.0,
+            end_of_turn_fraction: 0.0,
             start_ms: 1_700_000_000_000,
             seed: 42,
         }
@@ -164,6 +169,24 @@ impl Workload {
             };
             self.counter += 1;
             self.pending.push(Reverse((arrival, self.counter)));
+            self.pending_records.insert(self.counter, record);
+        }
+        if left == 1
+            && !poison
+            && self.spec.end_of_turn_fraction > 0.0
+            && self.rng.chance(self.spec.end_of_turn_fraction)
+        {
+            let end = t + 5;
+            let record = GeneratedRecord {
+                user,
+                event_time: end,
+                arrival: end + self.rng.range((0, (self.spec.disorder_ms - 1).max(0))),
+                payload: format!(r#"{{"message_id":"{message_id}-end","user_id":"user-{user}","kind":"end_of_turn","event_time":{end}}}"#).into_bytes(),
+                poison: false,
+                duplicate: false,
+            };
+            self.counter += 1;
+            self.pending.push(Reverse((record.arrival, self.counter)));
             self.pending_records.insert(self.counter, record);
         }
         // Schedule the user's next message.
