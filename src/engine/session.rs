@@ -166,34 +166,31 @@ struct Entry {
     /// `message_id` followed by the text.
     id_text: Box<str>,
     attributes: Option<Box<Attributes>>,
-    id_len: u32,
     /// The event's own gap (clamped to `max_gap`) or `window.gap`.
     gap: u32,
+    /// Ids are at most 128 bytes (the decoder's bound).
+    id_len: u16,
+    /// A one-byte hash of the message id: most ids of a piece differ in it,
+    /// so the duplicate check rarely compares ids (see [`id_fingerprint`]).
+    fingerprint: u8,
     kind: EventKind,
 }
 
 impl Entry {
-    fn message_id(&self) -> &str {
-        &self.id_text[..self.id_len as usize]
-    }
-
     fn is_message(&self) -> bool {
         self.kind == EventKind::Message
     }
 
     /// The order of the definition: event time, an end of turn after the
     /// other events of its millisecond, then content (id, text, gap), then
-    /// arrival (which only separates exact copies).
-    fn sort_key(&self) -> (i64, bool, &str, &str, u32, u64) {
-        let (id, text) = self.id_text.split_at(self.id_len as usize);
-        (
-            self.time,
-            self.kind == EventKind::EndOfTurn,
-            id,
-            text,
-            self.gap,
-            self.seq,
-        )
+    /// arrival (which only separates exact copies). The strings are only
+    /// read for events of the same millisecond.
+    fn sorts_before(&self, other: &Entry) -> bool {
+        let eot = |e: &Entry| e.kind == EventKind::EndOfTurn;
+        (self.time, eot(self))
+            .cmp(&(other.time, eot(other)))
+            .then_with(|| self.content_key().cmp(&other.content_key()))
+            .is_lt()
     }
 
     /// The end of the event's window: a later event within it chains.
@@ -201,16 +198,33 @@ impl Entry {
         self.time.saturating_add(i64::from(self.gap))
     }
 
-    /// What the entry counts toward `max_bytes` (0 for typing and end of turn).
+    /// What the entry counts toward `max_bytes` (0 for typing and end of
+    /// turn). Reads no string byte: the cut runs on every insert, and a
+    /// byte of each text would be a cache miss each.
     fn bytes(&self) -> u32 {
-        if self.is_message() {
-            message_bytes(
-                &self.id_text[self.id_len as usize..],
-                self.attributes.as_deref(),
-            )
-        } else {
-            0
+        if !self.is_message() {
+            return 0;
         }
+        message_bytes(
+            self.id_text.len() - usize::from(self.id_len),
+            self.attributes.as_deref(),
+        )
+    }
+
+    fn content_key(&self) -> (&[u8], &[u8], u32, u64) {
+        let (id, text) = self.id_text.as_bytes().split_at(usize::from(self.id_len));
+        (id, text, self.gap, self.seq)
+    }
+
+    /// Whether both are messages with the same id; compares the one-byte
+    /// fingerprints first, so distinct ids rarely cost a string compare.
+    fn same_message(&self, other: &Entry) -> bool {
+        self.fingerprint == other.fingerprint
+            && self.id_len == other.id_len
+            && self.is_message()
+            && other.is_message()
+            && self.id_text.as_bytes()[..usize::from(self.id_len)]
+                == other.id_text.as_bytes()[..usize::from(other.id_len)]
     }
 }
 
@@ -294,8 +308,6 @@ pub struct SessionEngine {
     open: usize,
     /// Gaps above `max_gap` clamped so far.
     clamped_gaps: u64,
-    /// Scratch: hashes of the message ids of the piece being cut.
-    seen: Vec<u64>,
 }
 
 fn key_hash(hasher: &DefaultHashBuilder, user_id: &str, conversation_id: &str) -> u64 {
@@ -303,12 +315,6 @@ fn key_hash(hasher: &DefaultHashBuilder, user_id: &str, conversation_id: &str) -
     h.write(user_id.as_bytes());
     h.write_u8(0xff); // not UTF-8: separates the parts
     h.write(conversation_id.as_bytes());
-    h.finish()
-}
-
-fn id_hash(hasher: &DefaultHashBuilder, id: &str) -> u64 {
-    let mut h = hasher.build_hasher();
-    h.write(id.as_bytes());
     h.finish()
 }
 
@@ -324,7 +330,6 @@ impl SessionEngine {
             deadlines: BinaryHeap::new(),
             open: 0,
             clamped_gaps: 0,
-            seen: Vec::new(),
         }
     }
 
@@ -382,7 +387,7 @@ impl SessionEngine {
             let entry = make_entry(event, seq, gap);
             let entries = &mut self.key_mut(slot).entries;
             let was_empty = entries.is_empty();
-            let at = entries.partition_point(|e| e.sort_key() < entry.sort_key());
+            let at = entries.partition_point(|e| e.sorts_before(&entry));
             entries.insert(at, entry);
             self.open += usize::from(was_empty);
             self.schedule(slot);
@@ -458,15 +463,16 @@ impl SessionEngine {
             self.key_mut(slot).queued = i64::MAX;
             loop {
                 if self.key(slot).entries.is_empty() {
+                    self.schedule(slot);
                     break;
                 }
                 let piece = self.first_piece(slot);
                 if w <= piece.deadline {
+                    self.queue(slot, piece.deadline);
                     break;
                 }
                 self.emit(slot, piece, out);
             }
-            self.schedule(slot);
         }
     }
 
@@ -491,6 +497,11 @@ impl SessionEngine {
         } else {
             self.first_piece(slot).deadline
         };
+        self.queue(slot, deadline);
+    }
+
+    /// Puts the key's deadline in the heap unless an earlier one is there.
+    fn queue(&mut self, slot: u32, deadline: i64) {
         let generation = self.slots[slot as usize].generation;
         let state = self.key_mut(slot);
         if deadline < state.queued {
@@ -505,8 +516,6 @@ impl SessionEngine {
     /// `max_duration`, and right after an end of turn.
     fn first_piece(&mut self, slot: u32) -> Piece {
         let c = self.config;
-        let mut seen = std::mem::take(&mut self.seen);
-        seen.clear();
         let state = self.slots[slot as usize]
             .key
             .as_ref()
@@ -537,11 +546,9 @@ impl SessionEngine {
                 break;
             }
             if e.is_message() {
-                let h = id_hash(&self.hasher, e.message_id());
-                let duplicate = seen.contains(&h)
-                    && entries[..i]
-                        .iter()
-                        .any(|x| x.is_message() && x.message_id() == e.message_id());
+                // Pieces are short: a scan of the earlier entries costs less
+                // than hashing every id on every cut.
+                let duplicate = entries[..i].iter().any(|x| x.same_message(e));
                 if duplicate {
                     continue; // as if it were not there: it neither counts nor chains
                 }
@@ -557,7 +564,6 @@ impl SessionEngine {
                     }
                     messages += 1;
                     bytes += b;
-                    seen.push(h);
                 }
             }
             chain_end = chain_end.max(e.reach());
@@ -570,7 +576,6 @@ impl SessionEngine {
             let (closed_by, deadline) = ended(chain_end);
             (entries.len(), closed_by, deadline)
         });
-        self.seen = seen;
         Piece {
             len,
             closed_by,
@@ -582,26 +587,42 @@ impl SessionEngine {
     /// its duplicates dropped, or, without a message, drops.
     fn emit(&mut self, slot: u32, piece: Piece, out: &mut Vec<Resolution>) {
         let follow_up = self.config.follow_up_ms;
-        let entries = &mut self.key_mut(slot).entries;
-        let taken: SmallVec<[Entry; 4]> = entries.drain(..piece.len).collect();
-        self.open -= usize::from(entries.is_empty());
-        let state = self.key_mut(slot);
-        if !taken.iter().any(Entry::is_message) {
-            for entry in &taken {
+        let state = self.slots[slot as usize]
+            .key
+            .as_mut()
+            .expect("slot holds a key");
+        let piece_entries = &state.entries[..piece.len];
+        if !piece_entries.iter().any(Entry::is_message) {
+            for entry in state.entries.drain(..piece.len) {
                 out.push(Resolution::Dropped {
                     seq: entry.seq,
                     reason: DropReason::NoMessage,
                     held_by: None,
                 });
             }
+            self.open -= usize::from(state.entries.is_empty());
             return;
         }
-        let first_seq = taken.iter().map(|e| e.seq).min().expect("not empty");
-        let (start_time, end_time) = (taken[0].time, taken[taken.len() - 1].time);
-        let mut seqs = Vec::with_capacity(taken.len());
-        let mut messages: Vec<SessionMessage> = Vec::with_capacity(taken.len());
-        for e in taken {
-            if e.is_message() && messages.iter().any(|m| m.message_id() == e.message_id()) {
+        let first_seq = piece_entries
+            .iter()
+            .map(|e| e.seq)
+            .min()
+            .expect("not empty");
+        let (start_time, end_time) = (piece_entries[0].time, piece_entries[piece.len - 1].time);
+        // A message whose id came earlier in the piece is a duplicate.
+        let duplicate: SmallVec<[bool; 8]> = (0..piece.len)
+            .map(|i| {
+                piece_entries[..i]
+                    .iter()
+                    .any(|x| x.same_message(&piece_entries[i]))
+            })
+            .collect();
+        let user_id = state.user_id().to_owned();
+        let conversation_id = state.conversation_id().map(str::to_owned);
+        let mut seqs = Vec::with_capacity(piece.len);
+        let mut messages: Vec<SessionMessage> = Vec::with_capacity(piece.len);
+        for (e, duplicate) in state.entries.drain(..piece.len).zip(duplicate) {
+            if duplicate {
                 out.push(Resolution::Dropped {
                     seq: e.seq,
                     reason: DropReason::Duplicate,
@@ -615,15 +636,16 @@ impl SessionEngine {
                     event_time: e.time,
                     seq: e.seq,
                     id_text: e.id_text,
-                    id_len: e.id_len,
+                    id_len: u32::from(e.id_len),
                     attributes: e.attributes,
                 });
             }
         }
+        let emptied = state.entries.is_empty();
         seqs.sort_unstable();
         let mut session = ClosedSession {
-            user_id: state.user_id().to_owned(),
-            conversation_id: state.conversation_id().map(str::to_owned),
+            user_id,
+            conversation_id,
             start_time,
             end_time,
             closed_by: piece.closed_by,
@@ -645,6 +667,7 @@ impl SessionEngine {
             );
             state.previous = Some(Box::new((id, end_time)));
         }
+        self.open -= usize::from(emptied);
         out.push(Resolution::Turn(session));
     }
 
@@ -763,13 +786,14 @@ impl SessionEngine {
     }
 }
 
-/// What a message counts toward `max_bytes`: its text and its attributes'
-/// keys and values. Attributes count because they go into the turn too: two
-/// messages with 600 kB of attributes each made a turn no producer accepted.
-pub fn message_bytes(text: &str, attributes: Option<&Attributes>) -> u32 {
+/// What a message counts toward `max_bytes`: its text's length and its
+/// attributes' keys and values. Attributes count because they go into the
+/// turn too: two messages with 600 kB of attributes each made a turn no
+/// producer accepted.
+pub fn message_bytes(text_len: usize, attributes: Option<&Attributes>) -> u32 {
     let attributes: usize =
         attributes.map_or(0, |a| a.iter().map(|(k, v)| k.len() + v.len()).sum());
-    u32::try_from(text.len() + attributes).unwrap_or(u32::MAX)
+    u32::try_from(text_len + attributes).unwrap_or(u32::MAX)
 }
 
 fn join_id_text(message_id: &str, text: &str) -> (Box<str>, u32) {
@@ -786,12 +810,22 @@ fn make_entry(event: ChatEvent<'_>, seq: u64, gap: i64) -> Entry {
     Entry {
         time: event.event_time,
         seq,
+        fingerprint: id_fingerprint(&event.message_id),
         id_text,
         attributes: if is_message { event.attributes } else { None },
-        id_len,
+        id_len: u16::try_from(id_len).expect("message ids are at most 128 bytes"),
         gap: u32::try_from(gap).unwrap_or(u32::MAX),
         kind: event.kind,
     }
+}
+
+/// FNV-1a over the id, folded to a byte.
+fn id_fingerprint(id: &str) -> u8 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (h ^ (h >> 8) ^ (h >> 16) ^ (h >> 24)) as u8
 }
 
 #[cfg(test)]
