@@ -1,6 +1,8 @@
 //! Memory per open session: 1,000,000 users with one open session each,
 //! measured by a counting allocator (bytes the engine holds, minus the message
-//! texts) and by peak RSS.
+//! texts) and by peak RSS. Then what `window.follow_up` keeps per key after
+//! its turn is out (the previous turn's id and end), until the watermark
+//! passes the follow-up horizon.
 //!
 //! `cargo bench --bench memory`
 
@@ -90,5 +92,46 @@ fn main() {
         per_session - text
     );
     println!("  RSS growth              : {:.1} bytes per session (allocator overhead included); peak RSS {} MB", rss as f64 * 1024.0 / SESSIONS as f64, status_kb("VmHWM:") / 1024);
+    std::hint::black_box(&engine);
+    drop(engine);
+
+    // Follow-up memory: every key's turn emitted, its memory still held.
+    let config = WindowConfig {
+        max_out_of_orderness_ms: 0,
+        follow_up_ms: Some(3_600_000),
+        ..config
+    };
+    let mut engine = SessionEngine::new(config);
+    let live_before = LIVE.load(Ordering::Relaxed);
+    let mut emitted = 0;
+    for (seq, (user, id)) in names.iter().enumerate() {
+        let event = ChatEvent {
+            message_id: id.as_str().into(),
+            user_id: user.as_str().into(),
+            conversation_id: None,
+            kind: EventKind::EndOfTurn,
+            text: "".into(),
+            event_time: 1_700_000_000_000 + seq as i64,
+            attributes: None,
+            gap_ms: None,
+        };
+        // An end of turn alone is dropped, but the message before it makes
+        // a turn: send both.
+        let message = ChatEvent {
+            kind: EventKind::Message,
+            text: TEXT.into(),
+            ..event.clone()
+        };
+        engine.on_event(message, 2 * seq as u64, &mut out);
+        engine.on_event(event, 2 * seq as u64 + 1, &mut out);
+        emitted += out.len();
+        out.clear();
+    }
+    let held = LIVE.load(Ordering::Relaxed) - live_before;
+    println!(
+        "follow_up memory: {emitted} turns out, {} keys waiting; {:.1} bytes per key held after its turn",
+        engine.open_sessions(),
+        held as f64 / SESSIONS as f64
+    );
     std::hint::black_box(&engine);
 }
