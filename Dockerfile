@@ -1,11 +1,9 @@
 # The sessionizer worker: `docker build -t sessionizer .`
-# librdkafka is built from source with TLS and SASL (rdkafka features ssl,
-# sasl), hence the -dev packages in the build stage and their runtime
-# libraries in the final one.
+# librdkafka, OpenSSL and zlib are built from source and linked statically
+# (rdkafka features ssl-vendored, libz-static): the rust image has the
+# compiler, make and perl they need, and the final image needs only libc and
+# the CA certificates.
 FROM rust:1-bookworm AS build
-RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl-dev libsasl2-dev pkg-config \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
@@ -16,7 +14,7 @@ RUN cargo build --release --locked --bin sessionizer
 
 FROM debian:bookworm-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends libssl3 libsasl2-2 ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 sessionizer
 COPY --from=build /src/target/release/sessionizer /usr/local/bin/sessionizer
