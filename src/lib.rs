@@ -40,6 +40,7 @@ pub mod dlq;
 pub mod engine;
 pub mod fault;
 pub mod file;
+pub mod http;
 pub mod kafka;
 pub mod log_throttle;
 pub mod metrics;

@@ -376,7 +376,7 @@ fn run(command: Command) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             runtime()?.block_on(async move {
                 if let Some(listen) = config.metrics.listen {
-                    sessionizer::metrics::serve(listen).await?;
+                    sessionizer::http::serve(listen).await?;
                 }
                 match config.source {
                     SourceKind::Kafka => {

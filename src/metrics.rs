@@ -7,14 +7,12 @@
 //! reasons and partition or shard names, never user ids, so the number of
 //! series stays bounded whatever the traffic.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use metrics::{counter, gauge, histogram, Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 use crate::engine::{ClosedSession, DropReason};
 use crate::model::{ClosedBy, DeadLetterReason};
@@ -354,13 +352,13 @@ impl Readiness {
     }
 }
 
-/// Installs the Prometheus recorder and serves `/metrics`, `/healthz` and
-/// `/readyz` on `listen`. Binds before returning, so a taken port fails the
-/// start. Must run inside the tokio runtime.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("invalid configuration: metrics.listen: cannot bind {listen}"))?;
+/// Installs the Prometheus recorder (once per process: later calls get the
+/// same handle) that `/metrics` renders (see [`crate::http`]).
+pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(EMIT_DELAY.to_owned()),
@@ -378,73 +376,7 @@ pub async fn serve(listen: SocketAddr) -> anyhow::Result<()> {
         .context("building the Prometheus recorder")?
         .install_recorder()
         .context("installing the Prometheus recorder")?;
-    tracing::info!(%listen, "serving /metrics, /healthz and /readyz");
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
-        }
-    });
-    tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(answer(stream, handle.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors, say: do not spin on it.
-                    tracing::warn!(error = %e, "metrics listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
-    });
-    Ok(())
-}
-
-/// One HTTP/1.1 exchange: reads the request head, answers, closes.
-async fn answer(mut stream: tokio::net::TcpStream, handle: PrometheusHandle) {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 512];
-    // A client that never finishes its request head is dropped.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 8192 {
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => break,
-            Ok(Ok(n)) => head.extend_from_slice(&buf[..n]),
-            Err(_) => return,
-        }
-    }
-    let request_line =
-        String::from_utf8_lossy(head.split(|b| *b == b'\r').next().unwrap_or(b"")).into_owned();
-    let mut parts = request_line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = path.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", handle.render()),
-        ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_owned()),
-        ("GET", "/readyz") => match READINESS.check() {
-            Ok(n) => ("200 OK", "text/plain", format!("ready: {n} owned\n")),
-            Err(why) => (
-                "503 Service Unavailable",
-                "text/plain",
-                format!("not ready: {why}\n"),
-            ),
-        },
-        ("GET", _) => ("404 Not Found", "text/plain", "not found\n".to_owned()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.shutdown().await;
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
 
 #[cfg(test)]
