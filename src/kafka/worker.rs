@@ -809,18 +809,22 @@ impl Worker {
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), WorkerError> {
         tokio::pin!(shutdown);
-        let mut tick = tokio::time::interval(Duration::from_millis(20));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_commit = now_ms();
         // Whether the worker ever got a partition or a record: until then a
         // refused login is fatal.
         let mut reached = false;
+        // The loop sleeps until its next duty (see `next_wake`), not on a
+        // fixed tick: an idle worker wakes about once a second.
+        let mut wake = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 biased;
                 () = &mut shutdown => return Ok(()),
                 Some((outgoing, result)) = self.deliveries.next(), if !self.deliveries.is_empty() => {
                     self.on_delivered(outgoing, result);
+                    if self.in_flight.paused {
+                        self.pause_or_resume(consumer);
+                    }
                 }
                 Some(done) = self.commits.next(), if !self.commits.is_empty() => {
                     self.on_committed(done);
@@ -851,7 +855,7 @@ impl Worker {
                 }
                 // Rebalance callbacks only run inside `recv`, so their events
                 // are applied there, before the record it returns.
-                _ = tick.tick() => {
+                () = tokio::time::sleep_until(wake) => {
                     reached |= !self.assigned.is_empty();
                     if !reached {
                         if let Some(why) = self.shared.refused.lock().expect("not poisoned").take() {
@@ -872,9 +876,31 @@ impl Worker {
                         self.commit(consumer)?;
                         last_commit = now;
                     }
+                    wake = tokio::time::Instant::now()
+                        + self.next_wake(reached, now, last_commit);
                 }
             }
         }
+    }
+
+    /// How long the loop may sleep. While it waits for its first partition
+    /// (a refused login must stop it at once), while output holds the input
+    /// paused, and while sessions are open (the caught-up check polls
+    /// librdkafka's cached high watermarks, and the idle advance follows the
+    /// clock), it checks every 20 ms. Otherwise only the commit interval and
+    /// a 1-second refresh of the gauges and stall checks remain.
+    fn next_wake(&self, reached: bool, now: i64, last_commit: i64) -> Duration {
+        const POLL_MS: i64 = 20;
+        const REFRESH_MS: i64 = 1_000;
+        let busy = !reached
+            || self.in_flight.paused
+            || self
+                .partitions
+                .values()
+                .any(|s| s.pipeline.engine().open_sessions() > 0);
+        let commit_due = (last_commit + self.kafka.commit_interval.0 - now).max(0);
+        let ms = commit_due.min(if busy { POLL_MS } else { REFRESH_MS });
+        Duration::from_millis(ms.max(1) as u64)
     }
 
     fn topic(&self, name: &str) -> Arc<str> {
