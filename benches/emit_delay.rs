@@ -5,7 +5,7 @@
 //! through the caught-up idle advance.
 //!
 //! It also splits each turn's delay in two: the *floor*, the earliest wall
-//! time DESIGN.md's semantics let the turn close given what had arrived in
+//! time the semantics (docs/semantics.md) let the turn close given what had arrived in
 //! its shard (Redis stamps each entry's arrival in its id), and the worker's
 //! own part, emit time − floor. The floor is the first arrival that lifts
 //! the shard's event-time watermark past `last event + gap`, or, sooner, the

@@ -2,7 +2,7 @@
 //! **turn** (an event-time session window per user and conversation), so an AI
 //! agent answers each burst once instead of each message.
 //!
-//! Layout, from the inside out (`DESIGN.md` fixes the semantics):
+//! Layout, from the inside out (`docs/semantics.md` fixes the semantics; `docs/architecture.md` has the tour):
 //!
 //! - [`engine`]: the pure core. [`engine::SessionEngine`] keeps one partition's
 //!   open sessions and watermark; [`engine::WatermarkTracker`] and
@@ -20,8 +20,8 @@
 //! - [`redis`]: the Redis Streams worker (shard streams owned through
 //!   fenced leases, turns and dead letters written with their acks in one
 //!   step, pending-entry recovery).
-//! - [`metrics`]: metric names, the Prometheus exporter, `/healthz` and
-//!   `/readyz`.
+//! - [`metrics`]: metric names, the Prometheus recorder, readiness.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` on one axum router.
 //! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
 //!   source's dead letters.
 //! - [`fault`]: the fault-test hooks (off unless their variables are set).

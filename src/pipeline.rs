@@ -7,7 +7,7 @@ use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, Window
 use crate::metrics::PipelineMetrics;
 use crate::model::{DeadLetterReason, EventKind};
 
-/// What became of records (see `DESIGN.md`: every record ends in exactly one).
+/// What became of records (see `docs/semantics.md`: every record ends in exactly one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Publish as a turn; its `seqs` resolve once the turn is durable.

@@ -1,5 +1,5 @@
 //! Property tests of the session engine against small, obviously-correct
-//! reference models (the invariants of `DESIGN.md`).
+//! reference models (the invariants of `docs/semantics.md`).
 //!
 //! - `reference`: the definition of `docs/semantics.md` ("Sessions and
 //!   turns") applied offline: per key, sort, chain, cut. Whatever the arrival

@@ -1,4 +1,4 @@
-//! The session rules of `DESIGN.md`, one by one, with explicit time.
+//! The session rules of `docs/semantics.md`, one by one, with explicit time.
 
 use super::*;
 

@@ -94,7 +94,7 @@ pub struct Turn<'a> {
 /// the same id mean the same messages, so a consumer deduplicating by
 /// `turn_id` never drops a message, and sorting makes it independent of the
 /// order the messages arrived in. The formula is part of the contract
-/// (README, "The contract").
+/// (`docs/contract.md`).
 pub fn turn_id<'m>(
     user_id: &str,
     conversation_id: Option<&str>,
@@ -125,7 +125,7 @@ mod tests {
     fn turn_id_is_pinned_and_separates_its_parts() {
         // Pinned: a change here breaks downstream deduplication across versions.
         let id = turn_id("u1", None, ["m1"]);
-        // The same value computed independently (Python hashlib, README formula).
+        // The same value computed independently (Python hashlib, the formula in docs/contract.md).
         assert_eq!(id, "feb2ffc9a58953c7193b8c99b218c4d7");
         assert!(id
             .bytes()

@@ -77,7 +77,7 @@ pub fn members_key(config: &RedisSection) -> String {
 /// The shard of a session key: 64-bit FNV-1a over the UTF-8 bytes of
 /// `user_id`, followed by a zero byte and `conversation_id` when the event
 /// has one, modulo the shard count. Stable across versions: producers in any
-/// language compute it the same way (README, "Redis Streams").
+/// language compute it the same way (`docs/redis.md`).
 pub fn shard_of(user_id: &str, conversation_id: Option<&str>, shards: u32) -> u32 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0000_0100_0000_01b3;
@@ -132,7 +132,7 @@ mod tests {
     }
 
     /// Pinned values: producers in other languages compute the same (the
-    /// README's Python snippet gives these).
+    /// the Python snippet in `docs/redis.md` gives these).
     #[test]
     fn the_shard_hash_is_pinned() {
         assert_eq!(

@@ -336,7 +336,7 @@ pub async fn create_topic(config: ClientConfig, name: &str, partitions: i32) {
 /// (Kafka returns the whole batch and the client skips ahead). A worker
 /// resuming at a committed offset mid-batch would never see those records,
 /// so the tests keep every offset a batch start. Real Kafka needs nothing
-/// like it (README, "Tests and benchmarks").
+/// like it (`docs/testing.md`).
 pub async fn produce(config: ClientConfig, topic: &str, records: &[(Vec<u8>, Vec<u8>)]) {
     let mut config = config;
     let producer: FutureProducer = config
