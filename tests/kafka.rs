@@ -1352,21 +1352,11 @@ async fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
     let broker = Broker::start();
     let t = topics(&broker, "overtake", 1).await;
     let _worker = Worker::start(&worker_config(&broker, &t, ""));
-    let now = sessionizer::wall_clock::now_ms();
-    let records: Vec<(Vec<u8>, Vec<u8>)> = [
-        format!(r#"{{"message_id":"a1","user_id":"ann","text":"my parcel","event_time":{now}}}"#),
-        format!(
-            r#"{{"message_id":"a-end","user_id":"ann","kind":"end_of_turn","event_time":{}}}"#,
-            now + 605
-        ),
-        format!(
-            r#"{{"message_id":"a2","user_id":"ann","text":"never came","event_time":{}}}"#,
-            now + 600
-        ),
-    ]
-    .into_iter()
-    .map(|p| (b"ann".to_vec(), p.into_bytes()))
-    .collect();
+    let records: Vec<(Vec<u8>, Vec<u8>)> =
+        support::end_of_turn_overtaking_its_message(sessionizer::wall_clock::now_ms())
+            .into_iter()
+            .map(|(user, payload)| (user.into_bytes(), payload))
+            .collect();
     produce(broker.client_config(), &t.input, &records).await;
     let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
         r.iter()

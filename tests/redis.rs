@@ -1455,21 +1455,7 @@ fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
     let server = RedisServer::start();
     let mut conn = server.conn();
     let setup = Setup::new(&server, "overtake", 1, "", "");
-    let t = sessionizer::wall_clock::now_ms();
-    let records: Vec<(String, Vec<u8>)> = [
-        format!(r#"{{"message_id":"a1","user_id":"ann","text":"my parcel","event_time":{t}}}"#),
-        format!(
-            r#"{{"message_id":"a-end","user_id":"ann","kind":"end_of_turn","event_time":{}}}"#,
-            t + 605
-        ),
-        format!(
-            r#"{{"message_id":"a2","user_id":"ann","text":"never came","event_time":{}}}"#,
-            t + 600
-        ),
-    ]
-    .into_iter()
-    .map(|p| ("ann".to_owned(), p.into_bytes()))
-    .collect();
+    let records = support::end_of_turn_overtaking_its_message(sessionizer::wall_clock::now_ms());
     produce(&mut conn, &setup, &records);
     let _worker = Worker::start(&setup.config_text);
     let want = BTreeSet::from(["a1".to_owned(), "a2".to_owned()]);

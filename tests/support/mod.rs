@@ -986,3 +986,23 @@ impl Drop for FollowDlq {
         stop_child(&mut self.child);
     }
 }
+
+/// Issue #11's hostile case, as produced: `ann` sends two messages at `t`
+/// and `t + 600`, and an end of turn stamped at `t + 605` that overtakes the
+/// second on the way. (user, JSON payload) in arrival order.
+pub fn end_of_turn_overtaking_its_message(t: i64) -> Vec<(String, Vec<u8>)> {
+    [
+        format!(r#"{{"message_id":"a1","user_id":"ann","text":"my parcel","event_time":{t}}}"#),
+        format!(
+            r#"{{"message_id":"a-end","user_id":"ann","kind":"end_of_turn","event_time":{}}}"#,
+            t + 605
+        ),
+        format!(
+            r#"{{"message_id":"a2","user_id":"ann","text":"never came","event_time":{}}}"#,
+            t + 600
+        ),
+    ]
+    .into_iter()
+    .map(|p| ("ann".to_owned(), p.into_bytes()))
+    .collect()
+}
