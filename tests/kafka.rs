@@ -18,17 +18,68 @@ struct Topics {
     group: String,
 }
 
+impl Topics {
+    fn named(name: &str) -> Topics {
+        Topics {
+            input: format!("{name}-chat"),
+            output: format!("{name}-turns"),
+            dlq: format!("{name}-dlq"),
+            group: format!("{name}-workers"),
+        }
+    }
+}
+
 async fn topics(broker: &Broker, name: &str, partitions: i32) -> Topics {
-    let t = Topics {
-        input: format!("{name}-chat"),
-        output: format!("{name}-turns"),
-        dlq: format!("{name}-dlq"),
-        group: format!("{name}-workers"),
-    };
+    let t = Topics::named(name);
     broker.create_topic(&t.input, partitions).await;
     broker.create_topic(&t.output, 2).await;
     broker.create_topic(&t.dlq, 1).await;
     t
+}
+
+/// librdkafka's mock cluster with a test's topics, for what tansu lacks
+/// (transactions, commit metadata). It keeps only recent segments: not for
+/// volume tests.
+struct MockKafka {
+    cluster: rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    t: Topics,
+}
+
+impl MockKafka {
+    /// `brokers` mock brokers; the input and output topics with these
+    /// partition counts, the dead-letter topic with one.
+    fn start(name: &str, brokers: i32, input_partitions: i32, output_partitions: i32) -> Self {
+        let cluster = rdkafka::mocking::MockCluster::new(brokers).unwrap();
+        let t = Topics::named(name);
+        for (topic, partitions) in [
+            (&t.input, input_partitions),
+            (&t.output, output_partitions),
+            (&t.dlq, 1),
+        ] {
+            cluster.create_topic(topic, partitions, 1).unwrap();
+        }
+        MockKafka { cluster, t }
+    }
+
+    fn client(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", self.cluster.bootstrap_servers());
+        c
+    }
+
+    /// A worker config: `window` and `kafka` are extra lines of those
+    /// sections.
+    fn worker_config(&self, window: &str, kafka: &str) -> String {
+        let t = &self.t;
+        format!(
+            "source = \"kafka\"\n[window]\n{window}[kafka]\nbrokers = \"{}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\n{kafka}[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
+            self.cluster.bootstrap_servers(),
+            t.group,
+            t.input,
+            t.output,
+            t.dlq
+        )
+    }
 }
 
 /// A worker config: defaults for the window, fast idle advance and commits,
@@ -434,27 +485,13 @@ async fn every_acks_setting_delivers_and_commits() {
 /// worker replays from the start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_mode_survives_sigkill_and_restart() {
-    let cluster = rdkafka::mocking::MockCluster::new(3).unwrap();
-    let t = Topics {
-        input: "eos-chat".into(),
-        output: "eos-turns".into(),
-        dlq: "eos-dlq".into(),
-        group: "eos-workers".into(),
-    };
-    for (topic, partitions) in [(&t.input, 2), (&t.output, 2), (&t.dlq, 1)] {
-        cluster.create_topic(topic, partitions, 1).unwrap();
-    }
-    let bootstrap = cluster.bootstrap_servers();
-    let client = || {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &bootstrap);
-        c
-    };
+    let mock = MockKafka::start("eos", 3, 2, 2);
+    let (t, client) = (&mock.t, || mock.client());
     let records = workload(30, 1_500, 23);
     produce(client(), &t.input, &records).await;
-    let config_text = format!(
-        "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\nbacklog_quiet = \"1s\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\nexactly_once = true\ntransactional_id = \"eos-test-worker\"\ncommit_interval = \"10s\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
-        t.group, t.input, t.output, t.dlq
+    let config_text = mock.worker_config(
+        "idle_timeout = \"200ms\"\nbacklog_quiet = \"1s\"\n",
+        "exactly_once = true\ntransactional_id = \"eos-test-worker\"\ncommit_interval = \"10s\"\n",
     );
     let config = Config::from_toml(&config_text, Vec::new()).unwrap();
     let input = read_until(client(), &t.input, false, TIMEOUT, |r| {
@@ -1302,22 +1339,8 @@ async fn overlapping_turns_do_not_hold_the_commit_back() {
 /// sessions) and lose nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_commit_metadata_the_commit_follows_the_prefix_and_no_turn_is_resent_in_part() {
-    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
-    let t = Topics {
-        input: "meta-chat".into(),
-        output: "meta-turns".into(),
-        dlq: "meta-dlq".into(),
-        group: "meta-workers".into(),
-    };
-    for topic in [&t.input, &t.output, &t.dlq] {
-        cluster.create_topic(topic, 1, 1).unwrap();
-    }
-    let bootstrap = cluster.bootstrap_servers();
-    let client = || {
-        let mut c = rdkafka::ClientConfig::new();
-        c.set("bootstrap.servers", &bootstrap);
-        c
-    };
+    let mock = MockKafka::start("meta", 1, 1, 1);
+    let (t, client) = (&mock.t, || mock.client());
     let count = 2_000;
     let records = never_pausing_users(0, count, sessionizer::wall_clock::now_ms() - 60_000);
     produce(client(), &t.input, &records).await;
@@ -1325,9 +1348,9 @@ async fn with_commit_metadata_the_commit_follows_the_prefix_and_no_turn_is_resen
     // last ones (those within max_out_of_orderness, 500 ms = 50 records, of
     // the newest event, and the open ones) hold the prefix until the kill.
     let config = |quiet: &str| {
-        format!(
-            "source = \"kafka\"\n[window]\nmax_messages = 4\nidle_timeout = \"{quiet}\"\nbacklog_quiet = \"{quiet}\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"{}\"\ninput_topics = [\"{}\"]\noutput_topic = \"{}\"\ndlq_topic = \"{}\"\ncommit_interval = \"200ms\"\nmax_pullback = \"10m\"\ncommit_stall = \"20m\"\n[kafka.properties]\n\"session.timeout.ms\" = \"6000\"\n",
-            t.group, t.input, t.output, t.dlq
+        mock.worker_config(
+            &format!("max_messages = 4\nidle_timeout = \"{quiet}\"\nbacklog_quiet = \"{quiet}\"\n"),
+            "commit_interval = \"200ms\"\nmax_pullback = \"10m\"\ncommit_stall = \"20m\"\n",
         )
     };
     let want: BTreeSet<String> = (0..count).map(|i| format!("m{i}")).collect();

@@ -118,12 +118,13 @@ struct CommitStall {
 
 impl CommitStall {
     fn new(tp: &Tp, after_ms: i64) -> Self {
+        let partition = format!("{}/{}", tp.0, tp.1);
         CommitStall {
             confirmed: None,
             since: None,
             mark: FailingMark::after(after_ms),
-            gauge: metrics::commit_stalled(&format!("{}/{}", tp.0, tp.1)),
-            lag: metrics::commit_lag(&format!("{}/{}", tp.0, tp.1)),
+            gauge: metrics::commit_stalled(&partition),
+            lag: metrics::commit_lag(&partition),
         }
     }
 
@@ -1315,16 +1316,13 @@ impl Worker {
 
     fn update_gauges(&self, consumer: &StreamConsumer<WorkerContext>, now: i64) {
         let tracked = self.shared.tracked.lock().expect("not poisoned");
-        for (tp, state) in &self.partitions {
+        for (tp @ (topic, partition), state) in &self.partitions {
             if let Some(t) = tracked.get(tp) {
                 let confirmed = t.stall.confirmed.unwrap_or(t.start_offset);
                 t.stall
                     .lag
                     .set((state.next_offset - confirmed).max(0) as f64);
             }
-        }
-        drop(tracked);
-        for ((topic, partition), state) in &self.partitions {
             let engine = state.pipeline.engine();
             state
                 .gauges
