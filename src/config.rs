@@ -1070,6 +1070,16 @@ mod tests {
                 "input.max_text_bytes",
             ),
             (
+                "[window]\nfollow_up = \"0s\"\n",
+                "window.follow_up",
+                "greater than 0",
+            ),
+            (
+                "[window]\nmax_gap = \"forever\"\n",
+                "window.max_gap",
+                "invalid duration",
+            ),
+            (
                 "[input]\nformat = \"xml\"\n",
                 "input.format",
                 "unknown variant",

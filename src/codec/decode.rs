@@ -511,6 +511,39 @@ mod tests {
     }
 
     #[test]
+    fn gap_ms_is_a_non_negative_integer_in_every_form() {
+        let json = |gap: &str| {
+            format!(
+                r#"{{"message_id":"m","user_id":"u","text":"x","event_time":5,"gap_ms":{gap}}}"#
+            )
+        };
+        let d = decoder(InputFormat::Json);
+        assert_eq!(
+            d.decode(json("250").as_bytes(), NOW).unwrap().gap_ms,
+            Some(250)
+        );
+        assert_eq!(d.decode(json("null").as_bytes(), NOW).unwrap().gap_ms, None);
+        for bad in ["-1", "\"5s\"", "1.5"] {
+            let e = d.decode(json(bad).as_bytes(), NOW).unwrap_err();
+            assert_eq!(e.reason, DeadLetterReason::Invalid, "{bad}");
+            assert!(e.message.contains("gap_ms"), "{bad}: {}", e.message);
+        }
+        let negative = proto::ChatEvent {
+            message_id: "m".into(),
+            user_id: "u".into(),
+            text: "x".into(),
+            event_time_ms: 5,
+            gap_ms: Some(-1),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let e = decoder(InputFormat::Protobuf)
+            .decode(&negative, NOW)
+            .unwrap_err();
+        assert_eq!(e.reason, DeadLetterReason::Invalid);
+    }
+
+    #[test]
     fn decodes_protobuf_and_auto_detects() {
         let event = proto::ChatEvent {
             message_id: "m1".into(),
@@ -534,6 +567,7 @@ mod tests {
                 ),
                 ("u1", Some("c1"), "hello", 1_000)
             );
+            assert_eq!(e.gap_ms, Some(250));
         }
         let json = br#"{"message_id":"m","user_id":"u","text":"x","event_time":5}"#;
         assert!(decoder(InputFormat::Auto).decode(json, NOW).is_ok());
