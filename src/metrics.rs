@@ -16,7 +16,6 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::{ClosedSession, DropReason};
 use crate::model::{ClosedBy, DeadLetterReason};
-use crate::pipeline::Outcome;
 
 /// Records handed to a pipeline (read from the source), poison included.
 pub const RECORDS_CONSUMED: &str = "sessionizer_records_consumed_total";
@@ -77,6 +76,9 @@ pub const COMMIT_LAG: &str = "sessionizer_commit_lag_records";
 /// was moved to the end of its resolved prefix after `kafka.max_pullback`
 /// (Kafka, brokers that do not keep commit metadata), by `partition`.
 pub const PULLBACKS_RELEASED: &str = "sessionizer_commit_pullbacks_released_total";
+/// Partitions (Kafka) or shards (Redis) whose open sessions were rebuilt
+/// after a panic while processing a record, by `partition`.
+pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -125,18 +127,20 @@ impl PipelineMetrics {
         self.events[kind].increment(1);
     }
 
-    pub fn outcome(&self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Turn(s) => {
-                self.turns[s.closed_by.index()].increment(1);
-                if s.late {
-                    self.late_turns.increment(1);
-                }
-                self.turn_messages.record(s.messages.len() as f64);
-            }
-            Outcome::DeadLetter { reason, .. } => self.dead_letters[reason.index()].increment(1),
-            Outcome::Dropped { reason, .. } => self.dropped[reason.index()].increment(1),
+    pub fn turn(&self, s: &ClosedSession) {
+        self.turns[s.closed_by.index()].increment(1);
+        if s.late {
+            self.late_turns.increment(1);
         }
+        self.turn_messages.record(s.messages.len() as f64);
+    }
+
+    pub fn dead_letter(&self, reason: DeadLetterReason) {
+        self.dead_letters[reason.index()].increment(1);
+    }
+
+    pub fn dropped(&self, reason: DropReason) {
+        self.dropped[reason.index()].increment(1);
     }
 }
 
@@ -230,6 +234,12 @@ pub fn commit_lag(partition: &str) -> Gauge {
 /// A pulled-back commit was released on `partition` ([`PULLBACKS_RELEASED`]).
 pub fn pullback_released(partition: &str) {
     counter!(PULLBACKS_RELEASED, "partition" => partition.to_owned()).increment(1);
+}
+
+/// `partition`'s open sessions were rebuilt after a panic
+/// ([`PARTITIONS_REBUILT`]).
+pub fn partition_rebuilt(partition: &str) {
+    counter!(PARTITIONS_REBUILT, "partition" => partition.to_owned()).increment(1);
 }
 
 /// The gauge of [`IN_FLIGHT_BYTES`].

@@ -2,6 +2,8 @@
 //! validate, feed the partition's session engine, and say what became of each
 //! record. The file runner and the broker loops only move bytes and positions.
 
+use std::collections::HashSet;
+
 use crate::codec::{Decoder, Poison};
 use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, WindowConfig};
 use crate::metrics::PipelineMetrics;
@@ -26,6 +28,59 @@ pub enum Outcome {
         /// See [`Resolution::Dropped`].
         held_by: Option<u64>,
     },
+    /// Made only of records an earlier owner already resolved (see
+    /// [`PartitionPipeline::mark_replayed`]): that owner delivered it, so it
+    /// is resolved without being sent again.
+    Delivered {
+        seqs: Vec<u64>,
+        held_by: Option<u64>,
+    },
+}
+
+impl Outcome {
+    /// The records this outcome resolves.
+    pub fn seqs(&self) -> &[u64] {
+        match self {
+            Outcome::Turn(session) => &session.seqs,
+            Outcome::DeadLetter { seq, .. } | Outcome::Dropped { seq, .. } => {
+                std::slice::from_ref(seq)
+            }
+            Outcome::Delivered { seqs, .. } => seqs,
+        }
+    }
+
+    /// Hands the outcome to its sink.
+    pub fn deliver(self, sink: &mut impl OutcomeSink) {
+        match self {
+            Outcome::Turn(session) => sink.turn(session),
+            Outcome::DeadLetter { seq, reason, error } => sink.dead_letter(seq, reason, error),
+            Outcome::Dropped { seq, held_by, .. } => sink.resolve(&[seq], held_by),
+            Outcome::Delivered { seqs, held_by } => sink.resolve(&seqs, held_by),
+        }
+    }
+}
+
+/// Where one partition's outcomes go: the one seam between the pipeline and
+/// a source's output (Kafka's producers, Redis's fenced steps, file mode's
+/// files). Each source implements it once; [`deliver_all`] is the dispatch.
+pub trait OutcomeSink {
+    /// Publishes a closed session as one turn; its `seqs` resolve once the
+    /// turn is durable.
+    fn turn(&mut self, session: ClosedSession);
+    /// Dead-letters the record with this sequence number: always the record
+    /// just handed to the pipeline (the source still holds its bytes).
+    fn dead_letter(&mut self, seq: u64, reason: DeadLetterReason, error: String);
+    /// Resolves records without output (a drop, or an outcome an earlier
+    /// owner delivered). `held_by`: a duplicate's original (see
+    /// [`crate::engine::CompletionTracker::hold`]).
+    fn resolve(&mut self, seqs: &[u64], held_by: Option<u64>);
+}
+
+/// Hands every outcome to `sink`, in order, leaving `outcomes` empty.
+pub fn deliver_all(outcomes: &mut Vec<Outcome>, sink: &mut impl OutcomeSink) {
+    for outcome in outcomes.drain(..) {
+        outcome.deliver(sink);
+    }
 }
 
 /// Counts of what one partition's pipeline did.
@@ -77,6 +132,7 @@ impl Stats {
             }
             Outcome::DeadLetter { reason, .. } => self.dead_letters[reason.index()] += 1,
             Outcome::Dropped { reason, .. } => self.dropped[reason.index()] += 1,
+            Outcome::Delivered { .. } => {}
         }
     }
 }
@@ -89,6 +145,9 @@ pub struct PartitionPipeline {
     stats: Stats,
     metrics: PipelineMetrics,
     scratch: Vec<Resolution>,
+    /// Records an earlier owner already resolved that are processed again so
+    /// their sessions re-form (see [`Self::mark_replayed`]).
+    replayed: HashSet<u64>,
 }
 
 impl PartitionPipeline {
@@ -99,13 +158,26 @@ impl PartitionPipeline {
             stats: Stats::default(),
             metrics: PipelineMetrics::default(),
             scratch: Vec::new(),
+            replayed: HashSet::new(),
         }
     }
 
-    /// Starts the engine over (open sessions and watermark dropped), keeping
-    /// the counts: the source will hand in the same records again.
+    /// Starts the engine over (open sessions, watermark and replay marks
+    /// dropped), keeping the counts: the source will hand in the same records
+    /// again.
     pub fn reset_engine(&mut self) {
         self.engine = SessionEngine::new(*self.engine.config());
+        self.replayed.clear();
+    }
+
+    /// Marks the record about to be processed as one an earlier owner already
+    /// resolved (Kafka's `r1` commit metadata, `docs/semantics.md`). It is
+    /// processed all the same, so the sessions re-form as they did for that
+    /// owner; an outcome made only of such records becomes
+    /// [`Outcome::Delivered`], and one with any other record is sent whole
+    /// (same `turn_id`, same messages), so nothing is re-emitted in part.
+    pub fn mark_replayed(&mut self, seq: u64) {
+        self.replayed.insert(seq);
     }
 
     pub fn engine(&self) -> &SessionEngine {
@@ -237,6 +309,12 @@ impl PartitionPipeline {
     /// with reason `panic` (and an error log) instead of ending the worker:
     /// one record that trips a bug must not stop a partition. Returns the
     /// panic message when there was one.
+    ///
+    /// After a panic the engine may be half-updated, so the outcomes the
+    /// call produced before it are dropped, and the caller must rebuild the
+    /// open sessions before processing more (`docs/semantics.md`, "Panics"):
+    /// [`Self::reset_engine`], then the records whose outcome was not issued
+    /// yet again, in order, without the one that panicked.
     pub fn process_guarded(
         &mut self,
         payload: &[u8],
@@ -244,10 +322,12 @@ impl PartitionPipeline {
         now_ms: i64,
         out: &mut Vec<Outcome>,
     ) -> Option<String> {
+        let before = out.len();
         let processed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             self.process(payload, seq, now_ms, out);
         }));
         let panic = processed.err()?;
+        out.truncate(before);
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -265,9 +345,39 @@ impl PartitionPipeline {
     }
 
     fn push(&mut self, outcome: Outcome, out: &mut Vec<Outcome>) {
+        let outcome = self.unless_delivered(outcome);
         self.stats.count(&outcome);
-        self.metrics.outcome(&outcome);
+        match &outcome {
+            Outcome::Turn(s) => self.metrics.turn(s),
+            Outcome::DeadLetter { reason, .. } => self.metrics.dead_letter(*reason),
+            Outcome::Dropped { reason, .. } => self.metrics.dropped(*reason),
+            Outcome::Delivered { .. } => {}
+        }
         out.push(outcome);
+    }
+
+    /// [`Outcome::Delivered`] for an outcome made only of replayed records
+    /// (see [`Self::mark_replayed`]).
+    fn unless_delivered(&mut self, outcome: Outcome) -> Outcome {
+        if self.replayed.is_empty() {
+            return outcome;
+        }
+        let seqs = outcome.seqs();
+        let all_replayed = seqs.iter().all(|s| self.replayed.contains(s));
+        for s in seqs {
+            self.replayed.remove(s);
+        }
+        if !all_replayed {
+            return outcome;
+        }
+        let held_by = match &outcome {
+            Outcome::Dropped { held_by, .. } => *held_by,
+            _ => None,
+        };
+        Outcome::Delivered {
+            seqs: seqs.to_vec(),
+            held_by,
+        }
     }
 }
 

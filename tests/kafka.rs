@@ -1393,3 +1393,58 @@ async fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
     assert_eq!(turn["closed_by"], "end_of_turn");
     assert_eq!(turn["text"], "my parcel\nnever came");
 }
+
+/// A panic halfway through placing a message leaves the engine half-updated;
+/// the partition is rebuilt from the records of its open sessions, so the
+/// turns equal a clean run's without that record, which is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_panic_in_the_engine_the_turns_equal_a_clean_runs() {
+    let broker = Broker::start();
+    let t = topics(&broker, "panic", 2).await;
+    let mut records = support::workload(30, 1_000, 5);
+    support::mark_for_panic(&mut records);
+    let records: Vec<(Vec<u8>, Vec<u8>)> = records
+        .into_iter()
+        .map(|(user, payload)| (user.into_bytes(), payload))
+        .collect();
+    let (config_text, config, input) = load(&broker, &t, &records, "").await;
+    let marked = |v: &[u8]| {
+        v.windows(support::PANIC_MARKER.len())
+            .any(|w| w == support::PANIC_MARKER.as_bytes())
+    };
+    let clean: Vec<Read> = input
+        .iter()
+        .filter(|r| !marked(&r.payload))
+        .cloned()
+        .collect();
+    assert_eq!(clean.len() + 1, input.len());
+    let (want_turns, want_dead) = reference(&config, &clean);
+
+    let (config_text, port) = support::with_metrics(&config_text);
+    let _worker = Worker::start_with_env(
+        &config_text,
+        &[(sessionizer::fault::PANIC_ENV, support::PANIC_MARKER)],
+    );
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        r.len() >= want_turns.len()
+    });
+    let dead = read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        r.len() > want_dead.len()
+    });
+    assert_eq!(
+        sorted_turns(&turns),
+        want_turns,
+        "the turns equal a clean run's without the record that panicked"
+    );
+    let panicked: Vec<&Read> = dead
+        .iter()
+        .filter(|d| d.header("sessionizer.dlq.reason") == Some("panic"))
+        .collect();
+    assert_eq!(panicked.len(), 1, "one panic dead letter");
+    assert!(marked(&panicked[0].payload));
+    let body = support::http_get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        support::metric(&body, sessionizer::metrics::PARTITIONS_REBUILT, &[]),
+        1.0
+    );
+}

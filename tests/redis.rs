@@ -199,10 +199,20 @@ fn reference(
     conn: &mut impl redis::ConnectionLike,
     setup: &Setup,
 ) -> (Vec<serde_json::Value>, BTreeSet<(String, String, String)>) {
+    reference_without(conn, setup, |_| false)
+}
+
+/// [`reference`] without the entries `leave_out` picks (by their payload).
+fn reference_without(
+    conn: &mut impl redis::ConnectionLike,
+    setup: &Setup,
+    leave_out: impl Fn(&[u8]) -> bool,
+) -> (Vec<serde_json::Value>, BTreeSet<(String, String, String)>) {
     let mut turns = Vec::new();
     let mut dead = BTreeSet::new();
     for shard in setup.shards() {
-        let entries = read_stream(conn, &shard.stream);
+        let mut entries = read_stream(conn, &shard.stream);
+        entries.retain(|(_, fields)| !fields.values().any(|v| leave_out(v)));
         let payloads = entries.iter().map(|(id, fields)| {
             let entry = Entry {
                 id: id.clone(),
@@ -1463,4 +1473,42 @@ fn an_end_of_turn_that_overtakes_its_last_message_still_ends_after_it() {
     assert_eq!(got.len(), 1, "one turn: {got:?}");
     assert_eq!(got[0]["closed_by"], "end_of_turn");
     assert_eq!(got[0]["text"], "my parcel\nnever came");
+}
+
+#[test]
+fn after_a_panic_in_the_engine_the_turns_equal_a_clean_runs() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "panic", 2, "", "");
+    let mut records = workload(30, 1_000, 5);
+    support::mark_for_panic(&mut records);
+    produce(&mut conn, &setup, &records);
+    let marked = |v: &[u8]| {
+        v.windows(support::PANIC_MARKER.len())
+            .any(|w| w == support::PANIC_MARKER.as_bytes())
+    };
+    let (want_turns, _) = reference_without(&mut conn, &setup, marked);
+    let (config, port) = support::with_metrics(&setup.config_text);
+    let _worker = Worker::start_with_env(
+        &config,
+        &[(sessionizer::fault::PANIC_ENV, support::PANIC_MARKER)],
+    );
+    let got = wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    assert_eq!(
+        sorted(got),
+        want_turns,
+        "the turns equal a clean run's without the record that panicked"
+    );
+    let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+    let panicked: Vec<_> = dlq
+        .iter()
+        .filter(|(_, f)| f["reason"] == b"panic")
+        .collect();
+    assert_eq!(panicked.len(), 1, "one panic dead letter");
+    assert!(marked(&panicked[0].1["payload"]));
+    let body = support::http_get(port, "/metrics").unwrap().1;
+    assert_eq!(
+        support::metric(&body, sessionizer::metrics::PARTITIONS_REBUILT, &[]),
+        1.0
+    );
 }

@@ -15,20 +15,7 @@ use anyhow::Context as _;
 
 use crate::config::{Config, SourceKind};
 
-/// Names the DLQ position a replayed record came from (Kafka header, Redis
-/// field).
-pub const REPLAY_FROM: &str = "sessionizer.replay.from";
-/// How often the record was replayed (Kafka header, Redis field); a dead
-/// letter keeps it, so `--max-replays` can stop a record that never succeeds.
-pub const REPLAY_COUNT: &str = "sessionizer.replay.count";
-
-/// The static name of a `sessionizer.replay.*` field, for the Redis worker
-/// copying it onto a dead letter.
-pub fn replay_field_name(name: &[u8]) -> Option<&'static str> {
-    [REPLAY_FROM, REPLAY_COUNT]
-        .into_iter()
-        .find(|n| n.as_bytes() == name)
-}
+pub use crate::model::dead_letter_names::{REPLAY_COUNT, REPLAY_FROM};
 
 /// One dead letter.
 #[derive(Debug, Clone, PartialEq, Eq)]

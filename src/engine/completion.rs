@@ -4,8 +4,11 @@ use std::collections::VecDeque;
 /// partition may be committed.
 ///
 /// A record is registered when read and gets a dense sequence number (the
-/// engine's `seq`); it is resolved when its outcome is durable: its turn or
-/// dead letter acknowledged by the broker, or a counted drop. The commit
+/// engine's `seq`); it is issued when the pipeline hands out its outcome,
+/// and resolved when that outcome is durable: its turn or dead letter
+/// acknowledged by the broker, or a counted drop. The records read and not
+/// yet issued are exactly those in open sessions, which is what a rebuild
+/// after a panic re-reads ([`Self::unissued`]). The commit
 /// position is the end of the contiguous resolved prefix, so it never passes
 /// an unresolved record, whatever order the outcomes complete in. Positions
 /// are opaque (`P`: a Kafka offset, a Redis entry id, a line number) and may
@@ -15,13 +18,21 @@ pub struct CompletionTracker<P> {
     /// Sequence number of `pending[0]`.
     base_seq: u64,
     /// Registered records not yet below the resolved prefix.
-    pending: VecDeque<(P, bool)>,
+    pending: VecDeque<(P, Progress)>,
     /// The last position of the resolved prefix, if it moved since taken.
     committable: Option<P>,
     /// Resolved outcomes spanning several records, as (seq of the first
     /// record, its position, seq of the last), while a restart could still
     /// land inside them.
     holds: Vec<(u64, P, u64)>,
+}
+
+/// How far one record has got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Progress {
+    Read,
+    Issued,
+    Resolved,
 }
 
 impl<P: Copy> Default for CompletionTracker<P> {
@@ -43,7 +54,7 @@ impl<P: Copy> CompletionTracker<P> {
     /// Registers the next record read (positions in read order) and returns
     /// its sequence number.
     pub fn register(&mut self, position: P) -> u64 {
-        self.pending.push_back((position, false));
+        self.pending.push_back((position, Progress::Read));
         self.base_seq + self.pending.len() as u64 - 1
     }
 
@@ -53,20 +64,45 @@ impl<P: Copy> CompletionTracker<P> {
         self.pending.get(index as usize).map(|(p, _)| *p)
     }
 
-    /// Marks a record resolved. Resolving twice, or a sequence number already
-    /// below the prefix, is a no-op.
-    pub fn resolve(&mut self, seq: u64) {
-        let Some(index) = seq.checked_sub(self.base_seq) else {
-            return;
-        };
-        if let Some(entry) = self.pending.get_mut(index as usize) {
-            entry.1 = true;
+    /// Marks a record's outcome handed out (on its way to durable output).
+    /// A no-op for a record already issued or resolved.
+    pub fn issue(&mut self, seq: u64) {
+        if let Some(entry) = self.entry(seq) {
+            entry.1 = entry.1.max(Progress::Issued);
         }
-        while let Some(&(position, true)) = self.pending.front() {
+    }
+
+    /// Marks a record resolved, and returns its position if it was not
+    /// resolved before. Resolving twice, or a sequence number already below
+    /// the prefix, is a no-op.
+    pub fn resolve(&mut self, seq: u64) -> Option<P> {
+        let entry = self.entry(seq)?;
+        if entry.1 == Progress::Resolved {
+            return None;
+        }
+        entry.1 = Progress::Resolved;
+        let position = entry.0;
+        while let Some(&(position, Progress::Resolved)) = self.pending.front() {
             self.pending.pop_front();
             self.base_seq += 1;
             self.committable = Some(position);
         }
+        Some(position)
+    }
+
+    fn entry(&mut self, seq: u64) -> Option<&mut (P, Progress)> {
+        let index = seq.checked_sub(self.base_seq)?;
+        self.pending.get_mut(usize::try_from(index).ok()?)
+    }
+
+    /// The records read whose outcome is not issued yet, in read order: the
+    /// records of the open sessions.
+    pub fn unissued(&self) -> impl Iterator<Item = (u64, P)> + '_ {
+        self.pending
+            .iter()
+            .enumerate()
+            .filter(|(_, (_, progress))| *progress == Progress::Read)
+            .map(|(i, (p, _))| (self.base_seq + i as u64, *p))
     }
 
     /// The last position of the resolved prefix if it moved since the last
@@ -152,7 +188,7 @@ impl<P: Copy> CompletionTracker<P> {
     pub fn resolved_beyond_prefix(&self) -> impl Iterator<Item = P> + '_ {
         self.pending
             .iter()
-            .filter(|(_, resolved)| *resolved)
+            .filter(|(_, progress)| *progress == Progress::Resolved)
             .map(|(p, _)| *p)
     }
 
@@ -259,10 +295,27 @@ mod tests {
         assert_eq!(t.take_committable(), Some(15));
         assert_eq!(t.take_committable(), None, "taken");
         assert_eq!(t.in_flight(), 0);
-        t.resolve(a); // stale: no-op
+        assert_eq!(t.resolve(a), None, "stale: no-op");
         let d = t.register(16);
         assert_eq!(t.position(d), Some(16));
         assert_eq!(t.position(a), None);
+    }
+
+    #[test]
+    fn unissued_records_are_those_without_an_outcome_yet() {
+        let mut t = CompletionTracker::new();
+        let s: Vec<u64> = (10..15_i64).map(|p| t.register(p)).collect();
+        t.issue(s[1]);
+        t.issue(s[3]);
+        assert_eq!(t.resolve(s[3]), Some(13));
+        assert_eq!(t.resolve(s[3]), None, "once");
+        t.issue(s[3]); // an issue after the resolve changes nothing
+        assert_eq!(
+            t.unissued().collect::<Vec<_>>(),
+            vec![(s[0], 10), (s[2], 12), (s[4], 14)]
+        );
+        assert_eq!(t.resolve(s[0]), Some(10));
+        assert_eq!(t.unissued().next(), Some((s[2], 12)));
     }
 
     proptest! {

@@ -142,11 +142,12 @@ pub enum Resolution {
     Dropped {
         seq: u64,
         reason: DropReason,
-        /// For a duplicate: the first record (lowest seq) of the piece that
-        /// holds the original. A replay that starts after that
-        /// record but at or before this one would see the duplicate without
-        /// its original and emit it again, so a source must not resume
-        /// between them (see `CompletionTracker::hold`).
+        /// For a duplicate: the record the turn keeps in its place (the
+        /// earliest in the piece's order). When that record came first, a
+        /// replay that starts after it but at or before this one would see
+        /// the duplicate without its original and emit it again, so a source
+        /// must not resume between them (see `CompletionTracker::hold`);
+        /// when it came later, any replay that sees this one sees it too.
         held_by: Option<u64>,
     },
     /// The record just handed in is a late message under `late = "dlq"`: the
@@ -384,11 +385,15 @@ impl SessionEngine {
             self.on_late(event, seq, out);
         } else {
             let slot = slot.unwrap_or_else(|| self.open_key(hash, &event));
+            let fault = crate::fault::panic_marked(&event.text);
             let entry = make_entry(event, seq, gap);
             let entries = &mut self.key_mut(slot).entries;
             let was_empty = entries.is_empty();
             let at = entries.partition_point(|e| e.sorts_before(&entry));
             entries.insert(at, entry);
+            if fault {
+                panic!("{}: the message holds the marker", crate::fault::PANIC_ENV);
+            }
             self.open += usize::from(was_empty);
             self.schedule(slot);
         }
@@ -603,18 +608,15 @@ impl SessionEngine {
             self.open -= usize::from(state.entries.is_empty());
             return;
         }
-        let first_seq = piece_entries
-            .iter()
-            .map(|e| e.seq)
-            .min()
-            .expect("not empty");
         let (start_time, end_time) = (piece_entries[0].time, piece_entries[piece.len - 1].time);
-        // A message whose id came earlier in the piece is a duplicate.
-        let duplicate: SmallVec<[bool; 8]> = (0..piece.len)
+        // A message whose id came earlier in the piece is a duplicate of the
+        // first such entry, which the turn keeps: its seq.
+        let duplicate: SmallVec<[Option<u64>; 8]> = (0..piece.len)
             .map(|i| {
                 piece_entries[..i]
                     .iter()
-                    .any(|x| x.same_message(&piece_entries[i]))
+                    .find(|x| x.same_message(&piece_entries[i]))
+                    .map(|x| x.seq)
             })
             .collect();
         let user_id = state.user_id().to_owned();
@@ -622,11 +624,11 @@ impl SessionEngine {
         let mut seqs = Vec::with_capacity(piece.len);
         let mut messages: Vec<SessionMessage> = Vec::with_capacity(piece.len);
         for (e, duplicate) in state.entries.drain(..piece.len).zip(duplicate) {
-            if duplicate {
+            if let Some(original) = duplicate {
                 out.push(Resolution::Dropped {
                     seq: e.seq,
                     reason: DropReason::Duplicate,
-                    held_by: Some(first_seq),
+                    held_by: Some(original),
                 });
                 continue;
             }

@@ -13,8 +13,9 @@ use sha2::{Digest, Sha256};
 
 use crate::codec::{encode_turn, Decoder, OutputFormat, Poison};
 use crate::config::{Config, ConfigError};
-use crate::model::{DeadLetter, DeadLetterSource, Truncated, KEPT_PREFIX_BYTES};
-use crate::pipeline::{Outcome, PartitionPipeline, Stats};
+use crate::engine::ClosedSession;
+use crate::model::{DeadLetter, DeadLetterReason, DeadLetterSource, Truncated, KEPT_PREFIX_BYTES};
+use crate::pipeline::{deliver_all, Outcome, OutcomeSink, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
 /// Why a file run stopped.
@@ -318,50 +319,71 @@ impl Runner {
         line: &[u8],
         truncated: Option<Truncated>,
     ) -> Result<(), FileError> {
-        let mut truncated = truncated;
-        for outcome in outcomes.drain(..) {
-            match outcome {
-                Outcome::Turn(session) => {
-                    let buf = &mut self.output.buf;
-                    match self.format {
-                        OutputFormat::Json => {
-                            encode_turn(&session, OutputFormat::Json, buf);
-                            buf.push(b'\n');
-                        }
-                        OutputFormat::Protobuf => {
-                            let mut body = Vec::new();
-                            encode_turn(&session, OutputFormat::Protobuf, &mut body);
-                            prost::encoding::encode_varint(body.len() as u64, buf);
-                            buf.extend_from_slice(&body);
-                        }
-                    }
-                    self.output.write_if_full()?;
-                }
-                Outcome::DeadLetter { seq, reason, error } => {
-                    let mut letter = DeadLetter::new(
-                        reason,
-                        error,
-                        DeadLetterSource {
-                            kind: "file".into(),
-                            name: self.input_name.clone(),
-                            position: seq,
-                        },
-                        rfc3339_ms(now_ms()),
-                        self.worker.clone(),
-                        line,
-                    );
-                    letter.truncated = truncated.take();
-                    serde_json::to_writer(&mut self.dlq.buf, &letter)
-                        .expect("a dead letter serializes");
-                    self.dlq.buf.push(b'\n');
-                    // Dead letters are rare and an operator may be tailing them.
-                    self.dlq.write_out()?;
-                }
-                Outcome::Dropped { .. } => {}
+        let mut output = FileOutput {
+            runner: self,
+            line,
+            truncated,
+            error: None,
+        };
+        deliver_all(outcomes, &mut output);
+        output.error.map_or(Ok(()), Err)
+    }
+}
+
+/// The file sinks as the pipeline's output; keeps the first write error.
+struct FileOutput<'a> {
+    runner: &'a mut Runner,
+    line: &'a [u8],
+    truncated: Option<Truncated>,
+    error: Option<FileError>,
+}
+
+impl OutcomeSink for FileOutput<'_> {
+    fn turn(&mut self, session: ClosedSession) {
+        let r = &mut *self.runner;
+        let buf = &mut r.output.buf;
+        match r.format {
+            OutputFormat::Json => {
+                encode_turn(&session, OutputFormat::Json, buf);
+                buf.push(b'\n');
+            }
+            OutputFormat::Protobuf => {
+                let mut body = Vec::new();
+                encode_turn(&session, OutputFormat::Protobuf, &mut body);
+                prost::encoding::encode_varint(body.len() as u64, buf);
+                buf.extend_from_slice(&body);
             }
         }
-        Ok(())
+        if let Err(e) = r.output.write_if_full() {
+            self.error.get_or_insert(e);
+        }
     }
+
+    fn dead_letter(&mut self, seq: u64, reason: DeadLetterReason, error: String) {
+        let r = &mut *self.runner;
+        let mut letter = DeadLetter::new(
+            reason,
+            error,
+            DeadLetterSource {
+                kind: "file".into(),
+                name: r.input_name.clone(),
+                position: seq,
+            },
+            rfc3339_ms(now_ms()),
+            r.worker.clone(),
+            self.line,
+        );
+        letter.truncated = self.truncated.take();
+        serde_json::to_writer(&mut r.dlq.buf, &letter).expect("a dead letter serializes");
+        r.dlq.buf.push(b'\n');
+        // Dead letters are rare and an operator may be tailing them.
+        if let Err(e) = r.dlq.write_out() {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    /// File mode has no commit position: it reads its whole input each run.
+    fn resolve(&mut self, _seqs: &[u64], _held_by: Option<u64>) {}
 }
 
 #[cfg(test)]

@@ -6,20 +6,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 
 use crate::model::{DeadLetterReason, Truncated};
 
-pub const REASON: &str = "sessionizer.dlq.reason";
-pub const ERROR: &str = "sessionizer.dlq.error";
-pub const SOURCE_TOPIC: &str = "sessionizer.dlq.source.topic";
-pub const SOURCE_PARTITION: &str = "sessionizer.dlq.source.partition";
-pub const SOURCE_OFFSET: &str = "sessionizer.dlq.source.offset";
-/// The original record's timestamp, epoch ms (absent when it had none).
-pub const SOURCE_TIMESTAMP: &str = "sessionizer.dlq.source.timestamp";
-/// RFC 3339, UTC.
-pub const FAILED_AT: &str = "sessionizer.dlq.failed_at";
-pub const WORKER: &str = "sessionizer.dlq.worker";
-/// Set when the value is only the record's first bytes (see
-/// [`crate::model::kept_payload`]): the whole record's length and SHA-256.
-pub const TRUNCATED_BYTES: &str = "sessionizer.dlq.truncated.original_bytes";
-pub const TRUNCATED_SHA256: &str = "sessionizer.dlq.truncated.original_sha256";
+pub use crate::model::dead_letter_names::kafka::*;
 
 /// The provenance of one dead letter.
 #[derive(Debug, Clone)]

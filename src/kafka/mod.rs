@@ -14,10 +14,14 @@
 //!   (or, with `exactly_once`, inside one transaction per commit interval).
 
 pub mod client;
+mod commit;
+mod context;
 pub mod dead_letter;
+mod delivery;
 pub mod demo;
 pub mod dlq;
 pub mod offsets;
+mod partition;
 pub mod worker;
 
 pub use worker::{run, WorkerError};

@@ -17,32 +17,36 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
-use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::util::Timeout;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::Offset;
 
 use super::client::{consumer_config, producer_config};
+use super::commit::{
+    commit_transaction, probe_metadata, resolved_by_earlier_owner, CommitDone, Tracked,
+};
+use super::context::{Rebalanced, Shared, Tp, WorkerContext};
 use super::dead_letter::{self, Provenance};
-use super::offsets::{self, Skip};
+use super::delivery::{
+    is_permanent, last_of_group, max_dead_letter_bytes, output_key, send, Delivery, InFlight,
+    Outgoing,
+};
+use super::partition::{Admit, PartitionState};
 use crate::codec::turn_as_events;
 use crate::codec::{encode_turn, Decoder, OutputFormat};
 use crate::config::{Config, KafkaSection};
-use crate::engine::{ClosedSession, CompletionTracker, IdleClock, IdlePolicy};
+use crate::engine::{ClosedSession, IdleClock, IdlePolicy};
 use crate::log_throttle::LogThrottle;
-use crate::metrics::{self, FailingMark, PartitionGauges};
+use crate::metrics::{self, PartitionGauges};
 use crate::model::{kept_payload, DeadLetterReason, KEPT_PREFIX_BYTES};
-use crate::pipeline::{Outcome, PartitionPipeline, Stats};
+use crate::pipeline::{deliver_all, Outcome, OutcomeSink, PartitionPipeline, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
 /// Why the worker stopped. Every variant is fatal for this process: the
@@ -71,548 +75,15 @@ pub enum WorkerError {
     /// retrying forever. (Later ones are logged and retried by librdkafka.)
     #[error("kafka: {0} (check sasl.* and ssl.* in [kafka.properties])")]
     Refused(String),
-}
-
-/// A topic-partition.
-type Tp = (Arc<str>, i32);
-
-/// What the rebalance callbacks tell the loop.
-#[derive(Debug)]
-enum Rebalanced {
-    Assigned(Vec<Tp>),
-    Revoked(Vec<Tp>),
-}
-
-/// Which offsets of a partition are resolved. Lives in [`Shared`] because a
-/// revoke must commit exactly what is resolved at that moment.
-struct Tracked {
-    /// This incarnation of the partition (see [`PartitionState::epoch`]).
-    epoch: u64,
-    tracker: CompletionTracker<i64>,
-    /// The first offset read: the commit position while nothing is resolved.
-    start_offset: i64,
-    /// What was last committed, to skip commits that change nothing.
-    last_commit: Option<(i64, String)>,
-    /// Since when the commit has been pulled back behind the resolved
-    /// prefix's end (see [`Tracked::commit_point`]).
-    pulled_back_since: Option<i64>,
-    /// Whether the commit point has stopped advancing with records
-    /// unresolved behind it (for `/readyz` and the gauge).
-    stall: CommitStall,
-}
-
-/// How long a partition's commit point has not advanced while records wait
-/// behind it: exported per partition, and past `kafka.commit_stall` the
-/// partition counts as failing for `/readyz` (a missing DLQ topic once froze
-/// commits with nothing in the metrics or `/readyz`).
-struct CommitStall {
-    /// The last offset the broker confirmed as committed.
-    confirmed: Option<i64>,
-    /// Since when records have waited behind it.
-    since: Option<i64>,
-    mark: FailingMark,
-    gauge: ::metrics::Gauge,
-    /// Records read past the confirmed offset (what a crash replays).
-    lag: ::metrics::Gauge,
-}
-
-impl CommitStall {
-    fn new(tp: &Tp, after_ms: i64) -> Self {
-        let partition = format!("{}/{}", tp.0, tp.1);
-        CommitStall {
-            confirmed: None,
-            since: None,
-            mark: FailingMark::after(after_ms),
-            gauge: metrics::commit_stalled(&partition),
-            lag: metrics::commit_lag(&partition),
-        }
-    }
-
-    /// The broker confirmed `offset` as committed. Progress is what the
-    /// broker confirmed, not what was asked: a commit that keeps failing is a
-    /// stall too.
-    fn confirmed(&mut self, offset: i64) {
-        if self.confirmed != Some(offset) {
-            self.confirmed = Some(offset);
-            self.clear();
-        }
-    }
-
-    /// On every tick: whether records wait behind the confirmed offset.
-    fn observe(&mut self, waiting: bool, now_ms: i64) {
-        if !waiting {
-            self.clear();
-            return;
-        }
-        let since = *self.since.get_or_insert(now_ms);
-        self.mark.failed(now_ms);
-        self.gauge.set((now_ms - since) as f64 / 1000.0);
-    }
-}
-
-impl CommitStall {
-    fn clear(&mut self) {
-        self.since = None;
-        self.mark.ok();
-        self.gauge.set(0.0);
-    }
-}
-
-impl Drop for CommitStall {
-    fn drop(&mut self) {
-        self.gauge.set(0.0);
-        self.lag.set(0.0);
-    }
-}
-
-impl Tracked {
-    /// The offset to commit and its metadata (the resolved offsets past it;
-    /// `docs/semantics.md`, "Kafka commits"). Where the broker keeps commit
-    /// metadata and the list fits, that is the end of the resolved prefix.
-    /// Otherwise the commit is pulled back to the first record of a turn
-    /// that reaches past it (see [`CompletionTracker::hold`]), so a replay
-    /// re-forms whole turns; overlapping turns can chain that back without
-    /// end, so after `max_pullback_ms` the commit moves to the prefix's end.
-    fn commit_point(&mut self, tp: &Tp, now_ms: i64, policy: CommitPolicy) -> (i64, String) {
-        let prefix = self.tracker.prefix_end(self.start_offset, |last| last + 1);
-        if policy.metadata_kept {
-            let (metadata, complete) =
-                offsets::encode(Skip::Exclude, prefix, self.tracker.resolved_beyond_prefix());
-            if complete {
-                self.tracker.release_holds();
-                self.pulled_back_since = None;
-                return (prefix, metadata);
-            }
-        }
-        let mut offset = prefix;
-        match self.tracker.held_from().filter(|held| *held < prefix) {
-            Some(held) => {
-                let since = *self.pulled_back_since.get_or_insert(now_ms);
-                if now_ms - since < policy.max_pullback_ms {
-                    offset = held;
-                } else {
-                    tracing::info!(topic = %tp.0, partition = tp.1, from = held, to = prefix, "commit pulled back for kafka.max_pullback; moved to the resolved prefix's end");
-                    metrics::pullback_released(&format!("{}/{}", tp.0, tp.1));
-                    self.tracker.release_holds();
-                    self.pulled_back_since = None;
-                }
-            }
-            None => self.pulled_back_since = None,
-        }
-        let (metadata, _) =
-            offsets::encode(Skip::Replay, offset, self.tracker.resolved_beyond_prefix());
-        (offset, metadata)
-    }
-}
-
-/// What decides a commit point besides the partition's own state.
-#[derive(Debug, Clone, Copy)]
-struct CommitPolicy {
-    /// The broker gave back the metadata of a commit (see [`probe_metadata`]).
-    metadata_kept: bool,
-    /// `kafka.max_pullback`.
-    max_pullback_ms: i64,
-}
-
-/// State shared between the loop and the consumer's rebalance callbacks.
-/// librdkafka runs the callbacks inside `recv`, on the loop's own task, so the
-/// locks are never contended; they only make the sharing explicit.
-#[derive(Default)]
-struct Shared {
-    /// `kafka.max_pullback`.
-    max_pullback_ms: i64,
-    /// Whether the broker keeps commit metadata: unknown (`None`) until the
-    /// first confirmed commit is read back.
-    metadata_kept: Mutex<Option<bool>>,
-    tracked: Mutex<HashMap<Tp, Tracked>>,
-    events: Mutex<Vec<Rebalanced>>,
-    /// The transactional producer, in exactly-once mode: a revoke commits the
-    /// open transaction before the partitions go.
-    transactional: Mutex<Option<(FutureProducer, Arc<Mutex<bool>>)>>,
-    /// The last authentication failure librdkafka reported.
-    refused: Mutex<Option<String>>,
-}
-
-impl Shared {
-    /// The commit points of `which` partitions (all when `None`) that changed
-    /// since the last commit; marks them committed (see
-    /// [`Self::commit_failed`]).
-    fn take_commit_points(&self, which: Option<&[Tp]>) -> TopicPartitionList {
-        let mut list = TopicPartitionList::new();
-        let policy = CommitPolicy {
-            metadata_kept: self.metadata_kept() == Some(true),
-            max_pullback_ms: self.max_pullback_ms,
-        };
-        let now = now_ms();
-        let mut tracked = self.tracked.lock().expect("not poisoned");
-        for (tp, t) in tracked.iter_mut() {
-            if which.is_some_and(|w| !w.contains(tp)) {
-                continue;
-            }
-            let point = t.commit_point(tp, now, policy);
-            if t.last_commit.as_ref() == Some(&point) {
-                continue;
-            }
-            tracing::debug!(topic = %tp.0, partition = tp.1, offset = point.0, in_flight = t.tracker.in_flight(), "commit point");
-            let mut elem = list.add_partition(&tp.0, tp.1);
-            elem.set_offset(Offset::Offset(point.0))
-                .expect("a concrete offset");
-            elem.set_metadata(&point.1);
-            t.last_commit = Some(point);
-        }
-        list
-    }
-
-    fn metadata_kept(&self) -> Option<bool> {
-        *self.metadata_kept.lock().expect("not poisoned")
-    }
-
-    /// What reading back a confirmed commit showed (see [`probe_metadata`]).
-    fn learned_metadata_kept(&self, kept: bool) {
-        let mut known = self.metadata_kept.lock().expect("not poisoned");
-        if known.is_none() {
-            if kept {
-                tracing::info!("the broker keeps commit metadata: each partition commits the end of its resolved prefix");
-            } else {
-                tracing::warn!("the broker does not keep commit metadata: a commit is pulled back to the start of a turn that spans it, for up to kafka.max_pullback (docs/semantics.md, \"Kafka commits\")");
-            }
-            *known = Some(kept);
-        }
-    }
-
-    /// The outcome of committing `offsets`: confirmed, they are each
-    /// partition's progress ([`CommitStall`]); failed, they are committed
-    /// again at the next interval, even if nothing changed meanwhile.
-    fn committed(&self, offsets: &TopicPartitionList, ok: bool) {
-        let mut tracked = self.tracked.lock().expect("not poisoned");
-        for elem in offsets.elements() {
-            let tp = (Arc::from(elem.topic()), elem.partition());
-            let Some(t) = tracked.get_mut(&tp) else {
-                continue;
-            };
-            match (ok, elem.offset()) {
-                (true, Offset::Offset(offset)) => t.stall.confirmed(offset),
-                (true, _) => {}
-                (false, _) => t.last_commit = None,
-            }
-        }
-    }
-
-    /// Updates each partition's [`CommitStall`].
-    fn observe_stalls(&self, now_ms: i64) {
-        let mut tracked = self.tracked.lock().expect("not poisoned");
-        for t in tracked.values_mut() {
-            let waiting = t.tracker.in_flight() > 0;
-            t.stall.observe(waiting, now_ms);
-        }
-    }
-}
-
-struct WorkerContext {
-    shared: Arc<Shared>,
-}
-
-impl ClientContext for WorkerContext {
-    /// librdkafka reports a partition's end as an error event too; it is the
-    /// normal signal of a caught-up partition, handled in the loop.
-    fn error(&self, error: KafkaError, reason: &str) {
-        let code = error.rdkafka_error_code();
-        if code == Some(RDKafkaErrorCode::PartitionEOF) {
-            tracing::trace!(reason, "partition end");
-        } else {
-            if code == Some(RDKafkaErrorCode::AllBrokersDown) {
-                // Not ready until a record or a partition end comes again.
-                metrics::READINESS.set_connected(false);
-            }
-            if matches!(
-                code,
-                Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
-            ) {
-                *self.shared.refused.lock().expect("not poisoned") = Some(format!("{error}"));
-            }
-            tracing::warn!(%error, reason, "librdkafka error");
-        }
-    }
-}
-
-fn tps(list: &TopicPartitionList) -> Vec<Tp> {
-    list.elements()
-        .iter()
-        .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
-        .collect()
-}
-
-impl ConsumerContext for WorkerContext {
-    /// Every offset commit's result, synchronous or not.
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => metrics::commit(true),
-            // No offset to commit is not a failure.
-            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => {}
-            Err(e) => {
-                metrics::commit(false);
-                tracing::warn!(error = %e, "offset commit failed; retried at the next interval");
-            }
-        }
-    }
-
-    /// Before partitions go, commit what is resolved for them, so the next
-    /// owner replays as little as possible (it replays from the last commit,
-    /// and re-emits open sessions with the same turn ids).
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Revoke(list) = rebalance else {
-            return;
-        };
-        let revoked = tps(list);
-        let transactional = self
-            .shared
-            .transactional
-            .lock()
-            .expect("not poisoned")
-            .clone();
-        if let Some((producer, in_txn)) = transactional {
-            // Exactly-once: the open transaction holds output of these
-            // partitions; commit it with every partition's offsets now.
-            let offsets = self.shared.take_commit_points(None);
-            if let Err(e) = commit_transaction(&producer, consumer, &offsets, &in_txn) {
-                tracing::error!(error = %e, "committing the transaction on revoke failed");
-            }
-        } else {
-            let offsets = self.shared.take_commit_points(Some(&revoked));
-            if offsets.count() > 0 {
-                if let Err(e) = consumer.commit(&offsets, CommitMode::Sync) {
-                    tracing::warn!(error = %e, "committing revoked partitions failed; the next owner replays more");
-                }
-            }
-        }
-        tracing::info!(partitions = ?revoked, "partitions revoked");
-        metrics::ownership_change("revoked", revoked.len());
-        self.shared
-            .events
-            .lock()
-            .expect("not poisoned")
-            .push(Rebalanced::Revoked(revoked));
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Assign(list) = rebalance {
-            let assigned = tps(list);
-            tracing::info!(partitions = ?assigned, "partitions assigned");
-            metrics::ownership_change("assigned", assigned.len());
-            self.shared
-                .events
-                .lock()
-                .expect("not poisoned")
-                .push(Rebalanced::Assigned(assigned));
-        }
-    }
-}
-
-/// Sends the transaction's offsets, commits it and opens the next one.
-fn commit_transaction<X: ConsumerContext, K: Consumer<X>>(
-    producer: &FutureProducer,
-    consumer: &K,
-    offsets: &TopicPartitionList,
-    in_txn: &Mutex<bool>,
-) -> Result<(), WorkerError> {
-    let timeout = Duration::from_secs(30);
-    let mut open = in_txn.lock().expect("not poisoned");
-    if !*open {
-        return Ok(());
-    }
-    if offsets.count() > 0 {
-        let metadata = consumer.group_metadata().ok_or(WorkerError::Transaction {
-            step: "group metadata",
-            source: KafkaError::Canceled,
-        })?;
-        producer
-            .send_offsets_to_transaction(offsets, &metadata, timeout)
-            .map_err(|source| WorkerError::Transaction {
-                step: "send offsets",
-                source,
-            })?;
-    }
-    producer
-        .commit_transaction(timeout)
-        .map_err(|source| WorkerError::Transaction {
-            step: "commit",
-            source,
-        })?;
-    *open = false;
-    producer
-        .begin_transaction()
-        .map_err(|source| WorkerError::Transaction {
-            step: "begin",
-            source,
-        })?;
-    *open = true;
-    Ok(())
-}
-
-/// One partition's state: its pipeline and its idle clock (its offsets are
-/// in [`Shared::tracked`]).
-struct PartitionState {
-    pipeline: PartitionPipeline,
-    idle: IdleClock,
-    /// Offsets after the committed one that an earlier owner already resolved
-    /// (from the commit metadata), and what to do with them.
-    skip: (Skip, Vec<(i64, i64)>),
-    /// An offset gap already re-read once (see `on_message`).
-    gap_checked: Option<i64>,
-    /// Sequence numbers of records in `skip` whose outcome is still to come.
-    replayed: std::collections::HashSet<u64>,
-    /// Distinguishes this incarnation from an earlier one of the same
-    /// partition (revoked, then assigned again), so a late delivery of the
-    /// earlier one resolves nothing here.
-    epoch: u64,
-    next_offset: i64,
-    gauges: PartitionGauges,
-}
-
-/// A record on its way to a broker, with what it resolves once delivered.
-struct Outgoing {
-    tp: Tp,
-    epoch: u64,
-    seqs: Vec<u64>,
-    topic: Arc<str>,
-    key: Vec<u8>,
-    payload: Vec<u8>,
-    headers: OwnedHeaders,
-    dead_letter: bool,
-    /// Several records that resolve the same `seqs` together (the dead
-    /// letters of an undeliverable turn): how many are not yet durable.
-    group: Option<Arc<std::sync::atomic::AtomicUsize>>,
-}
-
-impl Outgoing {
-    /// What it holds in memory until acknowledged, near enough.
-    fn size(&self) -> u64 {
-        (self.key.len() + self.payload.len()) as u64
-    }
-}
-
-/// Bytes handed to the producers and not yet acknowledged. Past the bound the
-/// worker pauses fetching every assigned partition (librdkafka drops what it
-/// prefetched and resumes from the next record to hand out), and resumes once
-/// half the bound is acknowledged: an output that is down or slow stops the
-/// input instead of filling memory (RSS grew from 31 MB to 976 MB in two
-/// minutes of a blocked output before).
-#[derive(Debug)]
-struct InFlight {
-    bytes: u64,
-    max: u64,
-    paused: bool,
-    gauge: ::metrics::Gauge,
-}
-
-impl InFlight {
-    fn new(max: u64) -> Self {
-        InFlight {
-            bytes: 0,
-            max,
-            paused: false,
-            gauge: metrics::in_flight_bytes(),
-        }
-    }
-
-    fn add(&mut self, bytes: u64) {
-        self.bytes += bytes;
-        self.gauge.set(self.bytes as f64);
-    }
-
-    fn remove(&mut self, bytes: u64) {
-        self.bytes = self.bytes.saturating_sub(bytes);
-        self.gauge.set(self.bytes as f64);
-    }
-
-    /// Pauses or resumes `partitions` as the current state says (newly
-    /// assigned ones: librdkafka keeps a partition's flag across a revoke and
-    /// a re-assignment).
-    fn apply_to<'a>(
-        &self,
-        consumer: &StreamConsumer<WorkerContext>,
-        partitions: impl IntoIterator<Item = &'a Tp>,
-    ) -> KafkaResult<()> {
-        let mut list = TopicPartitionList::new();
-        for (topic, partition) in partitions {
-            list.add_partition(topic, *partition);
-        }
-        if self.paused {
-            consumer.pause(&list)
-        } else {
-            consumer.resume(&list)
-        }
-    }
-
-    /// Pauses or resumes fetching as the bound says. Returns whether it just
-    /// paused.
-    fn pause_or_resume(
-        &mut self,
-        consumer: &StreamConsumer<WorkerContext>,
-        assigned: &std::collections::HashSet<Tp>,
-    ) -> bool {
-        let pause = if self.paused {
-            self.bytes > self.max / 2
-        } else {
-            self.bytes > self.max
-        };
-        if pause == self.paused {
-            return false; // the common case: one comparison per record
-        }
-        self.paused = pause;
-        if let Err(e) = self.apply_to(consumer, assigned) {
-            // Tried again on the next record or tick.
-            self.paused = !pause;
-            tracing::warn!(error = %e, pause, "pausing or resuming the input failed; trying again");
-            return false;
-        }
-        if pause {
-            tracing::warn!(
-                in_flight_bytes = self.bytes,
-                max = self.max,
-                "output not acknowledged fast enough: input paused (kafka.max_in_flight_bytes)"
-            );
-        } else {
-            tracing::info!(
-                in_flight_bytes = self.bytes,
-                "output caught up: input resumed"
-            );
-        }
-        metrics::input_paused(pause);
-        pause
-    }
-}
-
-type Delivery = Pin<Box<dyn Future<Output = (Outgoing, Result<(), KafkaError>)> + Send>>;
-
-fn send(producer: FutureProducer, outgoing: Outgoing, backoff: Duration) -> Delivery {
-    Box::pin(async move {
-        if !backoff.is_zero() {
-            tokio::time::sleep(backoff).await;
-        }
-        crate::fault::hold_output().await;
-        let record = FutureRecord::to(&outgoing.topic)
-            .key(&outgoing.key)
-            .payload(&outgoing.payload)
-            .headers(outgoing.headers.clone());
-        let result = producer
-            .send(record, Timeout::Never)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| e);
-        (outgoing, result)
-    })
-}
-
-/// The session key as the output record key: `user_id`, or
-/// `user_id` + 0x1f + `conversation_id`.
-fn output_key(session: &ClosedSession) -> Vec<u8> {
-    let mut key = session.user_id.as_bytes().to_vec();
-    if let Some(c) = &session.conversation_id {
-        key.push(0x1f);
-        key.extend_from_slice(c.as_bytes());
-    }
-    key
+    /// Re-reading a partition after a panic needs a seek; without it the
+    /// partition's state cannot be trusted, so the worker stops and the next
+    /// owner replays from the last commit.
+    #[error("seeking {topic}/{partition} to rebuild it after a panic: {source}; restart to replay from the last committed offset")]
+    Rebuild {
+        topic: String,
+        partition: i32,
+        source: KafkaError,
+    },
 }
 
 /// Runs the Kafka worker until `shutdown` resolves, then stops fetching, waits
@@ -724,52 +195,6 @@ pub async fn run(
     result.map(|()| w.stats)
 }
 
-/// Room a dead letter's headers and key may take beside its value: 64 KiB,
-/// or a quarter of a small producer limit.
-fn dead_letter_headroom(producer_limit: usize) -> usize {
-    (64 << 10).min(producer_limit / 4)
-}
-
-/// Whether this record's outcome is the last of its group to be settled
-/// (always, outside a group); counts it as settled.
-fn last_of_group(outgoing: &Outgoing) -> bool {
-    outgoing
-        .group
-        .as_ref()
-        .is_none_or(|remaining| remaining.fetch_sub(1, std::sync::atomic::Ordering::Relaxed) == 1)
-}
-
-/// Whether a send error is about the record itself, so retrying cannot help.
-fn is_permanent(error: &KafkaError) -> bool {
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            RDKafkaErrorCode::MessageSizeTooLarge
-                | RDKafkaErrorCode::InvalidMessageSize
-                | RDKafkaErrorCode::InvalidMessage
-                | RDKafkaErrorCode::InvalidRecord
-        )
-    )
-}
-
-/// The largest value a dead letter keeps whole: `input.max_record_bytes`, and
-/// below what the producer accepts (`message.max.bytes`, 1,000,000 unless set
-/// in `[kafka.properties]`) with room for the provenance headers. A larger
-/// record's dead letter keeps its first bytes, length and SHA-256
-/// ([`kept_payload`]), so it can always be written.
-fn max_dead_letter_bytes(config: &Config) -> usize {
-    let producer_limit = config
-        .kafka
-        .as_ref()
-        .and_then(|k| k.properties.get("message.max.bytes"))
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(1_000_000);
-    config
-        .input
-        .max_record_bytes
-        .min(producer_limit - dead_letter_headroom(producer_limit))
-}
-
 struct Worker {
     kafka: KafkaSection,
     decoder: Decoder,
@@ -838,7 +263,7 @@ impl Worker {
                     }
                     match message {
                         Ok(m) => {
-                            self.on_message(consumer, &m);
+                            self.on_message(consumer, &m)?;
                             // At once, not on the tick: while records are
                             // queued the tick waits behind them.
                             self.pause_or_resume(consumer);
@@ -952,11 +377,15 @@ impl Worker {
         }
     }
 
-    fn on_message(&mut self, consumer: &StreamConsumer<WorkerContext>, m: &BorrowedMessage<'_>) {
+    fn on_message(
+        &mut self,
+        consumer: &StreamConsumer<WorkerContext>,
+        m: &BorrowedMessage<'_>,
+    ) -> Result<(), WorkerError> {
         let tp: Tp = (self.topic(m.topic()), m.partition());
         if !self.assigned.contains(&tp) {
             // Fetched before a revoke: the new owner processes it.
-            return;
+            return Ok(());
         }
         let now = now_ms();
         if !self.partitions.contains_key(&tp) {
@@ -965,91 +394,116 @@ impl Worker {
             tracing::debug!(topic = %tp.0, partition = tp.1, first_offset = m.offset(), skip = ?skip, "partition state created");
             self.partitions.insert(
                 tp.clone(),
-                PartitionState {
-                    pipeline: PartitionPipeline::new(self.decoder.clone(), self.window),
-                    idle: IdleClock::new(self.idle),
+                PartitionState::new(
+                    PartitionPipeline::new(self.decoder.clone(), self.window),
+                    IdleClock::new(self.idle),
+                    self.next_epoch,
+                    m.offset(),
                     skip,
-                    replayed: Default::default(),
-                    gap_checked: None,
-                    epoch: self.next_epoch,
-                    next_offset: m.offset(),
-                    gauges: PartitionGauges::new(&format!("{}/{}", tp.0, tp.1)),
-                },
+                    PartitionGauges::new(&format!("{}/{}", tp.0, tp.1)),
+                ),
             );
             self.shared.tracked.lock().expect("not poisoned").insert(
                 tp.clone(),
-                Tracked {
-                    epoch: self.next_epoch,
-                    tracker: CompletionTracker::new(),
-                    start_offset: m.offset(),
-                    last_commit: None,
-                    pulled_back_since: None,
-                    stall: CommitStall::new(&tp, self.commit_stall_ms),
-                },
+                Tracked::new(&tp, self.next_epoch, m.offset(), self.commit_stall_ms),
             );
         }
         let state = self.partitions.get_mut(&tp).expect("inserted above");
-        if m.offset() < state.next_offset {
-            return; // already seen in this incarnation
-        }
-        if m.offset() > state.next_offset && state.gap_checked != Some(m.offset()) {
-            // Offsets can legitimately jump (compaction, transaction
-            // markers), but a rebalance can also drop fetched records on the
-            // way to us. Read again from where we are: if the same record
-            // comes back first, the gap is real.
-            tracing::debug!(topic = %tp.0, partition = tp.1, expected = state.next_offset, got = m.offset(), "offset gap; re-reading to check it");
-            state.gap_checked = Some(m.offset());
-            if let Err(e) = consumer.seek(
-                &tp.0,
-                tp.1,
-                Offset::Offset(state.next_offset),
-                Duration::from_secs(5),
-            ) {
-                tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "seek to re-read a gap failed; accepting the gap");
-            } else {
-                return;
+        let mut admit = state.admit(m.offset());
+        if let Admit::ReRead { from } = admit {
+            // Read again from where we are: if the same record comes back
+            // first, the gap is real.
+            tracing::debug!(topic = %tp.0, partition = tp.1, expected = from, got = m.offset(), "offset gap; re-reading to check it");
+            match consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(5)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "seek to re-read a gap failed; accepting the gap");
+                    admit = state.admit(m.offset());
+                }
             }
         }
-        state.next_offset = m.offset() + 1;
-        state.idle.on_record();
         let epoch = state.epoch;
-        let seq = {
-            let mut tracked = self.shared.tracked.lock().expect("not poisoned");
-            let t = tracked.get_mut(&tp).expect("tracked with its state");
-            t.tracker.register(m.offset())
-        };
-        let (form, skip) = &state.skip;
-        let resolved_before = skip.iter().any(|(a, b)| (*a..=*b).contains(&m.offset()));
-        let excluded = resolved_before && *form == Skip::Exclude;
         let payload = m.payload().unwrap_or(&[]);
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        if excluded {
-            // Part of an outcome already delivered, and every such record
-            // past the commit is listed: only its event time counts, so the
-            // watermark comes out as it did for the earlier owner.
-            state.pipeline.observe_resolved(payload, now, &mut outcomes);
-        } else {
-            if resolved_before {
-                // Processed all the same, so the sessions re-form as they did
-                // for the earlier owner; only what is made of such records
-                // alone is not sent again (see `dispatch`).
-                state.replayed.insert(seq);
+        let seq = match admit {
+            Admit::Stale | Admit::ReRead { .. } | Admit::SkipPanicked => None,
+            Admit::ObserveAgain => {
+                state.pipeline.observe_resolved(payload, now, &mut outcomes);
+                None
             }
-            if let Some(panic) = state
-                .pipeline
-                .process_guarded(payload, seq, now, &mut outcomes)
-            {
-                tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it");
+            Admit::Observe | Admit::Process { .. } => {
+                let mut tracked = self.shared.tracked.lock().expect("not poisoned");
+                let t = tracked.get_mut(&tp).expect("tracked with its state");
+                Some(t.tracker.register(m.offset()))
             }
-        }
-        if excluded {
-            self.resolve(&tp, epoch, &[seq], None);
+            Admit::Reprocess { seq, .. } => Some(seq),
+        };
+        let mut panicked = false;
+        match (admit, seq) {
+            (Admit::Observe, Some(seq)) => {
+                // Part of an outcome already delivered, and every such record
+                // past the commit is listed: only its event time counts, so
+                // the watermark comes out as it did for the earlier owner.
+                state.pipeline.observe_resolved(payload, now, &mut outcomes);
+                self.resolve(&tp, epoch, &[seq], None);
+            }
+            (Admit::Process { replayed } | Admit::Reprocess { replayed, .. }, Some(seq)) => {
+                if replayed {
+                    state.pipeline.mark_replayed(seq);
+                }
+                if let Some(panic) =
+                    state
+                        .pipeline
+                        .process_guarded(payload, seq, now, &mut outcomes)
+                {
+                    tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it, rebuilding the partition's open sessions");
+                    panicked = true;
+                }
+            }
+            _ => {}
         }
         self.dispatch(&tp, epoch, &mut outcomes, Some(m));
         self.outcomes = outcomes;
+        if panicked {
+            self.rebuild(consumer, &tp, m.offset())?;
+        }
+        Ok(())
     }
 
-    /// Sends turns and dead letters, resolves drops. `message` is the record
+    /// After a panic at `offset` (its dead letter issued): no later turn may
+    /// come from the engine's state, so the partition's engine starts over
+    /// and re-reads the records of its open sessions
+    /// ([`PartitionState::start_rebuild`]; `docs/semantics.md`, "Panics").
+    /// A failed seek stops the worker: the next owner replays from the last
+    /// commit, which is safe too.
+    fn rebuild(
+        &mut self,
+        consumer: &StreamConsumer<WorkerContext>,
+        tp: &Tp,
+        offset: i64,
+    ) -> Result<(), WorkerError> {
+        let unissued: Vec<(u64, i64)> = {
+            let tracked = self.shared.tracked.lock().expect("not poisoned");
+            let t = tracked.get(tp).expect("tracked with its state");
+            t.tracker.unissued().collect()
+        };
+        metrics::partition_rebuilt(&format!("{}/{}", tp.0, tp.1));
+        let state = self.partitions.get_mut(tp).expect("processed above");
+        let records = unissued.len();
+        if let Some(from) = state.start_rebuild(offset, unissued) {
+            tracing::info!(topic = %tp.0, partition = tp.1, from, records, "re-reading the open sessions' records after a panic");
+            consumer
+                .seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(5))
+                .map_err(|source| WorkerError::Rebuild {
+                    topic: tp.0.to_string(),
+                    partition: tp.1,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Hands outcomes to the partition's output. `message` is the record
     /// just processed, the only one a dead letter can be about.
     fn dispatch(
         &mut self,
@@ -1058,86 +512,24 @@ impl Worker {
         outcomes: &mut Vec<Outcome>,
         message: Option<&BorrowedMessage<'_>>,
     ) {
-        for outcome in outcomes.drain(..) {
-            // An outcome made only of records an earlier owner already
-            // resolved was delivered by it: resolve, do not send again. A turn
-            // with any other record is sent whole (same turn_id, same
-            // messages), so nothing is re-emitted in part.
-            let replayed = self
-                .partitions
-                .get_mut(tp)
-                .filter(|s| s.epoch == epoch)
-                .map(|s| &mut s.replayed);
-            if let Some(replayed) = replayed.filter(|r| !r.is_empty()) {
-                let seqs: &[u64] = match &outcome {
-                    Outcome::Turn(session) => &session.seqs,
-                    Outcome::DeadLetter { seq, .. } | Outcome::Dropped { seq, .. } => {
-                        std::slice::from_ref(seq)
-                    }
-                };
-                let all_replayed = seqs.iter().all(|s| replayed.contains(s));
-                for s in seqs {
-                    replayed.remove(s);
-                }
-                if all_replayed {
-                    let seqs = seqs.to_vec();
-                    let held_by = match &outcome {
-                        Outcome::Dropped { held_by, .. } => *held_by,
-                        _ => None,
-                    };
-                    self.resolve(tp, epoch, &seqs, held_by);
-                    continue;
-                }
-            }
-            match outcome {
-                Outcome::Turn(session) => {
-                    metrics::observe_emit(&session, self.window.gap_ms, now_ms());
-                    let mut payload = Vec::with_capacity(512);
-                    encode_turn(&session, self.format, &mut payload);
-                    let headers = OwnedHeaders::new().insert(Header {
-                        key: "content-type",
-                        value: Some(self.format.content_type()),
-                    });
-                    self.enqueue(Outgoing {
-                        tp: tp.clone(),
-                        epoch,
-                        key: output_key(&session),
-                        seqs: session.seqs,
-                        topic: self.output_topic.clone(),
-                        payload,
-                        headers,
-                        dead_letter: false,
-                        group: None,
-                    });
-                }
-                Outcome::DeadLetter { seq, reason, error } => {
-                    let m = message.expect("dead letters are about the record just processed");
-                    let failed_at = rfc3339_ms(now_ms());
-                    let (payload, truncated) =
-                        kept_payload(m.payload().unwrap_or_default(), self.max_dead_letter_bytes);
-                    let headers = dead_letter::headers(
-                        m,
-                        &Provenance {
-                            reason,
-                            error: &error,
-                            failed_at: &failed_at,
-                            worker: &self.worker,
-                            truncated: truncated.as_ref(),
-                        },
-                    );
-                    self.enqueue(Outgoing {
-                        tp: tp.clone(),
-                        epoch,
-                        seqs: vec![seq],
-                        topic: self.dlq_topic.clone(),
-                        key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
-                        payload: payload.to_vec(),
-                        headers,
-                        dead_letter: true,
-                        group: None,
-                    });
-                }
-                Outcome::Dropped { seq, held_by, .. } => self.resolve(tp, epoch, &[seq], held_by),
+        deliver_all(
+            outcomes,
+            &mut PartitionOutput {
+                worker: self,
+                tp,
+                epoch,
+                message,
+            },
+        );
+    }
+
+    /// Marks records' outcome as handed out (see
+    /// [`CompletionTracker::unissued`]).
+    fn issue(&self, tp: &Tp, epoch: u64, seqs: &[u64]) {
+        let mut tracked = self.shared.tracked.lock().expect("not poisoned");
+        if let Some(t) = tracked.get_mut(tp).filter(|t| t.epoch == epoch) {
+            for &seq in seqs {
+                t.tracker.issue(seq);
             }
         }
     }
@@ -1469,53 +861,74 @@ impl Worker {
     }
 }
 
-/// A periodic commit's result, with what reading it back showed (the first
-/// time only; see [`probe_metadata`]).
-struct CommitDone {
-    offsets: TopicPartitionList,
-    result: KafkaResult<()>,
-    metadata_kept: Option<bool>,
+/// One partition's outcomes on their way to the producers.
+struct PartitionOutput<'a, 'm> {
+    worker: &'a mut Worker,
+    tp: &'a Tp,
+    epoch: u64,
+    message: Option<&'a BorrowedMessage<'m>>,
 }
 
-/// Reads back the commit of `offsets`, just confirmed, and says whether the
-/// broker kept its metadata (Kafka does; `tansu` 0.6 gives back an empty
-/// string). Every commit the worker writes has metadata, so metadata that is
-/// not ours means the broker dropped it.
-fn probe_metadata<X: ConsumerContext, K: Consumer<X>>(
-    consumer: &K,
-    offsets: &TopicPartitionList,
-) -> KafkaResult<bool> {
-    let mut list = TopicPartitionList::new();
-    for e in offsets.elements() {
-        list.add_partition(e.topic(), e.partition());
+impl OutcomeSink for PartitionOutput<'_, '_> {
+    fn turn(&mut self, session: ClosedSession) {
+        let w = &mut *self.worker;
+        w.issue(self.tp, self.epoch, &session.seqs);
+        metrics::observe_emit(&session, w.window.gap_ms, now_ms());
+        let mut payload = Vec::with_capacity(512);
+        encode_turn(&session, w.format, &mut payload);
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some(w.format.content_type()),
+        });
+        let outgoing = Outgoing {
+            tp: self.tp.clone(),
+            epoch: self.epoch,
+            key: output_key(&session),
+            seqs: session.seqs,
+            topic: w.output_topic.clone(),
+            payload,
+            headers,
+            dead_letter: false,
+            group: None,
+        };
+        w.enqueue(outgoing);
     }
-    let read = consumer.committed_offsets(list, Duration::from_secs(10))?;
-    Ok(read
-        .elements()
-        .iter()
-        .any(|e| offsets::is_ours(e.metadata())))
-}
 
-/// The offsets after the group's committed offset that an earlier owner
-/// already resolved, from the commit metadata (see [`offsets`]).
-fn resolved_by_earlier_owner(
-    consumer: &StreamConsumer<WorkerContext>,
-    tp: &Tp,
-) -> (Skip, Vec<(i64, i64)>) {
-    let mut list = TopicPartitionList::new();
-    list.add_partition(&tp.0, tp.1);
-    match consumer.committed_offsets(list, Duration::from_secs(10)) {
-        Ok(committed) => committed
-            .find_partition(&tp.0, tp.1)
-            .and_then(|e| match e.offset() {
-                Offset::Offset(offset) => Some(offsets::decode(offset, e.metadata())),
-                _ => None,
-            })
-            .unwrap_or((Skip::Replay, Vec::new())),
-        Err(e) => {
-            tracing::warn!(error = %e, topic = %tp.0, partition = tp.1, "cannot read the commit metadata; resolved records past the commit are replayed");
-            (Skip::Replay, Vec::new())
-        }
+    fn dead_letter(&mut self, seq: u64, reason: DeadLetterReason, error: String) {
+        let w = &mut *self.worker;
+        w.issue(self.tp, self.epoch, &[seq]);
+        let m = self
+            .message
+            .expect("dead letters are about the record just processed");
+        let failed_at = rfc3339_ms(now_ms());
+        let (payload, truncated) =
+            kept_payload(m.payload().unwrap_or_default(), w.max_dead_letter_bytes);
+        let headers = dead_letter::headers(
+            m,
+            &Provenance {
+                reason,
+                error: &error,
+                failed_at: &failed_at,
+                worker: &w.worker,
+                truncated: truncated.as_ref(),
+            },
+        );
+        let outgoing = Outgoing {
+            tp: self.tp.clone(),
+            epoch: self.epoch,
+            seqs: vec![seq],
+            topic: w.dlq_topic.clone(),
+            key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
+            payload: payload.to_vec(),
+            headers,
+            dead_letter: true,
+            group: None,
+        };
+        w.enqueue(outgoing);
+    }
+
+    fn resolve(&mut self, seqs: &[u64], held_by: Option<u64>) {
+        self.worker.resolve(self.tp, self.epoch, seqs, held_by);
     }
 }
 

@@ -4,6 +4,7 @@
 //! form by `proto/`; both are encoded in [`crate::codec`].
 
 mod dead_letter;
+pub mod dead_letter_names;
 mod event;
 mod turn;
 

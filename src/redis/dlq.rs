@@ -15,7 +15,9 @@ use super::connection::RedisConn;
 use super::entry::{parse_entries, Entry};
 use super::keys::ShardKeys;
 use crate::config::RedisSection;
-use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
+use crate::dlq::{parse_failed_at, DlqEntry, Locator};
+use crate::model::dead_letter_names::redis::*;
+use crate::model::dead_letter_names::{REPLAY_COUNT, REPLAY_FROM};
 use crate::model::Truncated;
 
 /// Deletes the dead letter (`KEYS[1]`, id `ARGV[1]`) and, only if it was
@@ -203,8 +205,8 @@ fn shard_index(stream: &str) -> String {
 
 fn entry(stream: &str, e: &Entry) -> DlqEntry {
     let text = |name: &str| String::from_utf8_lossy(e.field(name).unwrap_or_default()).into_owned();
-    let source = text("source_stream");
-    let failed_at = text("failed_at");
+    let source = text(SOURCE_STREAM);
+    let failed_at = text(FAILED_AT);
     DlqEntry {
         position: format!("{stream}/{}", e.id),
         locator: Locator::Redis {
@@ -213,15 +215,15 @@ fn entry(stream: &str, e: &Entry) -> DlqEntry {
         },
         failed_at_ms: parse_failed_at(&failed_at),
         failed_at,
-        reason: text("reason"),
-        error: text("error"),
+        reason: text(REASON),
+        error: text(ERROR),
         source_partition: Some(shard_index(&source)),
         source,
-        source_position: text("source_id"),
-        worker: text("worker"),
+        source_position: text(SOURCE_ID),
+        worker: text(WORKER),
         replay_count: text(REPLAY_COUNT).parse().unwrap_or(0),
         key: None,
-        payload: e.field("payload").unwrap_or_default().to_vec(),
+        payload: e.field(PAYLOAD).unwrap_or_default().to_vec(),
         truncated: e
             .field(TRUNCATED_BYTES)
             .and_then(|n| std::str::from_utf8(n).ok()?.parse().ok())
@@ -232,10 +234,6 @@ fn entry(stream: &str, e: &Entry) -> DlqEntry {
         headers: Vec::new(),
     }
 }
-
-/// The fields of a dead letter that kept only the record's first bytes.
-pub const TRUNCATED_BYTES: &str = "truncated_original_bytes";
-pub const TRUNCATED_SHA256: &str = "truncated_original_sha256";
 
 #[cfg(test)]
 mod tests {

@@ -117,7 +117,12 @@ impl Entry {
             .as_deref()
             .unwrap_or_default()
             .iter()
-            .filter_map(|(k, v)| Some((crate::dlq::replay_field_name(k)?, v.as_slice())))
+            .filter_map(|(k, v)| {
+                Some((
+                    crate::model::dead_letter_names::replay_name(k)?,
+                    v.as_slice(),
+                ))
+            })
     }
 }
 

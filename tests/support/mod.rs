@@ -709,7 +709,7 @@ pub fn reference_run<P: AsRef<[u8]>>(
             Outcome::DeadLetter { seq, reason, .. } => {
                 dead.push((seq as usize, reason.as_str().to_owned()))
             }
-            Outcome::Dropped { .. } => {}
+            Outcome::Dropped { .. } | Outcome::Delivered { .. } => {}
         }
     }
     (turns, dead)
@@ -1005,4 +1005,31 @@ pub fn end_of_turn_overtaking_its_message(t: i64) -> Vec<(String, Vec<u8>)> {
     .into_iter()
     .map(|p| ("ann".to_owned(), p.into_bytes()))
     .collect()
+}
+
+/// The text that makes the engine panic under
+/// [`sessionizer::fault::PANIC_ENV`].
+pub const PANIC_MARKER: &str = "PANIC-IN-THE-ENGINE";
+
+/// Marks one message in the middle of a burst for a panic (its user sends
+/// more right after it), so a half-updated engine would show in the turns
+/// that follow. Returns the marked record's index.
+pub fn mark_for_panic(records: &mut [(String, Vec<u8>)]) -> usize {
+    let message = |payload: &[u8]| {
+        serde_json::from_slice::<serde_json::Value>(payload)
+            .ok()
+            .filter(|v| v["text"].is_string() && v.get("kind").is_none_or(|k| k == "message"))
+    };
+    let index = (records.len() / 2..records.len())
+        .find(|&i| {
+            message(&records[i].1).is_some()
+                && records[i + 1..(i + 10).min(records.len())]
+                    .iter()
+                    .any(|(user, payload)| *user == records[i].0 && message(payload).is_some())
+        })
+        .expect("a message with more of its burst after it");
+    let mut event = message(&records[index].1).unwrap();
+    event["text"] = format!("{} {PANIC_MARKER}", event["text"].as_str().unwrap()).into();
+    records[index].1 = serde_json::to_vec(&event).unwrap();
+    index
 }
