@@ -12,27 +12,40 @@
 //! - [`model`]: the wire contract's records (ChatEvent, Turn, DeadLetter).
 //! - [`codec`]: bytes ⇄ records (JSON and protobuf, prost types generated from
 //!   `proto/`), with validation that turns poison into a typed reason.
-//! - [`pipeline`]: decode → engine → outcomes for one partition; shared by
-//!   every source.
+//! - [`pipeline`]: decode → engine → outcomes for one partition, and the
+//!   one seam from outcomes to a source's output
+//!   ([`pipeline::OutcomeSink`]); shared by every source.
 //! - [`file`]: file mode (JSON lines in, turns and dead letters out).
 //! - [`kafka`]: the Kafka worker (consumer group, commits after durable
-//!   output, dead letters with provenance headers, optional exactly-once).
+//!   output, dead letters with provenance headers, optional exactly-once),
+//!   split by concern: `worker` (the loop), `partition` (what to do with
+//!   each record), `commit`, `delivery`, `context` (rebalance callbacks),
+//!   `config` (`[kafka]`).
 //! - [`redis`]: the Redis Streams worker (shard streams owned through
-//!   fenced leases, turns and dead letters written with their acks in one
-//!   step, pending-entry recovery).
+//!   fenced leases, turns and dead letters written before their acks in
+//!   fenced steps, pending-entry recovery); a shard task is `redis::shard`
+//!   with `fenced`, `pending` and `emit` beside it.
 //! - [`metrics`]: metric names, the Prometheus recorder, readiness.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` on one axum router.
 //! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
-//!   source's dead letters.
+//!   source's dead letters ([`dlq::DeadLetterStore`], implemented in each
+//!   broker's folder).
 //! - [`fault`]: the fault-test hooks (off unless their variables are set).
 //! - [`log_throttle`]: one log line per cause per interval, with counts.
 //! - [`shutdown`]: the signal future the workers stop on.
-//! - [`config`]: the typed TOML configuration with environment overrides.
+//! - [`config`]: the one loader (TOML file plus environment overrides) and
+//!   the shared sections; each broker's section lives in its folder
+//!   (`kafka/config.rs`, `redis/config.rs`, `file/config.rs`).
 //! - [`wall_clock`]: the one place the wall clock is read.
 //! - [`produce`]: `sessionizer produce`, the load generator.
 //! - [`workload`]: a deterministic generator of bursty chat traffic for
 //!   benchmarks, tests and load generation.
-//! - `main.rs`: the `sessionizer` command line.
+//! - `main.rs` and `cli/`: the `sessionizer` command line (the binary).
+//!
+//! Dependencies point inwards: `engine` and `model` import nothing of the
+//! rest; `codec` only `model`; `pipeline` the three of them and `metrics`;
+//! the sources import the pipeline, never each other (the `dlq` commands
+//! reach each store through `dlq::DeadLetterStore`).
 
 pub mod codec;
 pub mod config;

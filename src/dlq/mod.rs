@@ -106,20 +106,72 @@ pub fn parse_failed_at(text: &str) -> Option<i64> {
         .map(|t| t.timestamp_millis())
 }
 
-/// The dead-letter store a configuration names.
+/// A source's dead-letter store as the `dlq` commands use it; each broker
+/// folder implements it (`kafka/dlq.rs`, `redis/dlq.rs`, `file/dlq.rs`).
+/// Only used with static dispatch through [`Store`], inside the crate.
+#[allow(async_fn_in_trait)]
+pub trait DeadLetterStore {
+    /// Every dead letter there now, oldest first. `replay_group`: Kafka
+    /// starts after that replay group's progress (the other stores keep
+    /// none: Redis removes what it replays, a file is only read).
+    async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>>;
+
+    /// Dead letters added since the last call (waits up to about a second
+    /// for some), for `--follow`.
+    async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>>;
+
+    /// Where a record goes back to: `to`, or where it came from.
+    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
+        to.unwrap_or(&entry.source).to_owned()
+    }
+
+    /// The entry was looked at and not sent (Kafka's progress passes it).
+    fn pass(&mut self, _entry: &DlqEntry) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Sends the record back to `target` and records that it was; `false`
+    /// when another run replayed it first (Redis).
+    async fn republish(
+        &mut self,
+        entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool>;
+
+    /// The end of a replay: record the progress (Kafka), flush (file).
+    fn finish(&mut self) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// The dead-letter store a configuration names (one per command run, so its
+/// size does not matter).
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Store {
-    Kafka(Box<crate::kafka::dlq::KafkaDlq>),
+    Kafka(crate::kafka::dlq::KafkaDlq),
     Redis(crate::redis::dlq::RedisDlq),
     File(crate::file::dlq::FileDlq),
+}
+
+/// Calls a [`DeadLetterStore`] method on whichever store it is.
+macro_rules! each {
+    ($store:expr, $s:ident => $call:expr) => {
+        match $store {
+            Store::Kafka($s) => $call,
+            Store::Redis($s) => $call,
+            Store::File($s) => $call,
+        }
+    };
 }
 
 impl Store {
     pub async fn open(config: &Config) -> anyhow::Result<Store> {
         Ok(match config.source {
-            SourceKind::Kafka => Store::Kafka(Box::new(crate::kafka::dlq::KafkaDlq::open(
+            SourceKind::Kafka => Store::Kafka(crate::kafka::dlq::KafkaDlq::open(
                 config.kafka.as_ref().context("[kafka] is missing")?,
-            )?)),
+            )?),
             SourceKind::Redis => Store::Redis(
                 crate::redis::dlq::RedisDlq::open(
                     config.redis.as_ref().context("[redis] is missing")?,
@@ -131,25 +183,35 @@ impl Store {
             }
         })
     }
+}
 
-    /// Every dead letter there now, oldest first. `replay_group`: Kafka
-    /// starts after that replay group's progress (the other stores keep
-    /// none: Redis removes what it replays, a file is only read).
-    pub async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
-        match self {
-            Store::Kafka(s) => s.snapshot(replay_group),
-            Store::Redis(s) => s.snapshot().await,
-            Store::File(s) => s.snapshot(),
-        }
+impl DeadLetterStore for Store {
+    async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
+        each!(self, s => DeadLetterStore::snapshot(s, replay_group).await)
     }
 
-    /// Dead letters added since the last call (waits up to about a second
-    /// for some), for `--follow`.
-    pub async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
-        match self {
-            Store::Kafka(s) => s.follow(),
-            Store::Redis(s) => s.follow().await,
-            Store::File(s) => s.follow().await,
-        }
+    async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        each!(self, s => DeadLetterStore::follow(s).await)
+    }
+
+    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
+        each!(self, s => DeadLetterStore::target(s, entry, to))
+    }
+
+    fn pass(&mut self, entry: &DlqEntry) -> anyhow::Result<()> {
+        each!(self, s => DeadLetterStore::pass(s, entry))
+    }
+
+    async fn republish(
+        &mut self,
+        entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        each!(self, s => DeadLetterStore::republish(s, entry, payload, target).await)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        each!(self, s => DeadLetterStore::finish(s))
     }
 }

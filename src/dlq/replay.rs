@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use super::{DlqEntry, Filter, Store};
+use super::{DeadLetterStore as _, DlqEntry, Filter, Store};
 use crate::codec::Decoder;
 use crate::wall_clock::now_ms;
 
@@ -92,7 +92,7 @@ pub async fn run(
     // Whatever happened, record what was sent (Kafka commits the progress),
     // so a failed or interrupted run repeated sends nothing twice.
     if !options.dry_run {
-        store.finish().await?;
+        store.finish()?;
     }
     replayed.map(|()| report)
 }
@@ -115,7 +115,7 @@ async fn replay_each(
             break;
         }
         if !options.filter.matches(&entry) {
-            store.pass(&entry).await?;
+            store.pass(&entry)?;
             continue;
         }
         if entry.replay_count >= options.max_replays {
@@ -125,7 +125,7 @@ async fn replay_each(
                 entry.position, entry.replay_count, options.max_replays
             )?;
             report.skipped_max_replays.push(entry.position.clone());
-            store.pass(&entry).await?;
+            store.pass(&entry)?;
             continue;
         }
         if let (Some(t), None) = (&entry.truncated, &options.transform) {
@@ -139,7 +139,7 @@ async fn replay_each(
                 t.original_sha256
             )?;
             report.skipped_truncated.push(entry.position.clone());
-            store.pass(&entry).await?;
+            store.pass(&entry)?;
             continue;
         }
         let payload = match &options.transform {
@@ -186,7 +186,7 @@ async fn replay_each(
                 }
                 writeln!(out, "skipped {why}")?;
                 report.skipped_invalid.push(entry.position.clone());
-                store.pass(&entry).await?;
+                store.pass(&entry)?;
                 continue;
             }
         }
@@ -307,50 +307,6 @@ async fn transform(
         bytes.pop();
     }
     Ok(Transformed::Payload(bytes))
-}
-
-impl Store {
-    /// Where a record goes back to.
-    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
-        match self {
-            Store::File(s) => s.target(to),
-            _ => to.unwrap_or(&entry.source).to_owned(),
-        }
-    }
-
-    /// The entry was looked at and not sent: Kafka's progress passes it.
-    async fn pass(&mut self, entry: &DlqEntry) -> anyhow::Result<()> {
-        match self {
-            Store::Kafka(s) => s.pass(entry),
-            Store::Redis(_) | Store::File(_) => Ok(()),
-        }
-    }
-
-    /// Sends the record back and records that it was; `false` when another
-    /// run replayed it first (Redis).
-    async fn republish(
-        &mut self,
-        entry: &DlqEntry,
-        payload: Vec<u8>,
-        target: &str,
-    ) -> anyhow::Result<bool> {
-        match self {
-            Store::Kafka(s) => s.republish(entry, payload, target).await.map(|()| true),
-            Store::Redis(s) => s.republish(entry, payload, target).await,
-            Store::File(s) => {
-                s.set_output(target)?;
-                s.republish(&payload).map(|()| true)
-            }
-        }
-    }
-
-    async fn finish(&mut self) -> anyhow::Result<()> {
-        match self {
-            Store::Kafka(s) => s.commit(),
-            Store::Redis(_) => Ok(()),
-            Store::File(s) => s.finish(),
-        }
-    }
 }
 
 #[cfg(test)]

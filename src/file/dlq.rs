@@ -159,6 +159,35 @@ fn entry(path: &str, line: u64, dead: DeadLetter) -> anyhow::Result<DlqEntry> {
     })
 }
 
+impl crate::dlq::DeadLetterStore for FileDlq {
+    /// A file is only read: no replay progress.
+    async fn snapshot(&mut self, _replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
+        FileDlq::snapshot(self)
+    }
+
+    async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        FileDlq::follow(self).await
+    }
+
+    fn target(&self, _entry: &DlqEntry, to: Option<&str>) -> String {
+        FileDlq::target(self, to)
+    }
+
+    async fn republish(
+        &mut self,
+        _entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        self.set_output(target)?;
+        FileDlq::republish(self, &payload).map(|()| true)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        FileDlq::finish(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

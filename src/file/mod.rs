@@ -3,6 +3,7 @@
 //! its 1-based line number. Event time only: no wall-clock advance, and the
 //! end of input closes every session.
 
+pub mod config;
 pub mod dlq;
 
 use std::fs::{File, OpenOptions};

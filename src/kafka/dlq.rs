@@ -299,3 +299,32 @@ fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
     });
     e
 }
+
+impl crate::dlq::DeadLetterStore for KafkaDlq {
+    async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
+        KafkaDlq::snapshot(self, replay_group)
+    }
+
+    async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        KafkaDlq::follow(self)
+    }
+
+    fn pass(&mut self, entry: &DlqEntry) -> anyhow::Result<()> {
+        KafkaDlq::pass(self, entry)
+    }
+
+    async fn republish(
+        &mut self,
+        entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        KafkaDlq::republish(self, entry, payload, target)
+            .await
+            .map(|()| true)
+    }
+
+    fn finish(&mut self) -> anyhow::Result<()> {
+        self.commit()
+    }
+}

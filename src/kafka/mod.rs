@@ -15,6 +15,7 @@
 
 pub mod client;
 mod commit;
+pub mod config;
 mod context;
 pub mod dead_letter;
 mod delivery;

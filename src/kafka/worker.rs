@@ -524,7 +524,7 @@ impl Worker {
     }
 
     /// Marks records' outcome as handed out (see
-    /// [`CompletionTracker::unissued`]).
+    /// [`crate::engine::CompletionTracker::unissued`]).
     fn issue(&self, tp: &Tp, epoch: u64, seqs: &[u64]) {
         let mut tracked = self.shared.tracked.lock().expect("not poisoned");
         if let Some(t) = tracked.get_mut(tp).filter(|t| t.epoch == epoch) {

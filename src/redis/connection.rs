@@ -15,7 +15,6 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, RedisError, RedisFuture, Value};
 
 use super::direct::{DirectConn, Target};
-use super::worker::WorkerError;
 use crate::config::RedisSection;
 
 /// Where connections come from.
@@ -91,14 +90,27 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// Why a Redis client could not be built from `[redis]`: a configuration
+/// error, so the caller stops.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("redis.url: {0}")]
+    Url(RedisError),
+    #[error("redis.tls_ca_file: cannot read {path}: {source}")]
+    CaFile {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
 /// The client for `[redis]`: the URL (on a cluster: any node's), with
 /// `username` / `password` and a private CA applied when given.
-pub fn client(section: &RedisSection) -> Result<RedisClient, WorkerError> {
+pub fn client(section: &RedisSection) -> Result<RedisClient, ClientError> {
     let mut info = section
         .url
         .as_str()
         .into_connection_info()
-        .map_err(WorkerError::Url)?;
+        .map_err(ClientError::Url)?;
     if let Some(user) = &section.username {
         info.redis.username = Some(user.clone());
     }
@@ -113,7 +125,7 @@ pub fn client(section: &RedisSection) -> Result<RedisClient, WorkerError> {
         .tls_ca_file
         .as_ref()
         .map(|path| {
-            std::fs::read(path).map_err(|source| WorkerError::CaFile {
+            std::fs::read(path).map_err(|source| ClientError::CaFile {
                 path: path.clone(),
                 source,
             })
@@ -137,14 +149,14 @@ pub fn client(section: &RedisSection) -> Result<RedisClient, WorkerError> {
         return builder
             .build()
             .map(RedisClient::Cluster)
-            .map_err(WorkerError::Url);
+            .map_err(ClientError::Url);
     }
     match root_cert {
         None => Client::open(info),
         Some(root_cert) => Client::build_with_tls(info, certificates(root_cert)),
     }
     .map(RedisClient::Single)
-    .map_err(WorkerError::Url)
+    .map_err(ClientError::Url)
 }
 
 /// rustls needs a process-wide crypto provider before the first TLS

@@ -235,6 +235,26 @@ fn entry(stream: &str, e: &Entry) -> DlqEntry {
     }
 }
 
+impl crate::dlq::DeadLetterStore for RedisDlq {
+    /// Redis keeps no replay progress: what a replay sends back it removes.
+    async fn snapshot(&mut self, _replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
+        RedisDlq::snapshot(self).await
+    }
+
+    async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
+        RedisDlq::follow(self).await
+    }
+
+    async fn republish(
+        &mut self,
+        entry: &DlqEntry,
+        payload: Vec<u8>,
+        target: &str,
+    ) -> anyhow::Result<bool> {
+        RedisDlq::republish(self, entry, payload, target).await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 //! task's own socket and reply reader on one node); [`dlq`] is the
 //! dead-letter stream as `sessionizer dlq` reads and replays it.
 
+pub mod config;
 pub mod connection;
 pub mod direct;
 pub mod dlq;

@@ -30,13 +30,8 @@ use crate::wall_clock::{now_ms, worker_id};
 pub enum WorkerError {
     #[error("the configuration has no [redis] section")]
     NoRedisSection,
-    #[error("redis.url: {0}")]
-    Url(RedisError),
-    #[error("redis.tls_ca_file: cannot read {path}: {source}")]
-    CaFile {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Client(#[from] super::connection::ClientError),
     /// Refused credentials or ACL permissions before the first lease
     /// round: a configuration error, so the worker stops instead of
     /// retrying forever. (Later, e.g. after a password rotation, the worker

@@ -11,14 +11,20 @@
 //! `SESSIONIZER__KAFKA__PROPERTIES__SSL_CA_LOCATION` sets `ssl.ca.location`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::Path;
-use std::time::Duration;
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 use crate::codec::{DecodeLimits, InputFormat, OutputFormat};
 use crate::engine::{IdlePolicy, LatePolicy, WindowConfig};
+
+pub(crate) mod values;
+
+pub use crate::file::config::FileSection;
+pub use crate::kafka::config::{Acks, KafkaSection};
+pub use crate::redis::config::RedisSection;
+pub use values::Millis;
+use values::*;
 
 /// The prefix of environment overrides.
 pub const ENV_PREFIX: &str = "SESSIONIZER__";
@@ -32,7 +38,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
+    pub(crate) fn new(key: impl Into<String>, reason: impl Into<String>) -> Self {
         ConfigError {
             key: key.into(),
             reason: reason.into(),
@@ -83,253 +89,6 @@ pub enum SourceKind {
     Kafka,
     Redis,
 }
-
-/// `[kafka]`: a consumer group between the chat-events topics, the turns topic
-/// and the dead-letter topic.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSection {
-    /// Bootstrap servers, `host:port[,host:port…]`.
-    pub brokers: String,
-    /// The consumer group every worker of this deployment joins.
-    pub group_id: String,
-    /// Chat-event topics (from the environment: comma-separated). Producers
-    /// must key records by user id.
-    #[serde(deserialize_with = "list")]
-    pub input_topics: Vec<String>,
-    /// Where turns go, keyed by session key.
-    pub output_topic: String,
-    /// Where dead letters go: original key, value and headers plus
-    /// `sessionizer.dlq.*` headers.
-    pub dlq_topic: String,
-    /// Producer acks for turns: `"0"`, `"1"` or `"all"` (idempotent producer).
-    /// With `"0"` a turn counts as durable once handed to the producer: less
-    /// latency, and turns can be lost if a broker fails.
-    #[serde(default)]
-    pub output_acks: Acks,
-    /// Producer acks for dead letters, as `output_acks`.
-    #[serde(default)]
-    pub dlq_acks: Acks,
-    /// One transaction per commit interval holds the turns, the dead letters
-    /// and the consumed offsets; `read_committed` readers never see a
-    /// duplicate turn. Needs acks `"all"` and brokers with transactions.
-    #[serde(default, deserialize_with = "boolean")]
-    pub exactly_once: bool,
-    /// With `exactly_once`: this worker's `transactional.id`, unique per
-    /// worker and stable across its restarts, so a restarted worker fences
-    /// its predecessor's open transaction at once. Default
-    /// `<group_id>-<hostname>`; set it when several workers share a host.
-    #[serde(default)]
-    pub transactional_id: Option<String>,
-    /// How often resolved offsets are committed (and, with `exactly_once`,
-    /// how long a transaction stays open).
-    #[serde(default = "default_commit_interval")]
-    pub commit_interval: Millis,
-    /// How many bytes of turns and dead letters may wait for the broker's
-    /// acknowledgement: past it the worker pauses fetching every partition
-    /// until half of it is acknowledged, so an output that is down or slow
-    /// stops the input instead of filling memory.
-    #[serde(default = "default_max_in_flight_bytes", deserialize_with = "number")]
-    pub max_in_flight_bytes: u64,
-    /// A partition whose commit point has not advanced for this long while
-    /// records wait behind it counts as failing (`/readyz` answers 503). An
-    /// open session holds the commit point at its first record for up to
-    /// `window.max_duration` + `window.gap`, so it must be longer than that.
-    #[serde(default = "default_commit_stall")]
-    pub commit_stall: Millis,
-    /// On a broker that does not keep commit metadata, how long a partition's
-    /// commit may stay pulled back to the first record of a delivered turn
-    /// that spans the resolved prefix's end; then it moves to that end (a
-    /// crash after that may re-send the rest of such a turn as a turn of its
-    /// own). Bounds what a crash replays when turns overlap without pause.
-    #[serde(default = "default_max_pullback")]
-    pub max_pullback: Millis,
-    /// Passed to librdkafka verbatim, for consumer and producers alike: TLS
-    /// (`security.protocol`, `ssl.ca.location`, …), SASL, timeouts.
-    #[serde(default)]
-    pub properties: BTreeMap<String, String>,
-}
-
-fn default_commit_interval() -> Millis {
-    Millis(1_000)
-}
-
-fn default_max_pullback() -> Millis {
-    Millis(60_000)
-}
-
-fn default_commit_stall() -> Millis {
-    Millis(300_000)
-}
-
-fn default_max_in_flight_bytes() -> u64 {
-    64 << 20
-}
-
-/// Producer acknowledgements.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Acks {
-    /// Fire and forget.
-    Zero,
-    /// The partition leader has it.
-    One,
-    /// Every in-sync replica has it; turns on the idempotent producer.
-    #[default]
-    All,
-}
-
-impl Acks {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Acks::Zero => "0",
-            Acks::One => "1",
-            Acks::All => "all",
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for Acks {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(i64),
-            Str(String),
-        }
-        let raw = Raw::deserialize(deserializer)
-            .map_err(|_| serde::de::Error::custom("expected \"0\", \"1\" or \"all\""))?;
-        match raw {
-            Raw::Int(0) => Ok(Acks::Zero),
-            Raw::Int(1) => Ok(Acks::One),
-            Raw::Str(s) if s == "0" => Ok(Acks::Zero),
-            Raw::Str(s) if s == "1" => Ok(Acks::One),
-            Raw::Str(s) if s == "all" || s == "-1" => Ok(Acks::All),
-            Raw::Int(-1) => Ok(Acks::All),
-            Raw::Int(n) => Err(serde::de::Error::custom(format!(
-                "expected \"0\", \"1\" or \"all\", got {n}"
-            ))),
-            Raw::Str(s) => Err(serde::de::Error::custom(format!(
-                "expected \"0\", \"1\" or \"all\", got {s:?}"
-            ))),
-        }
-    }
-}
-
-impl Serialize for Acks {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
-    }
-}
-
-/// `[redis]`: shard streams owned through leases, turns and dead letters
-/// written with the acks in one fenced step.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct RedisSection {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS).
-    pub url: String,
-    /// ACL user, when not in the URL.
-    #[serde(default)]
-    pub username: Option<String>,
-    /// Password, when not in the URL (mind that `check-config` prints it).
-    #[serde(default)]
-    pub password: Option<String>,
-    /// A PEM file of the CA that signed the server's certificate, for
-    /// `rediss://` servers with a private CA (default: the web PKI roots).
-    #[serde(default)]
-    pub tls_ca_file: Option<String>,
-    /// The chat-event stream; with `shards > 1` the shards are
-    /// `<input_stream>:{0}` … `<input_stream>:{N-1}`.
-    pub input_stream: String,
-    /// How many shard streams the input is split into (producers pick the
-    /// shard by the documented hash of the session key).
-    #[serde(default = "one", deserialize_with = "number")]
-    pub shards: u32,
-    /// The consumer group on every shard stream.
-    #[serde(default = "default_group")]
-    pub group: String,
-    /// Where turns go (fields `turn`, `turn_id`, `user_id`).
-    pub output_stream: String,
-    /// Where dead letters go (fields `payload`, `reason`, `error`, …).
-    pub dlq_stream: String,
-    /// An entry delivered this many times without an outcome is
-    /// dead-lettered (`max_deliveries`) instead of being delivered again.
-    #[serde(default = "default_max_deliveries", deserialize_with = "number")]
-    pub max_deliveries: u32,
-    /// How long a shard lease lasts without renewal; renewed every third of
-    /// it. A dead worker's shards move after this long.
-    #[serde(default = "default_lease_ttl")]
-    pub lease_ttl: Millis,
-    /// How long a read waits for new entries before the idle advance runs.
-    #[serde(default = "default_block")]
-    pub block: Millis,
-    /// Entries per read (XREADGROUP COUNT).
-    #[serde(default = "default_batch", deserialize_with = "number")]
-    pub batch: u32,
-    /// Approximate MAXLEN trimming of the output stream (off when absent).
-    #[serde(default, deserialize_with = "optional_number")]
-    pub output_maxlen: Option<u64>,
-    /// Approximate MAXLEN trimming of the DLQ stream (off when absent).
-    #[serde(default, deserialize_with = "optional_number")]
-    pub dlq_maxlen: Option<u64>,
-    /// Redis Cluster: shard streams are always hash-tagged and the output
-    /// and DLQ streams are sharded like the input (`<output_stream>:{i}`), so
-    /// every key one fenced step touches is in one hash slot.
-    #[serde(default, deserialize_with = "boolean")]
-    pub cluster: bool,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn default_group() -> String {
-    "sessionizer".to_owned()
-}
-
-fn default_max_deliveries() -> u32 {
-    5
-}
-
-fn default_lease_ttl() -> Millis {
-    Millis(10_000)
-}
-
-fn default_block() -> Millis {
-    Millis(200)
-}
-
-fn default_batch() -> u32 {
-    500
-}
-
-/// librdkafka properties sessionizer sets itself; setting them in
-/// `[kafka.properties]` would break its guarantees.
-const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
-    ("bootstrap.servers", "kafka.brokers"),
-    ("group.id", "kafka.group_id"),
-    (
-        "enable.auto.commit",
-        "offsets are committed after durable output",
-    ),
-    (
-        "enable.auto.offset.store",
-        "offsets are committed after durable output",
-    ),
-    ("acks", "kafka.output_acks / kafka.dlq_acks"),
-    (
-        "request.required.acks",
-        "kafka.output_acks / kafka.dlq_acks",
-    ),
-    ("enable.idempotence", "implied by acks \"all\""),
-    ("transactional.id", "kafka.exactly_once"),
-    ("isolation.level", "always read_committed"),
-    (
-        "partition.assignment.strategy",
-        "cooperative-sticky, so a rebalance only moves the partitions it must",
-    ),
-    ("enable.partition.eof", "drives the caught-up idle advance"),
-];
 
 /// `[window]`: the session rules, in event time.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -445,25 +204,6 @@ pub enum OutputFormatSetting {
     #[default]
     Json,
     Protobuf,
-}
-
-/// `[file]`: file mode.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileSection {
-    /// JSON lines to read; `-` is stdin.
-    #[serde(default = "dash")]
-    pub input: String,
-    /// Where turns go; `-` is stdout.
-    #[serde(default = "dash")]
-    pub output: String,
-    /// Where dead letters go (JSON lines); `-` is stderr. Required: dead
-    /// letters are never discarded silently.
-    pub dlq: String,
-}
-
-fn dash() -> String {
-    "-".to_owned()
 }
 
 impl Config {
@@ -706,154 +446,9 @@ impl Config {
     }
 }
 
-impl KafkaSection {
-    fn validate(&self) -> Result<(), ConfigError> {
-        for (key, value) in [
-            ("kafka.brokers", &self.brokers),
-            ("kafka.group_id", &self.group_id),
-            ("kafka.output_topic", &self.output_topic),
-            ("kafka.dlq_topic", &self.dlq_topic),
-        ] {
-            if value.trim().is_empty() {
-                return Err(ConfigError::new(key, "must not be empty"));
-            }
-        }
-        if self.input_topics.is_empty() || self.input_topics.iter().any(|t| t.trim().is_empty()) {
-            return Err(ConfigError::new(
-                "kafka.input_topics",
-                "must name at least one topic, none empty",
-            ));
-        }
-        check_destinations(
-            &self.input_topics,
-            "an input topic",
-            ("kafka.output_topic", &self.output_topic),
-            ("kafka.dlq_topic", &self.dlq_topic),
-        )?;
-        if self.exactly_once {
-            for (key, acks) in [
-                ("kafka.output_acks", self.output_acks),
-                ("kafka.dlq_acks", self.dlq_acks),
-            ] {
-                if acks != Acks::All {
-                    return Err(ConfigError::new(
-                        key,
-                        format!(
-                            "is {:?} but exactly_once = true needs \"all\"",
-                            acks.as_str()
-                        ),
-                    ));
-                }
-            }
-        }
-        if self.max_in_flight_bytes == 0 {
-            return Err(ConfigError::new(
-                "kafka.max_in_flight_bytes",
-                "must be at least 1",
-            ));
-        }
-        if self.commit_interval.0 <= 0 {
-            return Err(ConfigError::new(
-                "kafka.commit_interval",
-                "must be greater than 0",
-            ));
-        }
-        for key in self.properties.keys() {
-            if let Some((_, instead)) = MANAGED_KAFKA_PROPERTIES.iter().find(|(k, _)| k == key) {
-                return Err(ConfigError::new(
-                    format!("kafka.properties.{key}"),
-                    format!("is managed by sessionizer ({instead})"),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl RedisSection {
-    fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("redis://") || self.url.starts_with("rediss://")) {
-            return Err(ConfigError::new(
-                "redis.url",
-                "must start with redis:// or rediss:// (TLS)",
-            ));
-        }
-        for (key, value) in [
-            ("redis.input_stream", &self.input_stream),
-            ("redis.group", &self.group),
-            ("redis.output_stream", &self.output_stream),
-            ("redis.dlq_stream", &self.dlq_stream),
-        ] {
-            if value.trim().is_empty() {
-                return Err(ConfigError::new(key, "must not be empty"));
-            }
-        }
-        check_destinations(
-            std::slice::from_ref(&self.input_stream),
-            "the input stream",
-            ("redis.output_stream", &self.output_stream),
-            ("redis.dlq_stream", &self.dlq_stream),
-        )?;
-        if self.shards == 0 || self.shards > 16_384 {
-            return Err(ConfigError::new("redis.shards", "must be from 1 to 16384"));
-        }
-        if self.max_deliveries == 0 {
-            return Err(ConfigError::new(
-                "redis.max_deliveries",
-                "must be at least 1",
-            ));
-        }
-        if self.lease_ttl.0 < 300 {
-            return Err(ConfigError::new(
-                "redis.lease_ttl",
-                "must be at least 300ms (it is renewed every third of it)",
-            ));
-        }
-        if self.block.0 <= 0 || self.block.0 * 2 > self.lease_ttl.0 {
-            return Err(ConfigError::new(
-                "redis.block",
-                "must be greater than 0 and at most half of redis.lease_ttl",
-            ));
-        }
-        if self.batch == 0 {
-            return Err(ConfigError::new("redis.batch", "must be at least 1"));
-        }
-        for (key, maxlen) in [
-            ("redis.output_maxlen", self.output_maxlen),
-            ("redis.dlq_maxlen", self.dlq_maxlen),
-        ] {
-            if maxlen == Some(0) {
-                return Err(ConfigError::new(
-                    key,
-                    "must be at least 1 (leave it out to keep every entry)",
-                ));
-            }
-        }
-        for (key, name) in [
-            ("redis.output_stream", &self.output_stream),
-            ("redis.dlq_stream", &self.dlq_stream),
-        ] {
-            let shard = name
-                .strip_prefix(self.input_stream.as_str())
-                .and_then(|rest| rest.strip_prefix(":{"))
-                .and_then(|rest| rest.strip_suffix('}'));
-            if shard.is_some_and(|i| i.parse::<u32>().is_ok()) {
-                return Err(ConfigError::new(
-                    key,
-                    format!(
-                        "{name:?} is named like a shard stream of the input ({}:{{i}})",
-                        self.input_stream
-                    ),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
 /// The output and the dead letters must go somewhere the worker does not
 /// read, and not to the same place: `(key, name)` of each.
-fn check_destinations(
+pub(crate) fn check_destinations(
     inputs: &[String],
     inputs_are: &str,
     output: (&str, &str),
@@ -889,117 +484,6 @@ fn set_path(table: &mut toml::Table, parts: &[String], value: String) -> Result<
     }
     current.insert(last.clone(), toml::Value::String(value));
     Ok(())
-}
-
-/// A duration in whole milliseconds, written as a string: "3s", "500ms", "2m".
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Millis(pub i64);
-
-impl Millis {
-    pub fn as_duration(self) -> Duration {
-        Duration::from_millis(self.0.max(0) as u64)
-    }
-}
-
-impl<'de> Deserialize<'de> for Millis {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer).map_err(|_| {
-            serde::de::Error::custom("expected a duration string such as \"3s\" or \"500ms\"")
-        })?;
-        let duration = humantime::parse_duration(&text).map_err(|e| {
-            serde::de::Error::custom(format!(
-                "invalid duration {text:?}: {e} (use e.g. \"3s\", \"500ms\", \"2m\")"
-            ))
-        })?;
-        i64::try_from(duration.as_millis())
-            .map(Millis)
-            .map_err(|_| serde::de::Error::custom(format!("duration {text:?} is too long")))
-    }
-}
-
-impl Serialize for Millis {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&humantime::format_duration(self.as_duration()).to_string())
-    }
-}
-
-impl fmt::Display for Millis {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_duration(self.as_duration()))
-    }
-}
-
-/// A list written as a TOML array, or as a comma-separated string
-/// (environment overrides are strings).
-fn list<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        List(Vec<String>),
-        Csv(String),
-    }
-    match Raw::deserialize(deserializer)
-        .map_err(|_| serde::de::Error::custom("expected a list of strings"))?
-    {
-        Raw::List(items) => Ok(items),
-        Raw::Csv(s) => Ok(s
-            .split(',')
-            .map(|t| t.trim().to_owned())
-            .filter(|t| !t.is_empty())
-            .collect()),
-    }
-}
-
-/// A boolean written as a TOML boolean or as "true"/"false".
-fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
-    native_or_string(deserializer, "true or false")
-}
-
-/// An optional unsigned number (see [`number`]).
-fn optional_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + std::str::FromStr,
-{
-    number(deserializer).map(Some)
-}
-
-/// An unsigned number written as a TOML integer, or as a string.
-fn number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + std::str::FromStr,
-{
-    // An out-of-range value must say so, not that it is no integer.
-    let what = match std::any::type_name::<T>() {
-        "u32" => "a non-negative integer up to 4294967295",
-        _ => "a non-negative integer",
-    };
-    native_or_string(deserializer, what)
-}
-
-/// A value in its TOML type, or as a string to parse (environment overrides
-/// are strings); `what` names the expected value in errors.
-fn native_or_string<'de, D, T>(deserializer: D, what: &str) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: Deserialize<'de> + std::str::FromStr,
-{
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw<T> {
-        Native(T),
-        Str(String),
-    }
-    match Raw::<T>::deserialize(deserializer)
-        .map_err(|_| serde::de::Error::custom(format!("expected {what}")))?
-    {
-        Raw::Native(value) => Ok(value),
-        Raw::Str(s) => s
-            .trim()
-            .parse()
-            .map_err(|_| serde::de::Error::custom(format!("expected {what}, got {s:?}"))),
-    }
 }
 
 #[cfg(test)]
