@@ -59,8 +59,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                     "{name}: must be between 0 and 1, got {fraction}"
                 );
             }
-            let users = args.users.unwrap_or(if args.rate > 0 {
-                (args.rate.saturating_mul(10)).min(u32::MAX as u64) as u32
+            let to_file = config.source == SourceKind::File;
+            let rate = args.rate.unwrap_or(if to_file { 0 } else { 1000 });
+            let users = args.users.unwrap_or(if rate > 0 {
+                (rate.saturating_mul(10)).min(u32::MAX as u64) as u32
             } else {
                 20_000
             });
@@ -77,7 +79,7 @@ fn run(command: Command) -> anyhow::Result<()> {
                     start_ms: 0,
                     seed: args.seed,
                 },
-                pace: match (args.real_time, args.rate) {
+                pace: match (args.real_time, rate) {
                     (true, _) => sessionizer::produce::Pace::ModelTime,
                     (false, 0) => sessionizer::produce::Pace::Unpaced,
                     (false, rate) => sessionizer::produce::Pace::Rate(rate),
@@ -102,6 +104,10 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Dlq { command } => runtime()?.block_on(cli::dlq::run(command)),
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
+            // The files too, as `run` opens them (not the brokers).
+            if config.source == SourceKind::File {
+                sessionizer::file::check_paths(config.file_section()?)?;
+            }
             print!("{}", config.to_toml());
             Ok(())
         }
@@ -159,8 +165,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SESSIONIZER_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in a file or a
+    // log collector.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

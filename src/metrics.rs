@@ -42,7 +42,8 @@ pub const TURN_MESSAGES: &str = "sessionizer_turn_messages";
 pub const EMIT_DELAY: &str = "sessionizer_emit_delay_seconds";
 /// Open sessions, by `partition`.
 pub const OPEN_SESSIONS: &str = "sessionizer_open_sessions";
-/// Wall clock minus the partition's watermark, seconds, by `partition`.
+/// Wall clock minus the partition's watermark, seconds, by `partition`,
+/// while it has open sessions (0 without).
 pub const WATERMARK_LAG: &str = "sessionizer_watermark_lag_seconds";
 /// Records in the source not yet read, by `partition` (Kafka: high
 /// watermark minus position; Redis: the group's `lag`).
@@ -179,10 +180,15 @@ impl PartitionGauges {
         }
     }
 
-    /// `watermark` is `i64::MIN` until the partition has seen an event.
+    /// `watermark` is `i64::MIN` until the partition has seen an event. The
+    /// lag only counts while sessions wait on the watermark: an idle,
+    /// caught-up partition reads 0, not the time since its last event (which
+    /// after a backlog looked like an outage: 86,303 s).
     pub fn update(&self, open_sessions: usize, watermark: i64, now_ms: i64) {
         self.open_sessions.set(open_sessions as f64);
-        if watermark != i64::MIN {
+        if open_sessions == 0 {
+            self.watermark_lag.set(0.0);
+        } else if watermark != i64::MIN {
             self.watermark_lag
                 .set((now_ms - watermark).max(0) as f64 / 1000.0);
         }

@@ -422,6 +422,28 @@ fn bad_config_fails_before_reading_with_the_key_and_reason() {
         "{effective}"
     );
 
+    // check-config checks the files as run opens them.
+    let missing_input = tmp.path().join("missing-input.toml");
+    std::fs::write(
+        &missing_input,
+        format!(
+            "source = \"file\"\n[file]\ninput = {:?}\noutput = \"-\"\ndlq = \"-\"\n",
+            tmp.path().join("no-such-events.jsonl")
+        ),
+    )
+    .unwrap();
+    let out = bin()
+        .args(["check-config", "--config"])
+        .arg(&missing_input)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("file.input") && stderr.contains("no-such-events.jsonl"),
+        "{stderr}"
+    );
+
     let missing = bin()
         .args(["run", "--config"])
         .arg(tmp.path().join("nope.toml"))
@@ -508,6 +530,18 @@ fn dlq_commands_on_a_dead_letter_file() {
         table.starts_with("POSITION") && table.lines().count() == 2,
         "{table}"
     );
+    // An empty selection says so (on stderr; stdout keeps only the header).
+    let none = bin()
+        .args(["dlq", "inspect", "--reason", "max_deliveries", "--config"])
+        .arg(&config_path)
+        .output()
+        .unwrap();
+    assert!(none.status.success());
+    assert!(
+        String::from_utf8_lossy(&none.stderr).contains("no dead letters match"),
+        "{}",
+        String::from_utf8_lossy(&none.stderr)
+    );
 
     // The fix: longer texts allowed; the replay is the next run's input.
     // The record over max_record_bytes (p6) was kept only in part: it is
@@ -593,6 +627,22 @@ fn produce_at_a_rate_stamps_wall_clock_times_and_refuses_protobuf_for_files() {
         );
         max_seen = max_seen.max(*t);
     }
+
+    // Without --rate, a file gets the events as fast as possible, with the
+    // modeled event times (starting a day ago) instead of paced ones.
+    let out = bin()
+        .args(["produce", "--count", "300", "--to"])
+        .arg(&events)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let first = read_lines(&events)[0]["event_time"].as_i64().unwrap();
+    assert!(
+        first < before - 12 * 3_600_000,
+        "unpaced: event time {first} a day back"
+    );
 
     let out = bin()
         .args([

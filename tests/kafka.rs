@@ -602,6 +602,18 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
     });
     let count_of = |reason: &str| want_dead.iter().filter(|(_, _, r)| r == reason).count();
 
+    // At the default log level, reading to the end of the DLQ logs no
+    // error (librdkafka reports a partition's end as one), and a log that
+    // is not a terminal has no colour codes.
+    let (_, log) = support::run_cli_logging(&["dlq", "inspect"], &text, &[], "info");
+    assert!(
+        !log.contains("PartitionEOF") && !log.contains("ERROR"),
+        "a normal end of partition is no error: {log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes in a file: {log:?}"
+    );
     let stats = stats_json(&text, &[]);
     assert_eq!(stats["total"], want_dead.len());
     for reason in ["decode", "invalid", "oversize"] {

@@ -660,6 +660,12 @@ fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
     assert!(count(m::OWNERSHIP_CHANGES, &[("change", "acquired")]) >= 2);
     assert!(count(m::COMMITS, &[("result", "ok")]) > 0);
     assert_eq!(count(m::OPEN_SESSIONS, &[]), 0, "every session closed");
+    // With nothing open, the watermark holds nothing back: the lag reads 0
+    // on every shard, not the time since the last event.
+    wait_for("an idle shard's watermark lag at 0", TIMEOUT, || {
+        let (_, body) = http_get(port, "/metrics")?;
+        (metric(&body, m::WATERMARK_LAG, &[]) == 0.0).then_some(())
+    });
 }
 
 /// `sessionizer produce` writes the requested count into the shard of each

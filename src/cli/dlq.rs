@@ -167,6 +167,10 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
                 print(&mut out, e)?;
             }
             out.flush()?;
+            if entries.is_empty() && !follow {
+                // On stderr: `--json` output stays JSON lines (none).
+                eprintln!("no dead letters match");
+            }
             if follow {
                 let stop = sessionizer::shutdown::signal();
                 tokio::pin!(stop);

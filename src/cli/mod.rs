@@ -77,9 +77,10 @@ pub struct ProduceArgs {
     #[arg(long, env = "SESSIONIZER_CONFIG")]
     pub config: PathBuf,
     /// Records per second; 0 sends as fast as the broker takes them (and
-    /// keeps the modeled event times, starting a day ago).
-    #[arg(long, default_value_t = 1000)]
-    pub rate: u64,
+    /// keeps the modeled event times, starting a day ago). Default: 1000
+    /// into a broker, 0 into a file (nobody reads a file live).
+    #[arg(long)]
+    pub rate: Option<u64>,
     /// Send each event at its modeled arrival time instead: exact modeled
     /// gaps, at the rate `--users` make (about users / 10 per second).
     #[arg(long)]

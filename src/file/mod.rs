@@ -126,6 +126,53 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
     Ok(runner.pipeline.stats().clone())
 }
 
+/// What `run` checks about the files before it reads a line, without
+/// creating, truncating or writing anything (for `check-config`): the input
+/// opens, each output's directory exists, an existing output can be written,
+/// and no output is the input. Paths are relative to the working directory,
+/// as `run` opens them.
+pub fn check_paths(file: &crate::config::FileSection) -> Result<(), ConfigError> {
+    let mut taken = Vec::new();
+    if file.input != "-" {
+        let error = |reason: String| ConfigError::new("file.input", reason);
+        let f = File::open(&file.input)
+            .map_err(|e| error(format!("cannot open {:?}: {e}", file.input)))?;
+        let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {:?}: {e}", file.input)))?;
+        taken.push((id, "file.input"));
+    }
+    for (key, path) in [("file.output", &file.output), ("file.dlq", &file.dlq)] {
+        if path == "-" {
+            continue;
+        }
+        let error = |reason: String| ConfigError::new(key, reason);
+        let dir = std::path::Path::new(path)
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        if !dir.is_dir() {
+            return Err(error(format!(
+                "the directory {dir:?} of {path:?} does not exist"
+            )));
+        }
+        if std::path::Path::new(path).exists() {
+            let f = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| error(format!("cannot open {path:?} for writing: {e}")))?;
+            if f.metadata().is_ok_and(|m| m.is_file()) {
+                let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {path:?}: {e}")))?;
+                if let Some((_, other)) = taken.iter().find(|(t, _)| *t == id) {
+                    return Err(error(format!(
+                        "{path:?} is the same file as {other}; refusing to overwrite it"
+                    )));
+                }
+                taken.push((id, key));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A file's identity: the same file whatever path (`.`, `..`, symlinks,
 /// hard links) named it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,7 +2,9 @@
 //! timeouts can be set there; the properties sessionizer relies on are
 //! rejected at config load (see `config.rs`).
 
-use rdkafka::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::{ClientConfig, ClientContext};
 
 use crate::config::{Acks, KafkaSection};
 
@@ -50,3 +52,22 @@ pub fn producer_config(
     }
     c
 }
+
+/// The context of the `dlq` commands' consumers. librdkafka reports a
+/// partition's end as an error event, and that is how those commands learn
+/// they have read everything: it is logged at trace, not as the `ERROR`
+/// librdkafka's default context prints. Other errors are warnings.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CommandContext;
+
+impl ClientContext for CommandContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+            tracing::trace!(reason, "partition end");
+        } else {
+            tracing::warn!(%error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl ConsumerContext for CommandContext {}

@@ -19,7 +19,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use super::client::{consumer_config, producer_config};
+use super::client::{consumer_config, producer_config, CommandContext};
 use super::dead_letter as h;
 use crate::config::{Acks, KafkaSection};
 use crate::dlq::{parse_failed_at, DlqEntry, Locator, REPLAY_COUNT, REPLAY_FROM};
@@ -33,10 +33,10 @@ const COMMIT_EVERY: usize = 100;
 pub struct KafkaDlq {
     kafka: KafkaSection,
     topic: String,
-    consumer: BaseConsumer,
+    consumer: BaseConsumer<CommandContext>,
     producer: Option<FutureProducer>,
     /// The replay group's consumer (commits only).
-    group: Option<BaseConsumer>,
+    group: Option<BaseConsumer<CommandContext>>,
     /// Next offset per partition to commit for the replay group.
     progress: HashMap<i32, i64>,
     uncommitted: usize,
@@ -61,7 +61,7 @@ fn client_config(kafka: &KafkaSection, group: &str) -> ClientConfig {
 impl KafkaDlq {
     pub fn open(kafka: &KafkaSection) -> anyhow::Result<KafkaDlq> {
         let consumer = client_config(kafka, &format!("{}.dlq-reader", kafka.group_id))
-            .create()
+            .create_with_context(CommandContext)
             .context("creating the DLQ consumer")?;
         Ok(KafkaDlq {
             kafka: kafka.clone(),
@@ -93,8 +93,8 @@ impl KafkaDlq {
         let partitions = self.partitions()?;
         let mut from: HashMap<i32, i64> = HashMap::new();
         if let Some(group) = group {
-            let consumer: BaseConsumer = client_config(&self.kafka, group)
-                .create()
+            let consumer: BaseConsumer<CommandContext> = client_config(&self.kafka, group)
+                .create_with_context(CommandContext)
                 .context("creating the replay group's consumer")?;
             let mut list = TopicPartitionList::new();
             for p in &partitions {

@@ -158,7 +158,7 @@ pub async fn run(
             topics: kafka.input_topics.clone(),
             source,
         })?;
-    tracing::info!(group = %kafka.group_id, topics = ?kafka.input_topics, worker = %worker, exactly_once = kafka.exactly_once, "kafka worker started");
+    tracing::info!(brokers = %kafka.brokers, group = %kafka.group_id, topics = ?kafka.input_topics, worker = %worker, exactly_once = kafka.exactly_once, "kafka worker started");
 
     let mut w = Worker {
         kafka: kafka.clone(),

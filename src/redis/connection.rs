@@ -90,6 +90,26 @@ impl ConnectionLike for RedisConn {
     }
 }
 
+/// `url` as logs show it: the password, if any, replaced by `***`, so a
+/// wrong address is visible and a secret is not.
+pub fn display_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, path) = match rest.split_once('/') {
+        Some((a, p)) => (a, format!("/{p}")),
+        None => (rest, String::new()),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:***@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    format!("{scheme}://{authority}{path}")
+}
+
 /// Why a Redis client could not be built from `[redis]`: a configuration
 /// error, so the caller stops.
 #[derive(Debug, thiserror::Error)]
@@ -212,4 +232,23 @@ pub async fn connect_shard(client: &RedisClient, block: Duration) -> Result<Redi
         }
     }
     connect(client, block).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logged_urls_hide_the_password_only() {
+        assert_eq!(
+            display_url("redis://127.0.0.1:6379/2"),
+            "redis://127.0.0.1:6379/2"
+        );
+        assert_eq!(
+            display_url("rediss://app:s3cr@t@redis.example:6380"),
+            "rediss://app:***@redis.example:6380"
+        );
+        assert_eq!(display_url("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(display_url("redis://app@h:1"), "redis://app@h:1");
+    }
 }

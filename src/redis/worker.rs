@@ -87,7 +87,8 @@ pub async fn run(
         groups_ready: false,
         unreachable: false,
     };
-    tracing::info!(worker = %coordinator.worker, shards = section.shards, "redis worker starting");
+    let server = super::connection::display_url(&section.url);
+    tracing::info!(worker = %coordinator.worker, %server, shards = section.shards, "redis worker starting");
     tokio::pin!(shutdown);
     let mut tick = tokio::time::interval(Duration::from_millis(
         (section.lease_ttl.0 / 3).max(1) as u64
@@ -121,7 +122,7 @@ pub async fn run(
                     Err(e) if !reached && is_refused(&e) => return Err(WorkerError::Refused(e)),
                     Err(e) => {
                         metrics::READINESS.set_connected(false);
-                        tracing::warn!(error = %e, "lease round failed; retrying at the next one");
+                        tracing::warn!(error = %e, %server, "lease round failed; retrying at the next one");
                     }
                 }
             }

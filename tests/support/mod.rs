@@ -781,7 +781,17 @@ pub fn metric(exposition: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// Runs `sessionizer <command> --config <config> <args>` to completion;
 /// panics with its stderr when it fails. Returns (stdout, stderr).
 pub fn run_cli(command: &[&str], config: &str, args: &[&str]) -> (String, String) {
-    let (mut cmd, _file) = sessionizer(command, config, "warn,rdkafka=off");
+    run_cli_logging(command, config, args, "warn,rdkafka=off")
+}
+
+/// [`run_cli`] with the log filter `filter` (`SESSIONIZER_LOG`).
+pub fn run_cli_logging(
+    command: &[&str],
+    config: &str,
+    args: &[&str],
+    filter: &str,
+) -> (String, String) {
+    let (mut cmd, _file) = sessionizer(command, config, filter);
     let out = cmd.args(args).output().unwrap();
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout).into_owned(),
