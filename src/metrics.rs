@@ -275,12 +275,17 @@ pub struct Readiness {
     connected: AtomicBool,
     owned: AtomicUsize,
     failing: AtomicUsize,
+    /// The last broker error that explains why the worker is not ready
+    /// (unreachable server, refused login, missing topic), shown by
+    /// `/readyz`; cleared once it is ready.
+    cause: std::sync::Mutex<Option<String>>,
 }
 
 pub static READINESS: Readiness = Readiness {
     connected: AtomicBool::new(false),
     owned: AtomicUsize::new(0),
     failing: AtomicUsize::new(0),
+    cause: std::sync::Mutex::new(None),
 };
 
 /// One owned partition's failing state for `/readyz`: failing once its calls
@@ -347,8 +352,29 @@ impl Readiness {
         gauge!(OWNED).set(owned as f64);
     }
 
-    /// `Err` says what is missing.
+    /// A broker error that can explain why the worker is not ready: shown by
+    /// `/readyz` beside what is missing, until the worker is ready.
+    pub fn cause(&self, cause: impl Into<String>) {
+        *self.cause.lock().expect("not poisoned") = Some(cause.into());
+    }
+
+    /// `Err` says what is missing, and the last broker error that explains it.
     pub fn check(&self) -> Result<usize, String> {
+        let missing = self.missing();
+        let mut cause = self.cause.lock().expect("not poisoned");
+        match missing {
+            Ok(n) => {
+                *cause = None;
+                Ok(n)
+            }
+            Err(what) => Err(match cause.as_deref() {
+                Some(cause) => format!("{what}; last broker error: {cause}"),
+                None => what,
+            }),
+        }
+    }
+
+    fn missing(&self) -> Result<usize, String> {
         if !self.connected.load(Ordering::Relaxed) {
             return Err("not connected to the broker".to_owned());
         }

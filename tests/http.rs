@@ -41,17 +41,27 @@ async fn endpoints_answer_with_their_codes_and_bad_clients_cost_only_themselves(
         assert_eq!(status, 503);
         assert!(body.contains("not connected"), "{body}");
         READINESS.set_connected(true);
+        READINESS.cause("Subscribed topic not available: chat");
         let (status, body) = http_get(port, "/readyz").unwrap();
         assert_eq!(
             (status, body.contains("no partitions")),
             (503, true),
             "{body}"
         );
+        assert!(
+            body.contains("last broker error: Subscribed topic not available: chat"),
+            "the cause beside what is missing: {body}"
+        );
         READINESS.set_owned(2);
         assert_eq!(
             http_get(port, "/readyz"),
-            Some((200, "ready: 2 owned\n".to_owned()))
+            Some((200, "ready: 2 owned\n".to_owned())),
+            "a stale cause is not shown once ready"
         );
+        READINESS.set_owned(0);
+        let (_, body) = http_get(port, "/readyz").unwrap();
+        assert!(!body.contains("last broker error"), "cleared: {body}");
+        READINESS.set_owned(2);
 
         m::commit(true);
         let (status, body) = http_get(port, "/metrics").unwrap();

@@ -612,9 +612,16 @@ fn metrics_count_what_was_sent_and_readyz_flips_to_ready() {
     let _worker = Worker::start(&config);
     let (status, body) = wait_for("/healthz", TIMEOUT, || http_get(port, "/healthz"));
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    let (status, body) = http_get(port, "/readyz").unwrap();
+    // Not ready while Redis is down, and the reason names the server.
+    let (status, body) = wait_for("/readyz to name the server", TIMEOUT, || {
+        http_get(port, "/readyz").filter(|(_, body)| body.contains("last broker error"))
+    });
     assert_eq!(status, 503, "not ready while Redis is down: {body}");
     assert!(body.contains("not connected"), "{body}");
+    assert!(
+        body.contains(&server.url().replace("redis://", "")),
+        "{body}"
+    );
 
     server.restart();
     wait_for("/readyz to say ready", TIMEOUT, || {

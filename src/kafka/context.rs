@@ -133,12 +133,14 @@ impl ClientContext for WorkerContext {
             if code == Some(RDKafkaErrorCode::AllBrokersDown) {
                 // Not ready until a record or a partition end comes again.
                 metrics::READINESS.set_connected(false);
+                metrics::READINESS.cause(format!("{error} ({reason})"));
             }
             if matches!(
                 code,
                 Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
             ) {
                 *self.shared.refused.lock().expect("not poisoned") = Some(format!("{error}"));
+                metrics::READINESS.cause(format!("{error} (check sasl.* and ssl.*)"));
             }
             tracing::warn!(%error, reason, "librdkafka error");
         }

@@ -273,6 +273,12 @@ impl Worker {
                         }
                         Err(KafkaError::PartitionEOF(_)) => {}
                         Err(e) => {
+                            if matches!(
+                                e.rdkafka_error_code(),
+                                Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+                            ) {
+                                metrics::READINESS.cause(format!("{e} (create the input topics first: docs/kafka.md)"));
+                            }
                             if let Some(count) = self.log_throttle.occurred(&e.to_string(), now_ms()) {
                                 tracing::warn!(error = %e, count, "consumer error; librdkafka retries");
                             }

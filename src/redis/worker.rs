@@ -122,6 +122,7 @@ pub async fn run(
                     Err(e) if !reached && is_refused(&e) => return Err(WorkerError::Refused(e)),
                     Err(e) => {
                         metrics::READINESS.set_connected(false);
+                        metrics::READINESS.cause(format!("{server}: {e}"));
                         tracing::warn!(error = %e, %server, "lease round failed; retrying at the next one");
                     }
                 }
