@@ -94,6 +94,25 @@ fn the_dashboard_queries_only_exported_metrics() {
     ] {
         assert!(used.contains(name), "the dashboard shows {name}");
     }
+    // Kafka and Redis workers report the same names: every query is
+    // filtered by the dashboard's `source` selector, so the two never mix.
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables.iter().any(|v| v["name"] == "source"),
+        "a source selector"
+    );
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let uses = expr.matches("sessionizer_").count();
+            let filtered = expr.matches("{source=~\"$source\"}").count();
+            assert_eq!(
+                uses, filtered,
+                "{} is filtered by source: {expr}",
+                panel["title"]
+            );
+        }
+    }
 }
 
 /// The alert rules (loaded by deploy/prometheus.yml) use only exported
