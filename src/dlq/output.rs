@@ -8,12 +8,21 @@ use serde_json::{json, Map, Value};
 
 use super::DlqEntry;
 
-/// Text as it should appear in one table cell: control characters escaped,
-/// at most `width` characters (an ellipsis marks a cut).
+/// Text as it should appear in one table cell: control characters escaped
+/// (so a row stays one line), everything else as it is (quotes, accents), at
+/// most `width` characters (an ellipsis marks a cut).
 fn cell(bytes: &[u8], width: usize) -> String {
     let text = String::from_utf8_lossy(bytes);
     let mut out = String::new();
-    for (count, c) in text.chars().flat_map(char::escape_default).enumerate() {
+    let shown = text.chars().flat_map(|c| {
+        let escaped: Vec<char> = if c.is_control() {
+            c.escape_default().collect()
+        } else {
+            vec![c]
+        };
+        escaped
+    });
+    for (count, c) in shown.enumerate() {
         if count + 1 >= width {
             out.push('…');
             return out;
@@ -26,11 +35,13 @@ fn cell(bytes: &[u8], width: usize) -> String {
 pub fn table_header(out: &mut (impl Write + ?Sized)) -> io::Result<()> {
     writeln!(
         out,
-        "{:<36} {:<24} {:<14} {:<40} {:<28} PAYLOAD",
-        "POSITION", "FAILED AT", "REASON", "ERROR", "SOURCE"
+        "{:<36} {:<24} {:<14} {:<28} {:<60} ERROR",
+        "POSITION", "FAILED AT", "REASON", "SOURCE", "PAYLOAD"
     )
 }
 
+/// One dead letter as a row. The error comes last and whole: it is what an
+/// operator acts on, and cut at a fixed width it lost its point.
 pub fn table_row(out: &mut (impl Write + ?Sized), e: &DlqEntry) -> io::Result<()> {
     let source = match &e.source_partition {
         Some(p) if p != &e.source => format!("{}[{p}]@{}", e.source, e.source_position),
@@ -38,13 +49,13 @@ pub fn table_row(out: &mut (impl Write + ?Sized), e: &DlqEntry) -> io::Result<()
     };
     writeln!(
         out,
-        "{:<36} {:<24} {:<14} {:<40} {:<28} {}",
+        "{:<36} {:<24} {:<14} {:<28} {:<60} {}",
         cell(e.position.as_bytes(), 36),
         e.failed_at,
         e.reason,
-        cell(e.error.as_bytes(), 40),
         cell(source.as_bytes(), 28),
-        cell(&e.payload, 60)
+        cell(&e.payload, 60),
+        cell(e.error.as_bytes(), usize::MAX)
     )
 }
 
@@ -177,6 +188,39 @@ mod tests {
         assert_eq!(cell(b"a\nb", 10), "a\\nb");
         assert_eq!(cell(b"abcdefgh", 5), "abcd…");
         assert_eq!(cell(b"abcd", 5), "abcd");
+        assert_eq!(
+            cell(r#"{"text":"café"}"#.as_bytes(), 60),
+            r#"{"text":"café"}"#,
+            "quotes and accents as they are"
+        );
+    }
+
+    #[test]
+    fn a_row_keeps_the_whole_error_last() {
+        let error = "event_time 1700000000000 plus window.gap (3000 ms) is before the \
+                     partition's watermark (1700000100000) and the event reaches no open session";
+        let entry = DlqEntry {
+            position: "chat-dlq/0@7".into(),
+            locator: super::super::Locator::File { line: 7 },
+            failed_at: "2026-12-03T20:00:00.000Z".into(),
+            failed_at_ms: None,
+            reason: "late".into(),
+            error: error.into(),
+            source: "chat".into(),
+            source_partition: Some("0".into()),
+            source_position: "41".into(),
+            worker: "w".into(),
+            replay_count: 0,
+            key: None,
+            payload: br#"{"text":"where is it"}"#.to_vec(),
+            truncated: None,
+            headers: Vec::new(),
+        };
+        let mut out = Vec::new();
+        table_row(&mut out, &entry).unwrap();
+        let row = String::from_utf8(out).unwrap();
+        assert!(row.trim_end().ends_with(error), "{row}");
+        assert!(row.contains(r#"{"text":"where is it"}"#), "{row}");
     }
 
     #[test]
