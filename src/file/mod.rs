@@ -101,13 +101,7 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
     let input: Box<dyn BufRead> = if file.input == "-" {
         Box::new(BufReader::with_capacity(1 << 20, io::stdin()))
     } else {
-        let error = |reason: String| ConfigError {
-            key: "file.input".into(),
-            reason,
-        };
-        let f = File::open(&file.input)
-            .map_err(|e| error(format!("cannot open {:?}: {e}", file.input)))?;
-        let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {:?}: {e}", file.input)))?;
+        let (f, id) = open_input(&file.input)?;
         taken.push((id, "file.input"));
         Box::new(BufReader::with_capacity(1 << 20, f))
     };
@@ -126,6 +120,14 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
     Ok(runner.pipeline.stats().clone())
 }
 
+/// Opens the input file (`file.input`, not `-`) and says which file it is.
+fn open_input(path: &str) -> Result<(File, FileId), ConfigError> {
+    let error = |reason: String| ConfigError::new("file.input", reason);
+    let f = File::open(path).map_err(|e| error(format!("cannot open {path:?}: {e}")))?;
+    let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {path:?}: {e}")))?;
+    Ok((f, id))
+}
+
 /// What `run` checks about the files before it reads a line, without
 /// creating, truncating or writing anything (for `check-config`): the input
 /// opens, each output's directory exists, an existing output can be written,
@@ -134,10 +136,7 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
 pub fn check_paths(file: &crate::config::FileSection) -> Result<(), ConfigError> {
     let mut taken = Vec::new();
     if file.input != "-" {
-        let error = |reason: String| ConfigError::new("file.input", reason);
-        let f = File::open(&file.input)
-            .map_err(|e| error(format!("cannot open {:?}: {e}", file.input)))?;
-        let id = FileId::of(&f).map_err(|e| error(format!("cannot stat {:?}: {e}", file.input)))?;
+        let (_, id) = open_input(&file.input)?;
         taken.push((id, "file.input"));
     }
     for (key, path) in [("file.output", &file.output), ("file.dlq", &file.dlq)] {

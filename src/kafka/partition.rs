@@ -46,6 +46,11 @@ struct Rebuild {
     resume: i64,
 }
 
+/// Whether the commit metadata's ranges list `offset` as resolved.
+fn listed(ranges: &[(i64, i64)], offset: i64) -> bool {
+    ranges.iter().any(|(a, b)| (*a..=*b).contains(&offset))
+}
+
 /// What to do with a record the consumer returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Admit {
@@ -110,12 +115,13 @@ impl PartitionState {
         }
         self.next_offset = offset + 1;
         self.idle.on_record();
+        let resolved_before = listed(&self.skip.1, offset);
         if let Some(rebuild) = &mut self.rebuild {
             if offset < rebuild.resume {
                 let admit = if let Some(seq) = rebuild.reprocess.remove(&offset) {
                     Admit::Reprocess {
                         seq,
-                        replayed: false,
+                        replayed: resolved_before,
                     }
                 } else if rebuild.panicked.contains(&offset) {
                     Admit::SkipPanicked
@@ -125,25 +131,14 @@ impl PartitionState {
                 if self.next_offset >= rebuild.resume {
                     self.rebuild = None;
                 }
-                return match admit {
-                    Admit::Reprocess { seq, .. } => Admit::Reprocess {
-                        seq,
-                        replayed: self.resolved_before(offset),
-                    },
-                    other => other,
-                };
+                return admit;
             }
             self.rebuild = None;
         }
-        match (self.resolved_before(offset), self.skip.0) {
+        match (resolved_before, self.skip.0) {
             (true, Skip::Exclude) => Admit::Observe,
             (replayed, _) => Admit::Process { replayed },
         }
-    }
-
-    /// Whether the commit metadata lists `offset` as resolved.
-    fn resolved_before(&self, offset: i64) -> bool {
-        self.skip.1.iter().any(|(a, b)| (*a..=*b).contains(&offset))
     }
 
     /// After the record at `panicked` panicked (its dead letter already

@@ -431,42 +431,42 @@ impl Worker {
         let epoch = state.epoch;
         let payload = m.payload().unwrap_or(&[]);
         let mut outcomes = std::mem::take(&mut self.outcomes);
-        let seq = match admit {
-            Admit::Stale | Admit::ReRead { .. } | Admit::SkipPanicked => None,
+        let register = |shared: &Shared| {
+            let mut tracked = shared.tracked.lock().expect("not poisoned");
+            let t = tracked.get_mut(&tp).expect("tracked with its state");
+            t.tracker.register(m.offset())
+        };
+        let (seq, replayed) = match admit {
+            Admit::Stale | Admit::ReRead { .. } | Admit::SkipPanicked => (None, false),
             Admit::ObserveAgain => {
                 state.pipeline.observe_resolved(payload, now, &mut outcomes);
-                None
+                (None, false)
             }
-            Admit::Observe | Admit::Process { .. } => {
-                let mut tracked = self.shared.tracked.lock().expect("not poisoned");
-                let t = tracked.get_mut(&tp).expect("tracked with its state");
-                Some(t.tracker.register(m.offset()))
-            }
-            Admit::Reprocess { seq, .. } => Some(seq),
-        };
-        let mut panicked = false;
-        match (admit, seq) {
-            (Admit::Observe, Some(seq)) => {
+            Admit::Observe => {
                 // Part of an outcome already delivered, and every such record
                 // past the commit is listed: only its event time counts, so
                 // the watermark comes out as it did for the earlier owner.
+                let seq = register(&self.shared);
                 state.pipeline.observe_resolved(payload, now, &mut outcomes);
                 self.resolve(&tp, epoch, &[seq], None);
+                (None, false)
             }
-            (Admit::Process { replayed } | Admit::Reprocess { replayed, .. }, Some(seq)) => {
-                if replayed {
-                    state.pipeline.mark_replayed(seq);
-                }
-                if let Some(panic) =
-                    state
-                        .pipeline
-                        .process_guarded(payload, seq, now, &mut outcomes)
-                {
-                    tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it, rebuilding the partition's open sessions");
-                    panicked = true;
-                }
+            Admit::Process { replayed } => (Some(register(&self.shared)), replayed),
+            Admit::Reprocess { seq, replayed } => (Some(seq), replayed),
+        };
+        let mut panicked = false;
+        if let Some(seq) = seq {
+            let state = self.partitions.get_mut(&tp).expect("admitted above");
+            if replayed {
+                state.pipeline.mark_replayed(seq);
             }
-            _ => {}
+            if let Some(panic) = state
+                .pipeline
+                .process_guarded(payload, seq, now, &mut outcomes)
+            {
+                tracing::error!(topic = %tp.0, partition = tp.1, offset = m.offset(), panic = %panic, "processing a record panicked; dead-lettered it, rebuilding the partition's open sessions");
+                panicked = true;
+            }
         }
         self.dispatch(&tp, epoch, &mut outcomes, Some(m));
         self.outcomes = outcomes;
@@ -530,7 +530,8 @@ impl Worker {
     }
 
     /// Marks records' outcome as handed out (see
-    /// [`crate::engine::CompletionTracker::unissued`]).
+    /// [`crate::engine::CompletionTracker::unissued`]): every record on its
+    /// way to a producer, from [`Self::enqueue`].
     fn issue(&self, tp: &Tp, epoch: u64, seqs: &[u64]) {
         let mut tracked = self.shared.tracked.lock().expect("not poisoned");
         if let Some(t) = tracked.get_mut(tp).filter(|t| t.epoch == epoch) {
@@ -556,6 +557,8 @@ impl Worker {
         if self.kafka.exactly_once {
             // In the open transaction: resolved now, committed with it.
             self.resolve(&outgoing.tp, outgoing.epoch, &outgoing.seqs, None);
+        } else {
+            self.issue(&outgoing.tp, outgoing.epoch, &outgoing.seqs);
         }
         self.deliveries
             .push(send(producer, outgoing, Duration::ZERO));
@@ -878,7 +881,6 @@ struct PartitionOutput<'a, 'm> {
 impl OutcomeSink for PartitionOutput<'_, '_> {
     fn turn(&mut self, session: ClosedSession) {
         let w = &mut *self.worker;
-        w.issue(self.tp, self.epoch, &session.seqs);
         metrics::observe_emit(&session, w.window.gap_ms, now_ms());
         let mut payload = Vec::with_capacity(512);
         encode_turn(&session, w.format, &mut payload);
@@ -902,7 +904,6 @@ impl OutcomeSink for PartitionOutput<'_, '_> {
 
     fn dead_letter(&mut self, seq: u64, reason: DeadLetterReason, error: String) {
         let w = &mut *self.worker;
-        w.issue(self.tp, self.epoch, &[seq]);
         let m = self
             .message
             .expect("dead letters are about the record just processed");

@@ -233,16 +233,21 @@ impl ShardTask {
             stop,
             super::worker::create_group(&mut self.conn, &stream, &group)
         )?;
+        self.forget_sessions();
+        self.outcomes.clear();
+        self.queue = StepQueue::default();
+        self.last_seen = "0".to_owned();
+        self.reread_pending = false;
+        Ok(())
+    }
+
+    /// Drops the open sessions and the ids of their entries, which stay
+    /// pending in Redis: the source hands them in again.
+    fn forget_sessions(&mut self) {
         self.pipeline.reset_engine();
         self.idle = IdleClock::new(self.settings.idle);
         self.unresolved.clear();
         self.unresolved_base = self.next_seq;
-        self.outcomes.clear();
-        self.queue.steps.clear();
-        self.last_seen = "0".to_owned();
-        self.reread_pending = false;
-        self.queue.write_failed = false;
-        Ok(())
     }
 
     /// After a panic (`docs/semantics.md`, "Panics"): writes and acks every
@@ -254,10 +259,7 @@ impl ShardTask {
     async fn rebuild(&mut self, stop: &mut watch::Receiver<bool>) -> Result<(), Failure> {
         self.emit(stop).await?;
         metrics::partition_rebuilt(&self.keys.stream);
-        self.pipeline.reset_engine();
-        self.idle = IdleClock::new(self.settings.idle);
-        self.unresolved.clear();
-        self.unresolved_base = self.next_seq;
+        self.forget_sessions();
         self.rebuild_pending = false;
         let (entries, _) = self.replay_after("0", false, None, stop).await?;
         tracing::info!(shard = %self.keys.stream, entries, "rebuilt the open sessions after a panic");
