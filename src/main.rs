@@ -102,6 +102,31 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime()?.block_on(cli::dlq::run(command)),
+        Command::Reshard {
+            config,
+            from,
+            dry_run,
+        } => {
+            let config = Config::load(&config)?;
+            let report = runtime()?.block_on(sessionizer::redis::reshard::run_command(
+                &config,
+                from,
+                dry_run,
+                &mut std::io::stdout(),
+            ))?;
+            eprintln!(
+                "reshard: done: {} entries moved, {} kept, {} streams removed{}",
+                report.moved,
+                report.kept,
+                report.removed.len(),
+                if dry_run {
+                    " (dry run: nothing changed)"
+                } else {
+                    ""
+                }
+            );
+            Ok(())
+        }
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
             // The files too, as `run` opens them (not the brokers).

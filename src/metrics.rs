@@ -80,6 +80,9 @@ pub const PULLBACKS_RELEASED: &str = "sessionizer_commit_pullbacks_released_tota
 /// Partitions (Kafka) or shards (Redis) whose open sessions were rebuilt
 /// after a panic while processing a record, by `partition`.
 pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
+/// Redis entries whose session key hashes to another shard than the
+/// stream they were read from, by `partition` (see `redis.misrouted`).
+pub const MISROUTED: &str = "sessionizer_misrouted_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -94,7 +97,7 @@ pub struct PipelineMetrics {
     events: [Counter; 3],
     turns: [Counter; 5],
     late_turns: Counter,
-    dead_letters: [Counter; 7],
+    dead_letters: [Counter; 8],
     dropped: [Counter; 3],
     turn_messages: Histogram,
 }
@@ -228,6 +231,10 @@ pub fn commit_stalled(partition: &str) -> Gauge {
 }
 
 /// An event's `gap_ms` was clamped to `window.max_gap`.
+pub fn misrouted(partition: &str) -> Counter {
+    counter!(MISROUTED, "partition" => partition.to_owned())
+}
+
 pub fn gap_clamped() {
     counter!(GAPS_CLAMPED).increment(1);
 }

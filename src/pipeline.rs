@@ -6,8 +6,9 @@ use std::collections::HashSet;
 
 use crate::codec::{Decoder, Poison};
 use crate::engine::{ClosedSession, DropReason, Resolution, SessionEngine, WindowConfig};
+use crate::log_throttle::LogThrottle;
 use crate::metrics::PipelineMetrics;
-use crate::model::{DeadLetterReason, EventKind};
+use crate::model::{shard_of, DeadLetterReason, EventKind};
 
 /// What became of records (see `docs/semantics.md`: every record ends in exactly one).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +94,7 @@ pub struct Stats {
     pub turns: [u64; 5],
     pub late_turns: u64,
     /// Dead letters by reason, in [`DeadLetterReason::ALL`] order.
-    pub dead_letters: [u64; 7],
+    pub dead_letters: [u64; 8],
     /// Drops by reason, in [`DropReason::ALL`] order.
     pub dropped: [u64; 3],
 }
@@ -137,6 +138,68 @@ impl Stats {
     }
 }
 
+/// The shard a partition serves when the source routes records by the
+/// session key's hash (Redis, `docs/redis.md` "Misrouted entries"): an event
+/// whose key belongs to another shard is misrouted, since the rest of its
+/// user's burst is read by another worker and would become another turn.
+#[derive(Debug)]
+pub struct ShardRoute {
+    stream: String,
+    index: u32,
+    shards: u32,
+    /// `true`: dead-letter a misrouted event (`misrouted`); `false`:
+    /// process it all the same, counted and logged.
+    dead_letter: bool,
+    counter: metrics::Counter,
+    log_throttle: LogThrottle,
+}
+
+impl ShardRoute {
+    pub fn new(stream: &str, index: u32, shards: u32, dead_letter: bool) -> Self {
+        ShardRoute {
+            stream: stream.to_owned(),
+            index,
+            shards,
+            dead_letter,
+            counter: crate::metrics::misrouted(stream),
+            log_throttle: LogThrottle::default(),
+        }
+    }
+
+    /// The error of a misrouted event, `None` when it is in its shard.
+    fn check(
+        &mut self,
+        user_id: &str,
+        conversation_id: Option<&str>,
+        now_ms: i64,
+    ) -> Option<String> {
+        let right = shard_of(user_id, conversation_id, self.shards);
+        if right == self.index {
+            return None;
+        }
+        self.counter.increment(1);
+        let handling = if self.dead_letter {
+            "dead-lettered"
+        } else {
+            "processed"
+        };
+        if let Some(count) = self.log_throttle.occurred("misrouted", now_ms) {
+            tracing::warn!(
+                stream = %self.stream,
+                right_shard = right,
+                count,
+                "an entry's session key belongs to shard {right} of {}, not to this stream's; {handling} (redis.misrouted; count: entries since the last such line)",
+                self.shards
+            );
+        }
+        Some(format!(
+            "the session key hashes to shard {right} of {}, but the entry was written to shard {} ({}): \
+             the producer picked the wrong stream (docs/redis.md, \"Misrouted entries\")",
+            self.shards, self.index, self.stream
+        ))
+    }
+}
+
 /// One source partition's pipeline: decoder, session engine and counts.
 #[derive(Debug)]
 pub struct PartitionPipeline {
@@ -148,6 +211,7 @@ pub struct PartitionPipeline {
     /// Records an earlier owner already resolved that are processed again so
     /// their sessions re-form (see [`Self::mark_replayed`]).
     replayed: HashSet<u64>,
+    route: Option<ShardRoute>,
 }
 
 impl PartitionPipeline {
@@ -159,7 +223,14 @@ impl PartitionPipeline {
             metrics: PipelineMetrics::default(),
             scratch: Vec::new(),
             replayed: HashSet::new(),
+            route: None,
         }
+    }
+
+    /// Checks every event against the shard this partition serves.
+    pub fn with_route(mut self, route: ShardRoute) -> Self {
+        self.route = Some(route);
+        self
     }
 
     /// Starts the engine over (open sessions, watermark and replay marks
@@ -203,6 +274,16 @@ impl PartitionPipeline {
                 out,
             ),
             Ok(event) => {
+                let misrouted = self.route.as_mut().and_then(|r| {
+                    let error =
+                        r.check(&event.user_id, event.conversation_id.as_deref(), now_ms)?;
+                    r.dead_letter.then_some(error)
+                });
+                if let Some(error) = misrouted {
+                    let reason = DeadLetterReason::Misrouted;
+                    self.push(Outcome::DeadLetter { seq, reason, error }, out);
+                    return;
+                }
                 let kind = match event.kind {
                     EventKind::Message => 0,
                     EventKind::Typing => 1,

@@ -11,7 +11,7 @@ use sessionizer::config::Config;
 use sessionizer::redis::entry::Entry;
 use sessionizer::redis::keys::{shard_of, ShardKeys};
 use support::redis_server::{RedisCluster, RedisOptions, RedisServer};
-use support::{wait_for, workload, Worker};
+use support::{run_replay, wait_for, workload, Worker};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -766,7 +766,7 @@ fn produce_emits_the_requested_count_and_poison_fraction_into_the_right_shards()
 /// succeeds.
 #[test]
 fn dlq_inspect_stats_and_replay_after_a_fix() {
-    use support::{inspect_json, run_replay, stats_json};
+    use support::{inspect_json, stats_json};
     let server = RedisServer::start();
     let mut conn = server.conn();
     let setup = Setup::new(&server, "dlqops", 2, "", "");
@@ -1158,6 +1158,153 @@ fn flat_fields_that_are_not_utf8_are_dead_letters_never_merged_users() {
             .unwrap();
         assert_eq!(kept, original, "the original bytes are kept");
     }
+}
+
+/// An entry written to a shard its session key does not hash to would split
+/// its user's bursts across two workers. By default it is dead-lettered
+/// (`misrouted`) and counted, and `dlq replay` sends it to its own shard,
+/// where it becomes a turn; a dead letter from a stream no worker reads (a
+/// reshard) goes to its key's shard too, or, without a key, is refused.
+/// Under `misrouted = "process"` it is processed where it is, counted.
+#[test]
+fn misrouted_entries_are_counted_dead_lettered_and_replayed_to_their_shard() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let t = sessionizer::wall_clock::now_ms();
+    let in_shard = |shard: u32| {
+        (0..)
+            .map(|i| format!("user-{i}"))
+            .find(|u| shard_of(u, None, 2) == shard)
+            .unwrap()
+    };
+    let (stays, strays) = (in_shard(0), in_shard(1));
+    let event = |id: &str, user: &str| {
+        serde_json::json!({"message_id": id, "user_id": user, "text": "hi", "event_time": t})
+            .to_string()
+    };
+    for (policy, name) in [("", "misrouted"), ("misrouted = \"process\"", "processed")] {
+        let setup = Setup::new(&server, name, 2, policy, "");
+        let shards = setup.shards();
+        for (id, user) in [("right", &stays), ("wrong", &strays)] {
+            let _: String = conn
+                .xadd(&shards[0].stream, "*", &[("payload", event(id, user))])
+                .unwrap();
+        }
+        let (config, port) = support::with_metrics(&setup.config_text);
+        let _worker = Worker::start(&config);
+        let mut want = BTreeSet::from(["right".to_owned()]);
+        if !policy.is_empty() {
+            want.insert("wrong".to_owned());
+        }
+        let got = wait_until_done(&mut conn, &setup, &want);
+        assert_eq!(message_ids(&got), want, "{name}");
+        let body = support::http_get(port, "/metrics").unwrap().1;
+        let partition = [("partition", shards[0].stream.as_str())];
+        let metric = sessionizer::metrics::MISROUTED;
+        assert_eq!(support::metric(&body, metric, &partition), 1.0, "{name}");
+        let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+        if !policy.is_empty() {
+            assert!(dlq.is_empty(), "processed, not dead-lettered");
+            continue;
+        }
+        assert_eq!(dlq.len(), 1);
+        assert_eq!(dlq[0].1["reason"], b"misrouted");
+        let error = String::from_utf8_lossy(&dlq[0].1["error"]);
+        assert!(error.contains("shard 1 of 2"), "{error}");
+
+        // Dead letters of a stream no worker reads any more (`shards` was 1).
+        let old = format!("{name}-chat");
+        for (payload, reason) in [(event("old", &strays), "late"), ("{".to_owned(), "decode")] {
+            let fields = [
+                ("payload", payload.as_str()),
+                ("reason", reason),
+                ("error", "test"),
+                ("source_stream", old.as_str()),
+                ("source_id", "1-0"),
+                ("failed_at", "2026-12-03T00:00:00.000Z"),
+                ("worker", "test"),
+            ];
+            let _: String = conn
+                .xadd(&setup.section().dlq_stream, "*", &fields)
+                .unwrap();
+        }
+        let text = setup.config_text.as_str();
+        assert_eq!(run_replay(text, &["--reason", "misrouted,late"]), (2, 0));
+        let moved: BTreeSet<String> = read_stream(&mut conn, &shards[1].stream)
+            .into_iter()
+            .map(|(_, f)| {
+                let event: serde_json::Value = serde_json::from_slice(&f["payload"]).unwrap();
+                event["message_id"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        let both = BTreeSet::from(["wrong".to_owned(), "old".to_owned()]);
+        assert_eq!(moved, both, "replayed to the shard of their key");
+        want.extend(both);
+        assert_eq!(
+            message_ids(&wait_until_done(&mut conn, &setup, &want)),
+            want
+        );
+        let refused = support::run_cli_failing(&["dlq", "replay"], text, &["--reason", "decode"]);
+        assert!(refused.contains("a stream no worker reads"), "{refused}");
+        assert_eq!(
+            support::inspect_json(text, &["--reason", "decode"]).len(),
+            1,
+            "kept"
+        );
+    }
+}
+
+/// Changing `redis.shards` from 1 to 2. The old worker leaves entries
+/// unfinished (its open sessions' entries pending, and entries written after
+/// it stopped never read); `reshard` refuses while it holds its lease, then
+/// moves those entries to the shards of their keys and removes the old
+/// stream. The workers of the new count then put every message in exactly
+/// one turn, with nothing misrouted.
+#[test]
+fn reshard_moves_unfinished_entries_and_leaves_no_stream_behind() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let records = workload(30, 600, 23);
+    let scratch = Setup::new(&server, "reshard-reference", 1, "", "");
+    produce(&mut conn, &scratch, &records);
+    let want = message_ids(&reference(&mut conn, &scratch).0);
+
+    let never_idle = "idle_timeout = \"1h\"\nbacklog_quiet = \"1h\"";
+    let old = Setup::new(&server, "reshard", 1, "", never_idle);
+    let new = Setup::new(&server, "reshard", 2, "", "");
+    let stream = old.shards()[0].stream.clone();
+    let (first, second) = records.split_at(records.len() / 2);
+    produce(&mut conn, &old, first);
+    let mut worker = Worker::start(&old.config_text);
+    let last_id = read_stream(&mut conn, &stream).pop().unwrap().0;
+    wait_for("the old worker read everything", TIMEOUT, || {
+        let groups: redis::streams::StreamInfoGroupsReply = conn.xinfo_groups(&stream).unwrap();
+        let read = groups.groups.first()?.last_delivered_id == last_id;
+        (read && pending(&mut conn, &old) > 0).then_some(())
+    });
+    let refused = support::run_cli_failing(&["reshard"], &new.config_text, &["--from", "1"]);
+    assert!(refused.contains("stop every worker"), "{refused}");
+    assert!(worker.terminate().success());
+    produce(&mut conn, &old, second);
+
+    let args = ["--from", "1", "--dry-run"];
+    let (_, dry) = support::run_cli(&["reshard"], &new.config_text, &args);
+    let would = support::numbers_after(&dry, "reshard: done: ");
+    let (_, stderr) = support::run_cli(&["reshard"], &new.config_text, &["--from", "1"]);
+    let moved = support::numbers_after(&stderr, "reshard: done: ");
+    assert_eq!(would, moved, "a dry run counts what a run moves");
+    assert!(moved[0] > second.len() as u64, "{stderr}");
+    assert_eq!(moved[2], 1, "one stream removed: {stderr}");
+    let exists: bool = conn.exists(&stream).unwrap();
+    assert!(!exists, "the old stream is gone");
+
+    let _worker = Worker::start(&new.config_text);
+    let got = wait_until_done(&mut conn, &new, &want);
+    let each: Vec<String> = got.iter().flat_map(support::message_ids).collect();
+    assert_eq!(message_ids(&got), want);
+    assert_eq!(each.len(), want.len(), "no message in two turns");
+    let dlq = read_stream(&mut conn, &new.section().dlq_stream);
+    assert!(dlq.iter().all(|(_, f)| f["reason"] != b"misrouted"));
 }
 
 /// After `FLUSHALL` (Redis lost its data) every shard met `NOGROUP` and

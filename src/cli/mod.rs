@@ -63,6 +63,20 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Redis: after changing `redis.shards`, with every worker stopped, move
+    /// the entries the old shard count left unfinished to the shard streams
+    /// of the new one and remove the old streams it no longer uses.
+    Reshard {
+        /// The configuration with the new `redis.shards`.
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+        /// The shard count the workers ran with before.
+        #[arg(long)]
+        from: u32,
+        /// Count what would move; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Check a configuration (with environment overrides) and print the
     /// effective values, defaults included.
     CheckConfig {

@@ -22,7 +22,7 @@ pub(crate) mod values;
 
 pub use crate::file::config::FileSection;
 pub use crate::kafka::config::{Acks, KafkaSection};
-pub use crate::redis::config::RedisSection;
+pub use crate::redis::config::{MisroutedSetting, RedisSection};
 pub use values::Millis;
 use values::*;
 

@@ -13,6 +13,7 @@ pub mod replay;
 
 use anyhow::Context as _;
 
+use crate::codec::Decoder;
 use crate::config::{Config, SourceKind};
 
 pub use crate::model::dead_letter_names::{REPLAY_COUNT, REPLAY_FROM};
@@ -120,9 +121,15 @@ pub trait DeadLetterStore {
     /// for some), for `--follow`.
     async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>>;
 
-    /// Where a record goes back to: `to`, or where it came from.
-    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
-        to.unwrap_or(&entry.source).to_owned()
+    /// Where a record (`payload`, after any transform) goes back to: `to`,
+    /// or where it came from; an error when it cannot go anywhere.
+    fn target(
+        &self,
+        entry: &DlqEntry,
+        _payload: &[u8],
+        to: Option<&str>,
+    ) -> anyhow::Result<String> {
+        Ok(to.unwrap_or(&entry.source).to_owned())
     }
 
     /// The entry was looked at and not sent (Kafka's progress passes it).
@@ -175,6 +182,7 @@ impl Store {
             SourceKind::Redis => Store::Redis(
                 crate::redis::dlq::RedisDlq::open(
                     config.redis.as_ref().context("[redis] is missing")?,
+                    Decoder::new(config.input_format(), config.decode_limits()),
                 )
                 .await?,
             ),
@@ -194,8 +202,8 @@ impl DeadLetterStore for Store {
         each!(self, s => DeadLetterStore::follow(s).await)
     }
 
-    fn target(&self, entry: &DlqEntry, to: Option<&str>) -> String {
-        each!(self, s => DeadLetterStore::target(s, entry, to))
+    fn target(&self, entry: &DlqEntry, payload: &[u8], to: Option<&str>) -> anyhow::Result<String> {
+        each!(self, s => DeadLetterStore::target(s, entry, payload, to))
     }
 
     fn pass(&mut self, entry: &DlqEntry) -> anyhow::Result<()> {

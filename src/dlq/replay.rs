@@ -163,12 +163,13 @@ async fn replay_each(
             }
             None => entry.payload.clone(),
         };
-        let target = store.target(&entry, options.to.as_deref());
+        let target = store.target(&entry, &payload, options.to.as_deref())?;
         // What goes back into a worker's input must be a valid event: a
         // transform's garbage would only come back as a dead letter, and
-        // (Redis) the original would be gone. A parking lot elsewhere is not
-        // read by the workers.
-        let into_input = matches!(store, Store::File(_)) || target == entry.source;
+        // (Redis) the original would be gone. A parking lot elsewhere (`--to`)
+        // is not read by the workers.
+        let into_input =
+            matches!(store, Store::File(_)) || options.to.is_none() || target == entry.source;
         if options.transform.is_some() && into_input {
             if let Some(poison) = options
                 .decoder

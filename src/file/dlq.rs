@@ -169,8 +169,13 @@ impl crate::dlq::DeadLetterStore for FileDlq {
         FileDlq::follow(self).await
     }
 
-    fn target(&self, _entry: &DlqEntry, to: Option<&str>) -> String {
-        FileDlq::target(self, to)
+    fn target(
+        &self,
+        _entry: &DlqEntry,
+        _payload: &[u8],
+        to: Option<&str>,
+    ) -> anyhow::Result<String> {
+        Ok(FileDlq::target(self, to))
     }
 
     async fn republish(

@@ -20,10 +20,13 @@ pub enum DeadLetterReason {
     /// producer accepts): each message of the turn is dead-lettered as an
     /// event, instead of being retried forever.
     Undeliverable,
+    /// Redis: the entry's session key hashes to another shard than the
+    /// stream it was written to, under `redis.misrouted = "dlq"`.
+    Misrouted,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 7] = [
+    pub const ALL: [DeadLetterReason; 8] = [
         DeadLetterReason::Decode,
         DeadLetterReason::Invalid,
         DeadLetterReason::Oversize,
@@ -31,6 +34,7 @@ impl DeadLetterReason {
         DeadLetterReason::MaxDeliveries,
         DeadLetterReason::Panic,
         DeadLetterReason::Undeliverable,
+        DeadLetterReason::Misrouted,
     ];
 
     /// Its place in [`DeadLetterReason::ALL`] (declaration order), for per-kind counters.
@@ -47,6 +51,7 @@ impl DeadLetterReason {
             DeadLetterReason::MaxDeliveries => "max_deliveries",
             DeadLetterReason::Panic => "panic",
             DeadLetterReason::Undeliverable => "undeliverable",
+            DeadLetterReason::Misrouted => "misrouted",
         }
     }
 }

@@ -6,12 +6,14 @@
 mod dead_letter;
 pub mod dead_letter_names;
 mod event;
+mod shard;
 mod turn;
 
 pub use dead_letter::{
     kept_payload, DeadLetter, DeadLetterReason, DeadLetterSource, Truncated, KEPT_PREFIX_BYTES,
 };
 pub use event::{Attributes, ChatEvent, EventKind};
+pub use shard::shard_of;
 pub use turn::{turn_id, ClosedBy, Turn, TurnMessage};
 
 /// Lowercase hex of `bytes`.

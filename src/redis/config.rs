@@ -61,6 +61,22 @@ pub struct RedisSection {
     /// every key one fenced step touches is in one hash slot.
     #[serde(default, deserialize_with = "boolean")]
     pub cluster: bool,
+    /// What a worker does with an entry whose session key hashes to another
+    /// shard than the stream it was written to (`docs/redis.md`).
+    #[serde(default)]
+    pub misrouted: MisroutedSetting,
+}
+
+/// `redis.misrouted`: `dlq` (the default) dead-letters a misrouted entry
+/// with reason `misrouted`, so the rest of its user's burst is not split
+/// across two workers and `dlq replay` can send it to its shard; `process`
+/// processes it where it is, counted and logged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MisroutedSetting {
+    Process,
+    #[default]
+    Dlq,
 }
 
 fn one() -> u32 {

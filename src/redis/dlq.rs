@@ -1,7 +1,7 @@
 //! The Redis dead-letter stream as `sessionizer dlq` reads and replays it.
 //!
-//! A replay adds the record back to its source shard stream and deletes the
-//! dead letter in one script: the entry leaves the DLQ exactly when it is
+//! A replay adds the record back to the shard stream of its session key
+//! (see [`RedisDlq::target`]) and deletes the dead letter in one script: the entry leaves the DLQ exactly when it is
 //! back in the input, so a replay can be interrupted (even killed) and run
 //! again without sending anything twice, and two replays running at once
 //! cannot both send one entry.
@@ -12,13 +12,15 @@ use anyhow::Context as _;
 use redis::Value;
 
 use super::connection::RedisConn;
-use super::entry::{parse_entries, Entry};
-use super::keys::ShardKeys;
+use super::entry::{id_order, parse_entries, Entry};
+use super::keys::{shard_of, ShardKeys};
+use crate::codec::Decoder;
 use crate::config::RedisSection;
 use crate::dlq::{parse_failed_at, DlqEntry, Locator};
 use crate::model::dead_letter_names::redis::*;
 use crate::model::dead_letter_names::{REPLAY_COUNT, REPLAY_FROM};
 use crate::model::Truncated;
+use crate::wall_clock::now_ms;
 
 /// Deletes the dead letter (`KEYS[1]`, id `ARGV[1]`) and, only if it was
 /// still there, adds the record to `KEYS[2]`.
@@ -39,6 +41,11 @@ const PAGE: usize = 1_000;
 pub struct RedisDlq {
     conn: RedisConn,
     streams: Vec<String>,
+    /// The shard streams the workers read, by shard index: where a replay
+    /// sends a record (see [`RedisDlq::target`]).
+    inputs: Vec<String>,
+    /// The workers' decoder, for the session key of a replayed record.
+    decoder: Decoder,
     /// For `follow`: the last id seen per stream.
     last: Vec<String>,
 }
@@ -52,7 +59,7 @@ impl std::fmt::Debug for RedisDlq {
 }
 
 impl RedisDlq {
-    pub async fn open(section: &RedisSection) -> anyhow::Result<RedisDlq> {
+    pub async fn open(section: &RedisSection, decoder: Decoder) -> anyhow::Result<RedisDlq> {
         let client = super::connection::client(section)?;
         let conn = super::connection::connect(&client, std::time::Duration::from_secs(2))
             .await
@@ -67,6 +74,11 @@ impl RedisDlq {
         Ok(RedisDlq {
             conn,
             streams,
+            inputs: ShardKeys::all(section)
+                .into_iter()
+                .map(|k| k.stream)
+                .collect(),
+            decoder,
             last,
         })
     }
@@ -171,26 +183,47 @@ impl RedisDlq {
         let Locator::Redis { stream, id } = &e.locator else {
             anyhow::bail!("not a Redis dead letter: {}", e.position);
         };
-        let done: i64 = REPLAY
+        let done: Result<i64, redis::RedisError> = REPLAY
             .key(stream)
             .key(target)
             .arg(id)
-            .arg(payload)
+            .arg(&payload)
             .arg(REPLAY_FROM)
             .arg(&e.position)
             .arg(REPLAY_COUNT)
             .arg(e.replay_count + 1)
             .invoke_async(&mut self.conn)
-            .await
-            .with_context(|| format!("replaying {}", e.position))?;
-        Ok(done == 1)
+            .await;
+        match done {
+            Ok(done) => Ok(done == 1),
+            // On a cluster, a record routed to another shard than the one it
+            // was dead-lettered from has its DLQ stream and its target in two
+            // slots: add it, then delete the dead letter (a kill between the
+            // two sends it again on the next run; docs/operations.md).
+            Err(error) if error.kind() == redis::ErrorKind::CrossSlot => {
+                let _: String = redis::cmd("XADD")
+                    .arg(target)
+                    .arg("*")
+                    .arg("payload")
+                    .arg(&payload)
+                    .arg(REPLAY_FROM)
+                    .arg(&e.position)
+                    .arg(REPLAY_COUNT)
+                    .arg(e.replay_count + 1)
+                    .query_async(&mut self.conn)
+                    .await
+                    .with_context(|| format!("replaying {} to {target}", e.position))?;
+                let _: i64 = redis::cmd("XDEL")
+                    .arg(stream)
+                    .arg(id)
+                    .query_async(&mut self.conn)
+                    .await
+                    .with_context(|| format!("deleting the replayed {}", e.position))?;
+                Ok(true)
+            }
+            Err(error) => Err(error).with_context(|| format!("replaying {}", e.position)),
+        }
     }
-}
-
-/// An entry id as a number pair, for ordering across streams.
-fn id_order(id: &str) -> (u64, u64) {
-    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
-    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
 }
 
 /// The shard index of a shard stream name (`chat:{3}` → 3; an untagged
@@ -243,6 +276,35 @@ impl crate::dlq::DeadLetterStore for RedisDlq {
 
     async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
         RedisDlq::follow(self).await
+    }
+
+    /// `to`, or the shard stream of the record's session key under the
+    /// current `redis.shards`, so a misrouted entry, or one from before a
+    /// reshard, goes where a worker reads its user. A record without a key
+    /// (it does not decode) goes back to its source stream, unless no worker
+    /// reads that one: then the replay is refused with the reason.
+    fn target(&self, entry: &DlqEntry, payload: &[u8], to: Option<&str>) -> anyhow::Result<String> {
+        if let Some(to) = to {
+            return Ok(to.to_owned());
+        }
+        if let Ok(event) = self.decoder.decode(payload, now_ms()) {
+            let shards = self.inputs.len() as u32;
+            let shard = shard_of(&event.user_id, event.conversation_id.as_deref(), shards);
+            return Ok(self.inputs[shard as usize].clone());
+        }
+        if self.inputs.contains(&entry.source) {
+            return Ok(entry.source.clone());
+        }
+        anyhow::bail!(
+            "{} came from {}, a stream no worker reads under this configuration (redis.shards = \
+             {}: {} … {}), and its payload does not decode, so it has no session key to route it \
+             by: fix it with --transform, or send it elsewhere with --to",
+            entry.position,
+            entry.source,
+            self.inputs.len(),
+            self.inputs[0],
+            self.inputs[self.inputs.len() - 1],
+        )
     }
 
     async fn republish(

@@ -182,6 +182,12 @@ pub fn parse_read_reply(value: Value) -> Result<Vec<Entry>, String> {
     }
 }
 
+/// An entry id as a number pair, for ordering (across streams too).
+pub fn id_order(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
 pub fn bytes(value: Value) -> Result<Vec<u8>, String> {
     match value {
         Value::BulkString(b) => Ok(b),

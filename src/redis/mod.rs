@@ -11,7 +11,8 @@
 //! ([`scripts::FENCE_CHECK`]): a stale owner can neither emit nor ack.
 //! [`connection`] talks to one node or a Redis Cluster ([`direct`]: a shard
 //! task's own socket and reply reader on one node); [`dlq`] is the
-//! dead-letter stream as `sessionizer dlq` reads and replays it.
+//! dead-letter stream as `sessionizer dlq` reads and replays it; [`reshard`]
+//! moves unfinished entries after a change of the shard count.
 
 pub mod config;
 pub mod connection;
@@ -19,6 +20,7 @@ pub mod direct;
 pub mod dlq;
 pub mod entry;
 pub mod keys;
+pub mod reshard;
 pub mod scripts;
 pub mod shard;
 pub mod worker;

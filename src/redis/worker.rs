@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::connection::{client, connect, connect_shard, RedisClient, RedisConn};
 use super::keys::{members_key, ShardKeys};
+use super::reshard::leftover_streams;
 use super::scripts;
 use super::shard::{Settings, ShardExit, ShardTask};
 use crate::codec::Decoder;
@@ -74,6 +75,8 @@ pub async fn run(
         idle: config.idle_policy(),
         format: config.output_format(),
         worker: worker.clone(),
+        shards: section.shards,
+        misrouted: section.misrouted,
     });
     let mut coordinator = Coordinator {
         section: section.clone(),
@@ -167,6 +170,16 @@ impl Coordinator {
         if !self.groups_ready {
             for shard in &self.shards {
                 create_group(&mut conn, &shard.stream, &self.section.group).await?;
+            }
+            for (stream, entries) in leftover_streams(&mut conn, &self.section).await? {
+                tracing::warn!(
+                    stream = %stream,
+                    entries,
+                    "a stream of another shard count still holds entries that no worker reads \
+                     under redis.shards = {}: stop the workers and run `sessionizer reshard \
+                     --from <the old count>` (docs/redis.md, \"Changing the shard count\")",
+                    self.section.shards
+                );
             }
             self.groups_ready = true;
         }

@@ -29,13 +29,14 @@ use super::entry::{parse_read_reply, Entry};
 use super::keys::ShardKeys;
 use super::scripts::{self, is_fenced};
 use crate::codec::{encode_turn_with_id, session_turn_id, Decoder, OutputFormat};
+use crate::config::MisroutedSetting;
 use crate::engine::ClosedSession;
 use crate::engine::{IdleClock, IdlePolicy, WindowConfig};
 use crate::log_throttle::LogThrottle;
 use crate::metrics::{self, FailingMark, PartitionGauges};
 use crate::model::dead_letter_names::redis as field;
 use crate::model::{kept_payload, DeadLetterReason};
-use crate::pipeline::{deliver_all, Outcome, OutcomeSink, PartitionPipeline, Stats};
+use crate::pipeline::{deliver_all, Outcome, OutcomeSink, PartitionPipeline, ShardRoute, Stats};
 use crate::wall_clock::{now_ms, rfc3339_ms};
 
 /// What every shard task of a worker shares.
@@ -52,6 +53,9 @@ pub struct Settings {
     pub idle: IdlePolicy,
     pub format: OutputFormat,
     pub worker: String,
+    /// The shard count, to check each entry's shard (`redis.misrouted`).
+    pub shards: u32,
+    pub misrouted: MisroutedSetting,
 }
 
 /// Why a shard task ended.
@@ -144,7 +148,14 @@ enum Failure {
 impl ShardTask {
     pub fn new(keys: ShardKeys, token: String, conn: RedisConn, settings: Arc<Settings>) -> Self {
         ShardTask {
-            pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window),
+            pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window).with_route(
+                ShardRoute::new(
+                    &keys.stream,
+                    keys.index,
+                    settings.shards,
+                    settings.misrouted == MisroutedSetting::Dlq,
+                ),
+            ),
             gauges: PartitionGauges::new(&keys.stream),
             idle: IdleClock::new(settings.idle),
             keys,
