@@ -21,7 +21,7 @@ pub fn router(metrics: PrometheusHandle) -> Router {
         .route(
             "/metrics",
             get(move || {
-                let body = metrics.render();
+                let body = crate::metrics::render(&metrics);
                 async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body) }
             }),
         )

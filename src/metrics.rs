@@ -7,7 +7,9 @@
 //! reasons and partition or shard names, never user ids, so the number of
 //! series stays bounded whatever the traffic.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -165,18 +167,93 @@ pub fn observe_emit(session: &ClosedSession, gap_ms: i64, now_ms: i64) {
         .record((now_ms - could_close).max(0) as f64 / 1000.0);
 }
 
-/// Gauges for one owned partition or shard.
+/// The per-partition gauges: `/metrics` shows them only for the partitions
+/// and shards this worker owns now (see [`render`]).
+const PARTITION_GAUGES: [&str; 5] = [
+    OPEN_SESSIONS,
+    WATERMARK_LAG,
+    CONSUMER_LAG,
+    COMMIT_LAG,
+    COMMIT_STALLED,
+];
+
+/// The partition labels owned now, each counted by the [`PartitionGauges`]
+/// (and their clones) that hold it.
+static OWNED_LABELS: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
+
+/// One hold on a label in [`OWNED_LABELS`], released on drop: when a
+/// partition leaves the worker its gauges leave `/metrics`, instead of
+/// reading 0, which looked like an owned, caught-up partition.
+#[derive(Debug)]
+struct OwnedLabel(String);
+
+impl OwnedLabel {
+    fn new(label: &str) -> Arc<Self> {
+        *owned_labels().entry(label.to_owned()).or_insert(0) += 1;
+        Arc::new(OwnedLabel(label.to_owned()))
+    }
+}
+
+impl Drop for OwnedLabel {
+    fn drop(&mut self) {
+        let mut owned = owned_labels();
+        if let Some(count) = owned.get_mut(&self.0) {
+            *count -= 1;
+            if *count == 0 {
+                owned.remove(&self.0);
+            }
+        }
+    }
+}
+
+fn owned_labels() -> std::sync::MutexGuard<'static, HashMap<String, usize>> {
+    OWNED_LABELS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The exposition, without the per-partition gauges of partitions this
+/// worker does not own (the recorder has no way to unregister a series).
+pub fn render(handle: &PrometheusHandle) -> String {
+    let text = handle.render();
+    let owned = owned_labels();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if keep(line, &owned) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Whether an exposition line stays: anything but a sample of a
+/// per-partition gauge whose `partition` is not owned.
+fn keep(line: &str, owned: &HashMap<String, usize>) -> bool {
+    let name = line.split(['{', ' ']).next().unwrap_or_default();
+    if !PARTITION_GAUGES.contains(&name) {
+        return true;
+    }
+    let Some((_, rest)) = line.split_once("partition=\"") else {
+        return true;
+    };
+    let value = rest.split('"').next().unwrap_or_default();
+    owned.contains_key(value)
+}
+
+/// Gauges for one owned partition or shard; while any clone lives, the
+/// partition's gauges are in `/metrics`.
 #[derive(Debug, Clone)]
 pub struct PartitionGauges {
     open_sessions: Gauge,
     watermark_lag: Gauge,
     consumer_lag: Gauge,
+    _owned: Arc<OwnedLabel>,
 }
 
 impl PartitionGauges {
     pub fn new(partition: &str) -> Self {
         let label = partition.to_owned();
         PartitionGauges {
+            _owned: OwnedLabel::new(&label),
             open_sessions: gauge!(OPEN_SESSIONS, "partition" => label.clone()),
             watermark_lag: gauge!(WATERMARK_LAG, "partition" => label.clone()),
             consumer_lag: gauge!(CONSUMER_LAG, "partition" => label),
@@ -205,13 +282,6 @@ impl PartitionGauges {
     /// threshold matches, rather than a stale number.
     pub fn consumer_lag_unknown(&self) {
         self.consumer_lag.set(f64::NAN);
-    }
-
-    /// The partition left this worker: its series read zero, not a stale value.
-    pub fn clear(&self) {
-        self.open_sessions.set(0.0);
-        self.watermark_lag.set(0.0);
-        self.consumer_lag.set(0.0);
     }
 }
 
@@ -451,5 +521,26 @@ mod tests {
         assert_eq!(failing(), 1);
         drop(mark);
         assert_eq!(failing(), 0, "a partition that leaves clears it");
+    }
+
+    #[test]
+    fn only_owned_partitions_keep_their_gauges_in_the_exposition() {
+        let held = PartitionGauges::new("unit/held");
+        let copy = held.clone();
+        drop(PartitionGauges::new("unit/released"));
+        let owned = owned_labels().clone();
+        let sample = |p: &str| format!("{OPEN_SESSIONS}{{partition=\"{p}\"}} 0");
+        assert!(keep(&sample("unit/held"), &owned));
+        assert!(!keep(&sample("unit/released"), &owned));
+        assert!(keep(&format!("# TYPE {OPEN_SESSIONS} gauge"), &owned));
+        let counter = format!("{MISROUTED}{{partition=\"unit/released\"}} 3");
+        assert!(keep(&counter, &owned), "counters stay");
+        drop(held);
+        assert!(
+            keep(&sample("unit/held"), &owned_labels()),
+            "a clone holds it"
+        );
+        drop(copy);
+        assert!(!keep(&sample("unit/held"), &owned_labels()));
     }
 }

@@ -1307,6 +1307,49 @@ fn reshard_moves_unfinished_entries_and_leaves_no_stream_behind() {
     assert!(dlq.iter().all(|(_, f)| f["reason"] != b"misrouted"));
 }
 
+/// When a second worker takes one of the first's two shards, the first's
+/// `/metrics` drops that shard's gauges: a released shard reading 0 looked
+/// owned and caught up.
+#[test]
+fn a_released_shards_gauges_leave_the_metrics() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "released", 2, "", "");
+    let (config, port) = support::with_metrics(&setup.config_text);
+    let first = Worker::start(&config);
+    let shards: Vec<String> = setup.shards().into_iter().map(|s| s.stream).collect();
+    let gauged = || {
+        let body = support::http_get(port, "/metrics")?.1;
+        let partitions: BTreeSet<String> = body
+            .lines()
+            .filter(|l| l.starts_with(sessionizer::metrics::OPEN_SESSIONS))
+            .filter_map(|l| {
+                Some(
+                    l.split_once("partition=\"")?
+                        .1
+                        .split('"')
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .collect();
+        Some(partitions)
+    };
+    wait_for("both shards gauged", TIMEOUT, || {
+        (gauged()? == shards.iter().cloned().collect()).then_some(())
+    });
+    let second = Worker::start(&setup.config_text);
+    let (a, b) = (first.pid(), second.pid());
+    let kept = wait_for("one shard each", TIMEOUT, || {
+        let holders = lease_holders(&mut conn, &setup);
+        let mine = holders.iter().position(|h| *h == Some(a))?;
+        holders.contains(&Some(b)).then_some(mine)
+    });
+    wait_for("only the kept shard gauged", TIMEOUT, || {
+        (gauged()? == BTreeSet::from([shards[kept].clone()])).then_some(())
+    });
+}
+
 /// After `FLUSHALL` (Redis lost its data) every shard met `NOGROUP` and
 /// retried it forever. The group is recreated and new entries processed.
 #[test]

@@ -373,8 +373,8 @@ impl Worker {
                         self.assigned.remove(&tp);
                         if let Some(state) = self.partitions.remove(&tp) {
                             // Its open sessions go: the next owner replays them.
+                            // Dropping it removes its gauges from /metrics.
                             self.stats.add(state.pipeline.stats());
-                            state.gauges.clear();
                         }
                     }
                 }

@@ -203,7 +203,6 @@ impl ShardTask {
                 ShardExit::Stopped
             }
         };
-        self.gauges.clear();
         (exit, self.pipeline.stats().clone())
     }
 
