@@ -26,6 +26,7 @@
 //!   fenced steps, pending-entry recovery); a shard task is `redis::shard`
 //!   with `fenced`, `pending` and `emit` beside it.
 //! - [`metrics`]: metric names, the Prometheus recorder, readiness.
+//! - [`progress`]: totals and owned partitions in-process, the progress line.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` on one axum router.
 //! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
 //!   source's dead letters ([`dlq::DeadLetterStore`], implemented in each
@@ -43,7 +44,7 @@
 //! - `main.rs` and `cli/`: the `sessionizer` command line (the binary).
 //!
 //! Dependencies point inwards: `engine` and `model` import nothing of the
-//! rest; `codec` only `model`; `pipeline` the three of them and `metrics`;
+//! rest; `codec` only `model`; `pipeline` the three of them, `metrics` and `log_throttle`;
 //! the sources import the pipeline, never each other (the `dlq` commands
 //! reach each store through `dlq::DeadLetterStore`).
 
@@ -60,6 +61,7 @@ pub mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod produce;
+pub mod progress;
 pub mod redis;
 pub mod shutdown;
 pub mod wall_clock;

@@ -142,6 +142,10 @@ fn run(command: Command) -> anyhow::Result<()> {
                 if let Some(listen) = config.metrics.listen {
                     sessionizer::http::serve(listen).await?;
                 }
+                let every = config.metrics.progress_interval.as_duration();
+                if !every.is_zero() {
+                    tokio::spawn(sessionizer::progress::report(every));
+                }
                 match config.source {
                     SourceKind::Kafka => {
                         sessionizer::kafka::run(

@@ -7,9 +7,8 @@
 //! reasons and partition or shard names, never user ids, so the number of
 //! series stays bounded whatever the traffic.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -18,6 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::engine::{ClosedSession, DropReason};
 use crate::model::{ClosedBy, DeadLetterReason};
+use crate::progress;
 
 /// Records handed to a pipeline (read from the source), poison included.
 pub const RECORDS_CONSUMED: &str = "sessionizer_records_consumed_total";
@@ -126,6 +126,7 @@ impl Default for PipelineMetrics {
 impl PipelineMetrics {
     pub fn record(&self) {
         self.records.increment(1);
+        progress::record();
     }
 
     /// `kind`: 0 message, 1 typing, 2 end of turn (as `Stats::events`).
@@ -135,6 +136,7 @@ impl PipelineMetrics {
 
     pub fn turn(&self, s: &ClosedSession) {
         self.turns[s.closed_by.index()].increment(1);
+        progress::turn();
         if s.late {
             self.late_turns.increment(1);
         }
@@ -143,6 +145,7 @@ impl PipelineMetrics {
 
     pub fn dead_letter(&self, reason: DeadLetterReason) {
         self.dead_letters[reason.index()].increment(1);
+        progress::dead_letter();
     }
 
     pub fn dropped(&self, reason: DropReason) {
@@ -177,47 +180,13 @@ const PARTITION_GAUGES: [&str; 5] = [
     COMMIT_STALLED,
 ];
 
-/// The partition labels owned now, each counted by the [`PartitionGauges`]
-/// (and their clones) that hold it.
-static OWNED_LABELS: LazyLock<Mutex<HashMap<String, usize>>> = LazyLock::new(Default::default);
-
-/// One hold on a label in [`OWNED_LABELS`], released on drop: when a
-/// partition leaves the worker its gauges leave `/metrics`, instead of
-/// reading 0, which looked like an owned, caught-up partition.
-#[derive(Debug)]
-struct OwnedLabel(String);
-
-impl OwnedLabel {
-    fn new(label: &str) -> Arc<Self> {
-        *owned_labels().entry(label.to_owned()).or_insert(0) += 1;
-        Arc::new(OwnedLabel(label.to_owned()))
-    }
-}
-
-impl Drop for OwnedLabel {
-    fn drop(&mut self) {
-        let mut owned = owned_labels();
-        if let Some(count) = owned.get_mut(&self.0) {
-            *count -= 1;
-            if *count == 0 {
-                owned.remove(&self.0);
-            }
-        }
-    }
-}
-
-fn owned_labels() -> std::sync::MutexGuard<'static, HashMap<String, usize>> {
-    OWNED_LABELS.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The exposition, without the per-partition gauges of partitions this
 /// worker does not own (the recorder has no way to unregister a series).
 pub fn render(handle: &PrometheusHandle) -> String {
     let text = handle.render();
-    let owned = owned_labels();
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        if keep(line, &owned) {
+        if keep(line, progress::is_owned) {
             out.push_str(line);
             out.push('\n');
         }
@@ -227,7 +196,7 @@ pub fn render(handle: &PrometheusHandle) -> String {
 
 /// Whether an exposition line stays: anything but a sample of a
 /// per-partition gauge whose `partition` is not owned.
-fn keep(line: &str, owned: &HashMap<String, usize>) -> bool {
+fn keep(line: &str, is_owned: impl Fn(&str) -> bool) -> bool {
     let name = line.split(['{', ' ']).next().unwrap_or_default();
     if !PARTITION_GAUGES.contains(&name) {
         return true;
@@ -235,8 +204,7 @@ fn keep(line: &str, owned: &HashMap<String, usize>) -> bool {
     let Some((_, rest)) = line.split_once("partition=\"") else {
         return true;
     };
-    let value = rest.split('"').next().unwrap_or_default();
-    owned.contains_key(value)
+    is_owned(rest.split('"').next().unwrap_or_default())
 }
 
 /// Gauges for one owned partition or shard; while any clone lives, the
@@ -246,14 +214,14 @@ pub struct PartitionGauges {
     open_sessions: Gauge,
     watermark_lag: Gauge,
     consumer_lag: Gauge,
-    _owned: Arc<OwnedLabel>,
+    owned: Arc<progress::Owned>,
 }
 
 impl PartitionGauges {
     pub fn new(partition: &str) -> Self {
         let label = partition.to_owned();
         PartitionGauges {
-            _owned: OwnedLabel::new(&label),
+            owned: Arc::new(progress::Owned::new(&label)),
             open_sessions: gauge!(OPEN_SESSIONS, "partition" => label.clone()),
             watermark_lag: gauge!(WATERMARK_LAG, "partition" => label.clone()),
             consumer_lag: gauge!(CONSUMER_LAG, "partition" => label),
@@ -266,6 +234,10 @@ impl PartitionGauges {
     /// after a backlog looked like an outage: 86,303 s).
     pub fn update(&self, open_sessions: usize, watermark: i64, now_ms: i64) {
         self.open_sessions.set(open_sessions as f64);
+        let state = &self.owned.state;
+        state
+            .open_sessions
+            .store(open_sessions as u64, Ordering::Relaxed);
         if open_sessions == 0 {
             self.watermark_lag.set(0.0);
         } else if watermark != i64::MIN {
@@ -276,12 +248,18 @@ impl PartitionGauges {
 
     pub fn consumer_lag(&self, records: u64) {
         self.consumer_lag.set(records as f64);
+        let state = &self.owned.state;
+        state.consumer_lag.store(records, Ordering::Relaxed);
     }
 
     /// The broker cannot say (Redis after a restart): NaN, which no alert
     /// threshold matches, rather than a stale number.
     pub fn consumer_lag_unknown(&self) {
         self.consumer_lag.set(f64::NAN);
+        let state = &self.owned.state;
+        state
+            .consumer_lag
+            .store(progress::UNKNOWN, Ordering::Relaxed);
     }
 }
 
@@ -293,6 +271,7 @@ pub fn commit(ok: bool) {
 /// turn).
 pub fn dead_letter(reason: DeadLetterReason) {
     counter!(DEAD_LETTERS, "reason" => reason.as_str()).increment(1);
+    progress::dead_letter();
 }
 
 /// The gauge of [`COMMIT_STALLED`] for one partition.
@@ -525,22 +504,12 @@ mod tests {
 
     #[test]
     fn only_owned_partitions_keep_their_gauges_in_the_exposition() {
-        let held = PartitionGauges::new("unit/held");
-        let copy = held.clone();
-        drop(PartitionGauges::new("unit/released"));
-        let owned = owned_labels().clone();
+        let owned = |p: &str| p == "unit/held";
         let sample = |p: &str| format!("{OPEN_SESSIONS}{{partition=\"{p}\"}} 0");
-        assert!(keep(&sample("unit/held"), &owned));
-        assert!(!keep(&sample("unit/released"), &owned));
-        assert!(keep(&format!("# TYPE {OPEN_SESSIONS} gauge"), &owned));
+        assert!(keep(&sample("unit/held"), owned));
+        assert!(!keep(&sample("unit/released"), owned));
+        assert!(keep(&format!("# TYPE {OPEN_SESSIONS} gauge"), owned));
         let counter = format!("{MISROUTED}{{partition=\"unit/released\"}} 3");
-        assert!(keep(&counter, &owned), "counters stay");
-        drop(held);
-        assert!(
-            keep(&sample("unit/held"), &owned_labels()),
-            "a clone holds it"
-        );
-        drop(copy);
-        assert!(!keep(&sample("unit/held"), &owned_labels()));
+        assert!(keep(&counter, owned), "counters stay");
     }
 }

@@ -1350,6 +1350,39 @@ fn a_released_shards_gauges_leave_the_metrics() {
     });
 }
 
+/// Every `metrics.progress_interval` the worker logs a progress line: the
+/// totals, and lag and open sessions per owned shard.
+#[test]
+fn the_worker_logs_its_progress() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "progress", 2, "", "");
+    let records = workload(20, 300, 3);
+    produce(&mut conn, &setup, &records);
+    let (want_turns, _) = reference(&mut conn, &setup);
+    let config = format!(
+        "{}\n[metrics]\nprogress_interval = \"100ms\"\n",
+        setup.config_text
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let _worker = Worker::start_logging_to(&config, log.reopen().unwrap());
+    wait_until_done(&mut conn, &setup, &message_ids(&want_turns));
+    let every_record = format!("records={}", records.len());
+    let turns = format!("turns={}", want_turns.len());
+    let caught_up: Vec<String> = setup
+        .shards()
+        .iter()
+        .map(|s| format!("{} lag 0 open 0", s.stream))
+        .collect();
+    wait_for("a progress line with everything done", TIMEOUT, || {
+        let text = std::fs::read_to_string(log.path()).unwrap();
+        text.lines()
+            .filter(|l| l.contains("progress") && l.contains(&every_record))
+            .any(|l| l.contains(&turns) && caught_up.iter().all(|c| l.contains(c)))
+            .then_some(())
+    });
+}
+
 /// After `FLUSHALL` (Redis lost its data) every shard met `NOGROUP` and
 /// retried it forever. The group is recreated and new entries processed.
 #[test]

@@ -72,14 +72,26 @@ pub struct Config {
     pub metrics: MetricsSection,
 }
 
-/// `[metrics]`: the Prometheus endpoint.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+/// `[metrics]`: the Prometheus endpoint, and the progress line in the log.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSection {
     /// `host:port` serving `/metrics`, `/healthz` and `/readyz` (for example
     /// `"0.0.0.0:9464"`); unset, nothing is served.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<std::net::SocketAddr>,
+    /// How often a worker logs its progress line (totals, rates, lag and
+    /// open sessions per owned partition); `"0s"` turns it off.
+    pub progress_interval: Millis,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: None,
+            progress_interval: Millis(30_000),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]

@@ -570,14 +570,28 @@ impl Worker {
         Self::spawn(command, config, &[])
     }
 
+    /// [`Worker::start`] with its log (stderr) written to `log`.
+    pub fn start_logging_to(config: &str, log: std::fs::File) -> Worker {
+        Self::spawn_with_log(&["run"], config, &[], Some(log))
+    }
+
     fn spawn(command: &[&str], config: &str, env: &[(&str, &str)]) -> Worker {
+        Self::spawn_with_log(command, config, env, None)
+    }
+
+    fn spawn_with_log(
+        command: &[&str],
+        config: &str,
+        env: &[(&str, &str)],
+        log: Option<std::fs::File>,
+    ) -> Worker {
         let (mut cmd, file) = sessionizer(command, config, "info,rdkafka=warn");
         // The worker's logs only with SESSIONIZER_TEST_LOGS=1: they would
         // bypass the test harness's output capture.
-        let logs = if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
+        let logs = match log {
+            Some(file) => Stdio::from(file),
+            None if std::env::var_os("SESSIONIZER_TEST_LOGS").is_some() => Stdio::inherit(),
+            None => Stdio::null(),
         };
         let child = cmd
             .envs(env.iter().copied())
