@@ -39,6 +39,8 @@
 //!   (`kafka/config.rs`, `redis/config.rs`, `file/config.rs`).
 //! - [`wall_clock`]: the one place the wall clock is read.
 //! - [`produce`]: `sessionizer produce`, the load generator.
+//! - [`status`]: `sessionizer status`'s rows and table (each broker reads
+//!   its own in `kafka/status.rs`, `redis/status.rs`).
 //! - [`workload`]: a deterministic generator of bursty chat traffic for
 //!   benchmarks, tests and load generation.
 //! - `main.rs` and `cli/`: the `sessionizer` command line (the binary).
@@ -64,5 +66,6 @@ pub mod produce;
 pub mod progress;
 pub mod redis;
 pub mod shutdown;
+pub mod status;
 pub mod wall_clock;
 pub mod workload;

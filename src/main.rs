@@ -102,6 +102,12 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime()?.block_on(cli::dlq::run(command)),
+        Command::Status { config, json } => {
+            let config = Config::load(&config)?;
+            let rows = runtime()?.block_on(sessionizer::status::read(&config))?;
+            sessionizer::status::print(&rows, json, &mut std::io::stdout())?;
+            Ok(())
+        }
         Command::Reshard {
             config,
             from,

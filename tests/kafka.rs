@@ -582,6 +582,29 @@ async fn produce_and_metrics_count_what_was_sent() {
         let (_, body) = http_get(port, "/metrics")?;
         (metric(&body, m::COMMITS, &[("result", "ok")]) >= 1.0).then_some(())
     });
+
+    // `status` shows each partition's commit, read to the end. (Its owner
+    // column needs the members' assignments, which tansu does not report;
+    // `kafka::status` parses them in a unit test.)
+    let ends: Vec<i64> = (0..2)
+        .map(|p| input.iter().filter(|r| r.partition == p).count() as i64)
+        .collect();
+    wait_for("every record committed", TIMEOUT, || {
+        let committed = support::committed(broker.client_config(), &t.group, &t.input, 2);
+        (committed == ends).then_some(())
+    });
+    let (status, _) = support::run_cli(&["status"], &config_text, &["--json"]);
+    let rows: Vec<serde_json::Value> = status
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{status}");
+    for (p, row) in rows.iter().enumerate() {
+        assert_eq!(row["partition"], format!("{}/{p}", t.input), "{status}");
+        assert_eq!(row["position"], ends[p].to_string(), "{status}");
+        assert_eq!(row["end"], ends[p].to_string(), "{status}");
+        assert_eq!(row["lag"], 0, "{status}");
+    }
 }
 
 /// `dlq stats`, `inspect` and `replay` on the Kafka DLQ: filters select the

@@ -1287,6 +1287,17 @@ fn reshard_moves_unfinished_entries_and_leaves_no_stream_behind() {
     assert!(worker.terminate().success());
     produce(&mut conn, &old, second);
 
+    let (status, _) = support::run_cli(&["status"], &new.config_text, &["--json"]);
+    let rows: Vec<serde_json::Value> = status
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 3, "two shards and the old stream: {status}");
+    assert_eq!(rows[2]["partition"], stream.as_str());
+    assert!(rows[2]["note"]
+        .as_str()
+        .unwrap()
+        .contains("no worker reads"));
     let args = ["--from", "1", "--dry-run"];
     let (_, dry) = support::run_cli(&["reshard"], &new.config_text, &args);
     let would = support::numbers_after(&dry, "reshard: done: ");
@@ -1303,6 +1314,20 @@ fn reshard_moves_unfinished_entries_and_leaves_no_stream_behind() {
     let each: Vec<String> = got.iter().flat_map(support::message_ids).collect();
     assert_eq!(message_ids(&got), want);
     assert_eq!(each.len(), want.len(), "no message in two turns");
+    let (status, _) = support::run_cli(&["status"], &new.config_text, &[]);
+    let lines: Vec<&str> = status.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two shards: {status}");
+    for (line, shard) in lines[1..].iter().zip(new.shards()) {
+        let cells: Vec<&str> = line.split_whitespace().collect();
+        let owner: String = conn.get(&shard.lease).unwrap();
+        assert_eq!(
+            cells[..2],
+            [shard.stream.as_str(), owner.as_str()],
+            "{status}"
+        );
+        assert_eq!(cells[2], cells[3], "read to the end: {status}");
+        assert_eq!(cells[4..6], ["0", "0"], "no lag, nothing pending: {status}");
+    }
     let dlq = read_stream(&mut conn, &new.section().dlq_stream);
     assert!(dlq.iter().all(|(_, f)| f["reason"] != b"misrouted"));
 }

@@ -63,6 +63,15 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Per input partition (Kafka) or shard (Redis): owner, the group's
+    /// position, the end and the lag, as the broker sees them.
+    Status {
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+        /// One JSON object per line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Redis: after changing `redis.shards`, with every worker stopped, move
     /// the entries the old shard count left unfinished to the shard streams
     /// of the new one and remove the old streams it no longer uses.

@@ -8,6 +8,7 @@
 //!   metadata so a restart does not re-emit part of a delivered turn.
 //! - [`dlq`]: the DLQ topic for `sessionizer dlq` (read, replay with a
 //!   consumer group recording progress).
+//! - [`status`]: `sessionizer status`: commits, ends and owners per partition.
 //! - [`demo`]: `sessionizer demo`, on librdkafka's in-process mock cluster.
 //! - [`worker`]: the loop: consume, sessionize per partition, produce, and
 //!   commit each partition's resolved prefix once its output is acknowledged
@@ -23,6 +24,7 @@ pub mod demo;
 pub mod dlq;
 pub mod offsets;
 mod partition;
+pub mod status;
 pub mod worker;
 
 pub use worker::{run, WorkerError};

@@ -706,7 +706,7 @@ impl Worker {
             // watermark decides for each topic's partition of that number.
             if only.is_none_or(|p| p == *partition)
                 && state.pipeline.engine().open_sessions() > 0
-                && cached_high_watermark(consumer, topic, *partition)
+                && cached_high_watermark(consumer.client(), topic, *partition)
                     .is_some_and(|high| state.next_offset >= high)
             {
                 let newest = state.pipeline.engine().max_event_time();
@@ -728,7 +728,7 @@ impl Worker {
             state
                 .gauges
                 .update(engine.open_sessions(), engine.watermark(), now);
-            if let Some(high) = cached_high_watermark(consumer, topic, *partition) {
+            if let Some(high) = cached_high_watermark(consumer.client(), topic, *partition) {
                 state
                     .gauges
                     .consumer_lag((high - state.next_offset).max(0) as u64);
@@ -940,8 +940,8 @@ impl OutcomeSink for PartitionOutput<'_, '_> {
 }
 
 /// librdkafka's cached high watermark of a partition (no network round trip).
-fn cached_high_watermark(
-    consumer: &StreamConsumer<WorkerContext>,
+pub(super) fn cached_high_watermark<C: rdkafka::ClientContext>(
+    client: &rdkafka::client::Client<C>,
     topic: &str,
     partition: i32,
 ) -> Option<i64> {
@@ -953,7 +953,7 @@ fn cached_high_watermark(
     #[allow(unsafe_code)]
     let err = unsafe {
         rdkafka::bindings::rd_kafka_get_watermark_offsets(
-            consumer.client().native_ptr(),
+            client.native_ptr(),
             topic.as_ptr(),
             partition,
             &mut low,

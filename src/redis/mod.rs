@@ -12,7 +12,8 @@
 //! [`connection`] talks to one node or a Redis Cluster ([`direct`]: a shard
 //! task's own socket and reply reader on one node); [`dlq`] is the
 //! dead-letter stream as `sessionizer dlq` reads and replays it; [`reshard`]
-//! moves unfinished entries after a change of the shard count.
+//! moves unfinished entries after a change of the shard count; [`status`]
+//! reads each shard's owner and progress for `sessionizer status`.
 
 pub mod config;
 pub mod connection;
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod reshard;
 pub mod scripts;
 pub mod shard;
+pub mod status;
 pub mod worker;
 
 pub use worker::{run, WorkerError};
