@@ -113,8 +113,8 @@ impl Decoder {
                 Some(_) => protobuf_fields(bytes).map_err(|e| {
                     if std::str::from_utf8(bytes).is_ok() {
                         Poison::decode(format!(
-                            "not JSON (a JSON event starts with `{{`), and {}",
-                            e.message
+                            "not an event: {} (a JSON event starts with `{{`)",
+                            looks_like(bytes)
                         ))
                     } else {
                         e
@@ -257,8 +257,17 @@ struct JsonEvent<'a> {
 fn json_fields(bytes: &[u8]) -> Result<Fields<'_>, Poison> {
     // One UTF-8 check of the whole record is cheaper than serde_json's check
     // of every string, and says more precisely what is wrong.
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| Poison::decode(format!("not valid JSON: the record is not UTF-8 ({e})")))?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
+        let what = if object {
+            String::new()
+        } else {
+            format!(": {}", looks_like(bytes))
+        };
+        Poison::decode(format!(
+            "not valid JSON: the record is not UTF-8 ({e}){what}"
+        ))
+    })?;
     match super::fast_json::read(text) {
         Some(f) => Ok(fast_fields(f)),
         None => serde_fields(text),
@@ -279,6 +288,34 @@ fn fast_fields(f: super::fast_json::FastFields<'_>) -> Fields<'_> {
         attributes: None,
         gap_ms: None,
     }
+}
+
+/// What undecodable bytes look like, for the dead letter's error: text
+/// (its start), a known compressed format, or other binary (its first
+/// bytes), so an operator sees at once a plain-text producer or a
+/// compressed payload.
+fn looks_like(bytes: &[u8]) -> String {
+    const SHOWN: usize = 8;
+    if bytes.is_empty() {
+        return "the record is empty".to_owned();
+    }
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        let start: String = text.chars().take(24).collect();
+        let more = if start.len() < text.len() { "…" } else { "" };
+        return format!("text starting {start:?}{more}");
+    }
+    let hex: Vec<String> = bytes
+        .iter()
+        .take(SHOWN)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let kind = match bytes {
+        [0x1f, 0x8b, ..] => "gzip-compressed data",
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => "zstd-compressed data",
+        [0x04, 0x22, 0x4d, 0x18, ..] => "lz4-compressed data",
+        _ => "binary data",
+    };
+    format!("{kind}, {} bytes starting {}", bytes.len(), hex.join(" "))
 }
 
 /// The full JSON decoder: every shape, and the errors.
@@ -311,8 +348,12 @@ fn serde_fields(text: &str) -> Result<Fields<'_>, Poison> {
 }
 
 fn protobuf_fields(bytes: &[u8]) -> Result<Fields<'static>, Poison> {
-    let event = proto::ChatEvent::decode(bytes)
-        .map_err(|e| Poison::decode(format!("not a valid protobuf ChatEvent: {e}")))?;
+    let event = proto::ChatEvent::decode(bytes).map_err(|e| {
+        Poison::decode(format!(
+            "not a valid protobuf ChatEvent ({e}): {}",
+            looks_like(bytes)
+        ))
+    })?;
     let kind = match proto::EventKind::try_from(event.kind) {
         Ok(proto::EventKind::Message) => Ok(EventKind::Message),
         Ok(proto::EventKind::Typing) => Ok(EventKind::Typing),
@@ -429,7 +470,7 @@ mod tests {
             .decode(b"hello there", NOW)
             .unwrap_err();
         assert_eq!(p.reason, DeadLetterReason::Decode);
-        assert!(p.message.starts_with("not JSON"), "{}", p.message);
+        assert!(p.message.starts_with("not an event: text"), "{}", p.message);
     }
 
     #[test]
@@ -678,5 +719,25 @@ b""#
                 let _ = decoder(format).decode(&bytes, NOW);
             }
         }
+    }
+
+    #[test]
+    fn undecodable_records_are_described_by_what_they_look_like() {
+        let error = |format, bytes: &[u8]| decoder(format).decode(bytes, NOW).unwrap_err().message;
+        let text = error(InputFormat::Auto, b"hello, is anyone there? I need help");
+        assert!(
+            text.starts_with("not an event: text starting \"hello, is anyone there? \"…"),
+            "{text}"
+        );
+        let gzip = error(InputFormat::Auto, b"\x1f\x8b\x08\x00\xff\xfe");
+        assert!(
+            gzip.contains("gzip-compressed data, 6 bytes starting 1f 8b 08 00 ff fe"),
+            "{gzip}"
+        );
+        let binary = error(InputFormat::Json, b"\x80\x81");
+        assert!(
+            binary.contains("binary data, 2 bytes starting 80 81"),
+            "{binary}"
+        );
     }
 }
