@@ -729,6 +729,22 @@ async fn dlq_inspect_stats_and_replay_after_a_fix() {
         run_replay(&text, &["--reason", "invalid", "--transform", fix]),
         (0, 0)
     );
+    // The dead letters stay in the topic; `stats` says which a replay handled.
+    let stats = stats_json(&text, &[]);
+    assert_eq!(stats["total"], want_dead.len());
+    assert_eq!(
+        stats["replayed"]["by_reason"]["oversize"],
+        count_of("oversize")
+    );
+    assert_eq!(
+        stats["replayed"]["by_reason"]["invalid"],
+        count_of("invalid")
+    );
+    assert_eq!(stats["replayed"]["by_reason"]["decode"], 0);
+    assert_eq!(
+        stats["replayed"]["total"],
+        count_of("oversize") + count_of("invalid")
+    );
     let replayed = read_until(broker.client_config(), &t.input, false, TIMEOUT, |r| {
         r.len() >= records.len() + want.len()
     });

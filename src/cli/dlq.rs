@@ -189,10 +189,15 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
         }
         DlqCommand::Stats { json, .. } => {
             let mut stats = output::Stats::default();
-            for e in store.snapshot(None).await? {
-                if filter.matches(&e) {
-                    stats.add(&e);
-                }
+            let entries: Vec<_> = store
+                .snapshot(None)
+                .await?
+                .into_iter()
+                .filter(|e| filter.matches(e))
+                .collect();
+            let replayed = store.replayed(&entries)?;
+            for (i, e) in entries.iter().enumerate() {
+                stats.add(e, replayed.as_ref().map(|r| r[i]));
             }
             if json {
                 writeln!(out, "{}", stats.to_json())?;

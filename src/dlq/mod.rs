@@ -121,6 +121,13 @@ pub trait DeadLetterStore {
     /// for some), for `--follow`.
     async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>>;
 
+    /// For each entry, whether a `dlq replay` has handled it, where the store
+    /// keeps dead letters after their replay (Kafka); `None` where it does
+    /// not (Redis deletes what it replays; a file DLQ cannot know).
+    fn replayed(&mut self, _entries: &[DlqEntry]) -> anyhow::Result<Option<Vec<bool>>> {
+        Ok(None)
+    }
+
     /// Where a record (`payload`, after any transform) goes back to: `to`,
     /// or where it came from; an error when it cannot go anywhere.
     fn target(
@@ -200,6 +207,10 @@ impl DeadLetterStore for Store {
 
     async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
         each!(self, s => DeadLetterStore::follow(s).await)
+    }
+
+    fn replayed(&mut self, entries: &[DlqEntry]) -> anyhow::Result<Option<Vec<bool>>> {
+        each!(self, s => DeadLetterStore::replayed(s, entries))
     }
 
     fn target(&self, entry: &DlqEntry, payload: &[u8], to: Option<&str>) -> anyhow::Result<String> {

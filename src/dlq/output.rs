@@ -124,10 +124,18 @@ pub struct Stats {
     /// Their parsed times (`DlqEntry::failed_at_ms`), for comparing.
     oldest_ms: Option<Option<i64>>,
     newest_ms: Option<Option<i64>>,
+    /// Of those, handled by a `dlq replay` already, by reason, where the
+    /// store can tell (Kafka: see `KafkaDlq::replayed`).
+    pub replayed: Option<BTreeMap<String, u64>>,
 }
 
 impl Stats {
-    pub fn add(&mut self, e: &DlqEntry) {
+    /// Counts an entry; `replayed`: whether a replay handled it, when known.
+    pub fn add(&mut self, e: &DlqEntry, replayed: Option<bool>) {
+        if let Some(r) = replayed {
+            let counts = self.replayed.get_or_insert_with(BTreeMap::new);
+            *counts.entry(e.reason.clone()).or_default() += u64::from(r);
+        }
         self.total += 1;
         *self.by_reason.entry(e.reason.clone()).or_default() += 1;
         let partition = match &e.source_partition {
@@ -151,20 +159,32 @@ impl Stats {
             x.as_ref()
                 .map(|(t, p)| json!({"failed_at": t, "position": p}))
         };
-        json!({
+        let mut stats = json!({
             "total": self.total,
             "by_reason": self.by_reason,
             "by_source_partition": self.by_source_partition,
             "oldest": at(&self.oldest),
             "newest": at(&self.newest),
-        })
+        });
+        if let Some(replayed) = &self.replayed {
+            stats["replayed"] = json!({
+                "total": replayed.values().sum::<u64>(),
+                "by_reason": replayed,
+            });
+        }
+        stats
     }
 
     pub fn print(&self, out: &mut impl Write) -> io::Result<()> {
+        let replayed = |reason: &str| {
+            self.replayed.as_ref().map_or_else(String::new, |r| {
+                format!("  ({} handled by a replay)", r.get(reason).unwrap_or(&0))
+            })
+        };
         writeln!(out, "dead letters: {}", self.total)?;
         writeln!(out, "\nby reason:")?;
         for (reason, n) in &self.by_reason {
-            writeln!(out, "  {reason:<20} {n}")?;
+            writeln!(out, "  {reason:<20} {n}{}", replayed(reason))?;
         }
         writeln!(out, "\nby source partition:")?;
         for (partition, n) in &self.by_source_partition {

@@ -74,6 +74,66 @@ impl KafkaDlq {
         })
     }
 
+    /// Whether a replay group has passed each entry: a group named as
+    /// `dlq replay` names its default groups (`<group_id>.dlq-replay`, all
+    /// reasons, or `….<reason>+<reason>`) whose committed position on the
+    /// entry's partition is past it, and whose reasons include the entry's.
+    /// Such an entry was replayed, or skipped by that replay and reported
+    /// (`--max-replays`, truncated); selections by other filters or under
+    /// `--group` names are not known here.
+    pub fn replayed(&mut self, entries: &[DlqEntry]) -> anyhow::Result<Vec<bool>> {
+        let base = crate::dlq::replay::default_group(&self.kafka.group_id, &[]);
+        let groups = self
+            .consumer
+            .fetch_group_list(None, TIMEOUT)
+            .context("listing the replay groups")?;
+        let partitions = self.partitions()?;
+        // (the reasons a group covers, `None` for all; its position per partition)
+        type Passed = (Option<Vec<String>>, HashMap<i32, i64>);
+        let mut passed: Vec<Passed> = Vec::new();
+        for g in groups.groups() {
+            let reasons = match g.name().strip_prefix(&base) {
+                Some("") => None,
+                Some(rest) => match rest.strip_prefix('.') {
+                    Some(list) => Some(list.split('+').map(str::to_owned).collect()),
+                    None => continue,
+                },
+                None => continue,
+            };
+            let consumer: BaseConsumer<CommandContext> = client_config(&self.kafka, g.name())
+                .create_with_context(CommandContext)
+                .context("creating a replay group's consumer")?;
+            let mut list = TopicPartitionList::new();
+            for p in &partitions {
+                list.add_partition(&self.topic, *p);
+            }
+            let committed = consumer
+                .committed_offsets(list, TIMEOUT)
+                .with_context(|| format!("reading the commits of group {}", g.name()))?;
+            let at = committed
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect();
+            passed.push((reasons, at));
+        }
+        Ok(entries
+            .iter()
+            .map(|e| {
+                let Locator::Kafka { partition, offset } = e.locator else {
+                    return false;
+                };
+                passed.iter().any(|(reasons, at)| {
+                    reasons.as_ref().is_none_or(|r| r.contains(&e.reason))
+                        && at.get(&partition).is_some_and(|c| *c > offset)
+                })
+            })
+            .collect())
+    }
+
     fn partitions(&self) -> anyhow::Result<Vec<i32>> {
         let metadata = self
             .consumer
@@ -303,6 +363,10 @@ fn entry(m: &BorrowedMessage<'_>) -> DlqEntry {
 impl crate::dlq::DeadLetterStore for KafkaDlq {
     async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
         KafkaDlq::snapshot(self, replay_group)
+    }
+
+    fn replayed(&mut self, entries: &[DlqEntry]) -> anyhow::Result<Option<Vec<bool>>> {
+        KafkaDlq::replayed(self, entries).map(Some)
     }
 
     async fn follow(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
