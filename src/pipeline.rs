@@ -39,6 +39,17 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Whether the outcome is a late event's: a late turn, or a late event
+    /// dead-lettered or dropped.
+    pub fn is_late(&self) -> bool {
+        match self {
+            Outcome::Turn(session) => session.late,
+            Outcome::DeadLetter { reason, .. } => *reason == DeadLetterReason::Late,
+            Outcome::Dropped { reason, .. } => *reason == DropReason::Late,
+            Outcome::Delivered { .. } => false,
+        }
+    }
+
     /// The records this outcome resolves.
     pub fn seqs(&self) -> &[u64] {
         match self {
@@ -212,6 +223,8 @@ pub struct PartitionPipeline {
     /// their sessions re-form (see [`Self::mark_replayed`]).
     replayed: HashSet<u64>,
     route: Option<ShardRoute>,
+    /// For the late-events warning (see [`Self::warn_late`]).
+    late_log: LogThrottle,
 }
 
 impl PartitionPipeline {
@@ -224,6 +237,7 @@ impl PartitionPipeline {
             scratch: Vec::new(),
             replayed: HashSet::new(),
             route: None,
+            late_log: LogThrottle::default(),
         }
     }
 
@@ -298,12 +312,37 @@ impl PartitionPipeline {
                 if self.engine.clamped_gaps() != clamped {
                     crate::metrics::gap_clamped();
                 }
+                let mut late = false;
                 for r in resolutions.drain(..) {
                     let outcome = self.outcome(r, event_time);
+                    late |= outcome.is_late();
                     self.push(outcome, out);
                 }
                 self.scratch = resolutions;
+                if late {
+                    self.warn_late(event_time, now_ms);
+                }
             }
+        }
+    }
+
+    /// Late events are the data's, not a fault, but many at once usually mean
+    /// a backlog written behind live traffic (its old event times arrive
+    /// after the watermark moved on), so they are logged at most once every
+    /// 10 s per partition, with the count.
+    fn warn_late(&mut self, event_time: i64, now_ms: i64) {
+        if let Some(count) = self.late_log.occurred("late", now_ms) {
+            let behind_s = (self.engine.watermark() - event_time) / 1000;
+            tracing::warn!(
+                count,
+                behind_s,
+                policy = ?self.engine.config().late,
+                "late events: event times behind the partition's watermark reached no open \
+                 session (count: late events since the last such line; behind_s: how far \
+                 behind, for this one). A backlog written into an input with live traffic \
+                 arrives late like this: write backlogs into an input of their own \
+                 (docs/semantics.md, \"Backlogs behind live traffic\")"
+            );
         }
     }
 

@@ -381,6 +381,37 @@ fn stdin_to_stdout_and_protobuf_output() {
     assert_eq!(ids, want_ids);
 }
 
+/// Events far behind the watermark (a backlog written behind live traffic)
+/// are late; the worker says so in a warning with their count.
+#[test]
+fn late_events_are_logged_as_a_warning_with_the_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let event = |id: &str, user: &str, t: i64| {
+        format!(r#"{{"message_id":"{id}","user_id":"{user}","text":"x","event_time":{t}}}"#)
+    };
+    let t = 1_700_000_000_000i64;
+    let lines = [
+        event("m1", "live", t + 3_600_000),
+        event("m2", "backlog", t),
+        event("m3", "backlog", t + 10_000),
+    ];
+    let input = tmp.path().join("in.jsonl");
+    std::fs::write(&input, lines.join("\n") + "\n").unwrap();
+    let (output, dlq) = (tmp.path().join("out"), tmp.path().join("dlq"));
+    let run = run_example(&input, &output, &dlq);
+    assert!(run.status.success());
+    let turns = read_lines(&output);
+    assert_eq!(turns.iter().filter(|t| t["late"] == true).count(), 2);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let warning = stderr
+        .lines()
+        .find(|l| l.contains("WARN") && l.contains("late events"))
+        .unwrap_or_else(|| panic!("no late-events warning: {stderr}"));
+    assert!(warning.contains("count=1"), "{warning}");
+    // The watermark is the newest time less max_out_of_orderness (500 ms).
+    assert!(warning.contains("behind_s=3599"), "{warning}");
+}
+
 #[test]
 fn bad_config_fails_before_reading_with_the_key_and_reason() {
     let tmp = tempfile::tempdir().unwrap();
