@@ -607,6 +607,23 @@ async fn produce_and_metrics_count_what_was_sent() {
     }
 }
 
+/// A worker whose input topic does not exist is not ready, and `/readyz`
+/// names the cause (it said "not connected to the broker").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_names_a_missing_input_topic() {
+    let broker = Broker::start();
+    let t = Topics::named("missing");
+    broker.create_topic(&t.output, 1).await;
+    broker.create_topic(&t.dlq, 1).await;
+    let (config_text, port) = support::with_metrics(&worker_config(&broker, &t, ""));
+    let _worker = Worker::start(&config_text);
+    let body = wait_for("/readyz to name the missing topic", TIMEOUT, || {
+        let (status, body) = support::http_get(port, "/readyz")?;
+        (status == 503 && body.contains("create the input topics first")).then_some(body)
+    });
+    assert!(body.contains("Unknown topic or partition"), "{body}");
+}
+
 /// `dlq stats`, `inspect` and `replay` on the Kafka DLQ: filters select the
 /// right records, `--json` parses, a replay after a config fix (and one
 /// through `--transform`) turns dead letters into turns, a repeated replay
