@@ -39,6 +39,8 @@
 //!   (`kafka/config.rs`, `redis/config.rs`, `file/config.rs`).
 //! - [`wall_clock`]: the one place the wall clock is read.
 //! - [`produce`]: `sessionizer produce`, the load generator.
+//! - [`redact`]: the redaction stage between the engine and the output
+//!   encoders (`[redact]`), and re-identification of tokens.
 //! - [`status`]: `sessionizer status`'s rows and table (each broker reads
 //!   its own in `kafka/status.rs`, `redis/status.rs`).
 //! - [`workload`]: a deterministic generator of bursty chat traffic for
@@ -64,6 +66,7 @@ pub mod model;
 pub mod pipeline;
 pub mod produce;
 pub mod progress;
+pub mod redact;
 pub mod redis;
 pub mod shutdown;
 pub mod status;

@@ -85,6 +85,8 @@ pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
 /// Redis entries whose session key hashes to another shard than the
 /// stream they were read from, by `partition` (see `redis.misrouted`).
 pub const MISROUTED: &str = "sessionizer_misrouted_total";
+/// Values the redaction stage replaced in emitted turns, by `detector`.
+pub const REDACTIONS: &str = "sessionizer_redactions_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -282,6 +284,10 @@ pub fn commit_stalled(partition: &str) -> Gauge {
 /// An event's `gap_ms` was clamped to `window.max_gap`.
 pub fn misrouted(partition: &str) -> Counter {
     counter!(MISROUTED, "partition" => partition.to_owned())
+}
+
+pub fn redactions(detector: &str) -> Counter {
+    counter!(REDACTIONS, "detector" => detector.to_owned())
 }
 
 pub fn gap_clamped() {

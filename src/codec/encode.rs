@@ -42,6 +42,7 @@ pub fn turn_from_session(session: &ClosedSession) -> Turn<'_> {
         closed_by: session.closed_by,
         late: session.late,
         previous_turn_id: session.previous_turn_id.clone(),
+        redactions: session.redactions.clone(),
         message_count: session.messages.len() as u32,
         text,
         messages: session
@@ -104,6 +105,15 @@ fn to_proto(turn: &Turn<'_>) -> proto::Turn {
         closed_by: closed_by as i32,
         late: turn.late,
         previous_turn_id: turn.previous_turn_id.clone(),
+        redactions: turn
+            .redactions
+            .iter()
+            .flatten()
+            .map(|r| proto::Redaction {
+                detector: r.detector.clone(),
+                count: r.count,
+            })
+            .collect(),
         message_count: turn.message_count,
         text: turn.text.clone(),
         messages: turn

@@ -34,6 +34,20 @@ pub fn write_turn(session: &ClosedSession, turn_id: &str, buf: &mut Vec<u8>) {
         buf.extend_from_slice(b",\"previous_turn_id\":");
         write_str(buf, previous);
     }
+    if let Some(redactions) = &session.redactions {
+        buf.extend_from_slice(b",\"redactions\":[");
+        for (i, r) in redactions.iter().enumerate() {
+            if i > 0 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b"{\"detector\":");
+            write_str(buf, &r.detector);
+            buf.extend_from_slice(b",\"count\":");
+            write_int(buf, i64::from(r.count));
+            buf.push(b'}');
+        }
+        buf.push(b']');
+    }
     buf.extend_from_slice(b",\"message_count\":");
     write_int(buf, session.messages.len() as i64);
     buf.extend_from_slice(b",\"text\":\"");

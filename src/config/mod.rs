@@ -70,6 +70,9 @@ pub struct Config {
     pub redis: Option<RedisSection>,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Redaction of emitted turns (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<crate::redact::RedactSection>,
 }
 
 /// `[metrics]`: the Prometheus endpoint, and the progress line in the log.
@@ -326,6 +329,9 @@ impl Config {
                 ),
             ));
         }
+        if let Some(redact) = &self.redact {
+            redact.validate()?;
+        }
         match self.source {
             SourceKind::Kafka => {
                 let Some(k) = &self.kafka else {
@@ -409,6 +415,14 @@ impl Config {
             live_lag_ms: w.max_out_of_orderness.0.saturating_add(w.backlog_lag.0),
             backlog_quiet_ms: w.backlog_quiet.0,
         }
+    }
+
+    /// The redaction stage of `[redact]`, `None` without it.
+    pub fn redactor(&self) -> Result<Option<crate::redact::Redactor>, ConfigError> {
+        self.redact
+            .as_ref()
+            .map(crate::redact::Redactor::new)
+            .transpose()
     }
 
     pub fn window_config(&self) -> WindowConfig {

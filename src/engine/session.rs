@@ -110,6 +110,14 @@ impl SessionMessage {
         &self.id_text[..self.id_len as usize]
     }
 
+    /// Replaces the text (the redaction stage's rewrite).
+    pub fn set_text(&mut self, text: &str) {
+        let mut id_text = String::with_capacity(self.id_len as usize + text.len());
+        id_text.push_str(self.message_id());
+        id_text.push_str(text);
+        self.id_text = id_text.into_boxed_str();
+    }
+
     pub fn text(&self) -> &str {
         &self.id_text[self.id_len as usize..]
     }
@@ -132,6 +140,10 @@ pub struct ClosedSession {
     /// With `window.follow_up`: the key's previous turn, when this one
     /// started within `follow_up` of its last event.
     pub previous_turn_id: Option<String>,
+    /// Set by the redaction stage between the engine and the output
+    /// (`crate::redact`), which also rewrote the texts; the engine leaves it
+    /// `None`.
+    pub redactions: Option<Vec<crate::model::Redaction>>,
 }
 
 /// What became of records. Every record handed to the engine ends in exactly
@@ -655,6 +667,7 @@ impl SessionEngine {
             messages,
             seqs,
             previous_turn_id: None,
+            redactions: None,
         };
         if let Some(follow_up) = follow_up {
             if let Some(previous) = &state.previous {
@@ -694,6 +707,7 @@ impl SessionEngine {
                     }],
                     seqs: vec![seq],
                     previous_turn_id: None,
+                    redactions: None,
                 })
             }
             (EventKind::Message, LatePolicy::Dlq) => Resolution::LateDeadLetter { seq },

@@ -14,7 +14,7 @@ pub use dead_letter::{
 };
 pub use event::{Attributes, ChatEvent, EventKind};
 pub use shard::shard_of;
-pub use turn::{turn_id, ClosedBy, Turn, TurnMessage};
+pub use turn::{turn_id, ClosedBy, Redaction, Turn, TurnMessage};
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {

@@ -77,11 +77,23 @@ pub struct Turn<'a> {
     /// started within `follow_up` of its last event.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub previous_turn_id: Option<String>,
+    /// With `[redact]`: what was replaced, per detector.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redactions: Option<Vec<Redaction>>,
     pub message_count: u32,
     /// The message texts joined with "\n".
     pub text: String,
     /// In (event time, source position) order.
     pub messages: Vec<TurnMessage<'a>>,
+}
+
+/// How many values one detector replaced in a turn (the values never leave
+/// the redaction stage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redaction {
+    pub detector: String,
+    pub count: u32,
 }
 
 /// The turn id: the first 16 bytes, as 32 lowercase hex chars, of
