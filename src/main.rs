@@ -102,6 +102,25 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime()?.block_on(cli::dlq::run(command)),
+        Command::Reidentify { config } => {
+            let config = Config::load(&config)?;
+            let redactor = match (&config.redact, config.redactor()?) {
+                (Some(section), Some(r)) if section.mode == sessionizer::redact::RedactMode::Tokenize => r,
+                _ => anyhow::bail!(
+                    "reidentify needs [redact] with mode = \"tokenize\" and its key in the configuration"
+                ),
+            };
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .context("reading stdin (UTF-8 text)")?;
+            let (restored, done) = redactor.reidentify(&text);
+            std::io::Write::write_all(&mut std::io::stdout(), restored.as_bytes())?;
+            eprintln!(
+                "reidentify: {} tokens restored, {} left as they were (made under another key, or changed)",
+                done.restored, done.refused
+            );
+            Ok(())
+        }
         Command::Status { config, json } => {
             let config = Config::load(&config)?;
             let rows = runtime()?.block_on(sessionizer::status::read(&config))?;

@@ -303,6 +303,181 @@ fn golden_caps() {
     }
 }
 
+/// The values the redaction cases hide.
+const SENSITIVE: [&str; 9] = [
+    "alice@example.com",
+    "4111 1111 1111 1111",
+    "#4242",
+    "+49 30 1234567",
+    "DE89 3704 0044 0532 0130 00",
+    "192.168.10.1",
+    "admin:s3cret",
+    "123-45-6789",
+    "s3cret",
+];
+
+/// No sensitive value in any turn, the joined text is the join of the
+/// redacted messages, and the dead letter keeps the original bytes.
+fn assert_redacted(turns: &[Value], dlq: &[Value]) {
+    let output = serde_json::to_string(turns).unwrap();
+    for value in SENSITIVE {
+        assert!(
+            !output.contains(value),
+            "{value} reached the output: {output}"
+        );
+    }
+    for t in turns {
+        let joined: Vec<&str> = t["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(t["text"], joined.join("\n"));
+        assert!(
+            t["redactions"].is_array(),
+            "every turn says what was found: {t}"
+        );
+    }
+    assert!(
+        output.contains("4111 1111 1111 1112"),
+        "a Luhn failure is kept"
+    );
+    assert_eq!(dlq.len(), 1);
+    assert!(dlq[0]["payload"]
+        .as_str()
+        .unwrap()
+        .contains("alice@example.com"));
+}
+
+#[test]
+fn golden_redact_mask() {
+    let (turns, dlq) = golden("redact_mask");
+    assert_redacted(&turns, &dlq);
+    assert_eq!(
+        turns[0]["text"],
+        "hi, my email is [EMAIL]\ncard [CREDIT_CARD], order [ORDER_ID]"
+    );
+    assert_eq!(turns[0]["messages"][1]["attributes"]["email"], "[EMAIL]");
+    assert_eq!(turns[0]["messages"][1]["attributes"]["lang"], "en");
+}
+
+/// Tokens in the turns; `reidentify` with the same configuration gives back
+/// every original text exactly.
+#[test]
+fn golden_redact_tokenize_and_reidentify() {
+    let (turns, dlq) = golden("redact_tokenize");
+    assert_redacted(&turns, &dlq);
+    let first = turns[0]["messages"][0]["text"].as_str().unwrap();
+    assert!(first.starts_with("hi, my email is [EMAIL:"), "{first}");
+    let dir = golden_dir("redact_tokenize");
+    let mut child = bin()
+        .args(["reidentify", "--config"])
+        .arg(dir.join("config.toml"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let texts: Vec<String> = turns
+        .iter()
+        .flat_map(|t| t["messages"].as_array().unwrap().clone())
+        .map(|m| m["text"].as_str().unwrap().to_owned())
+        .collect();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(texts.join("\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let originals: Vec<String> = std::fs::read_to_string(dir.join("input.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["user_id"] != "")
+        .map(|e| e["text"].as_str().unwrap().to_owned())
+        .collect();
+    let mut restored: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+    let mut want: Vec<&str> = originals.iter().map(String::as_str).collect();
+    restored.sort();
+    want.sort();
+    assert_eq!(restored, want);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("tokens restored, 0 left"), "{stderr}");
+}
+
+/// A missing or short key fails at start naming the key; the key itself
+/// appears nowhere: not in errors, `check-config`, logs or output.
+#[test]
+fn the_tokenization_key_is_checked_at_start_and_never_shown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "source = \"file\"\n[file]\ndlq = \"-\"\n[redact]\nmode = \"tokenize\"\nkey_env = \"TEST_REDACT_KEY\"\n",
+    )
+    .unwrap();
+    let run = |command: &str, key: Option<&str>| {
+        let mut cmd = bin();
+        cmd.args([command, "--config"])
+            .arg(&config)
+            .env_remove("TEST_REDACT_KEY");
+        if let Some(key) = key {
+            cmd.env("TEST_REDACT_KEY", key);
+        }
+        cmd.env(
+            "SESSIONIZER__FILE__INPUT",
+            golden_dir("redact_mask").join("input.jsonl"),
+        )
+        .output()
+        .unwrap()
+    };
+    let missing = run("run", None);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        stderr.contains("redact.key_env") && stderr.contains("TEST_REDACT_KEY is not set"),
+        "{stderr}"
+    );
+
+    let short = "c2hvcnQga2V5IG9mIHRoaXJ0eS10d28gYnl0ZXMhISE=";
+    for command in ["run", "check-config"] {
+        let refused = run(command, Some(short));
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            stderr.contains("redact.key_env") && stderr.contains("32 bytes"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains(short), "the key in an error: {stderr}");
+    }
+
+    let key = std::fs::read_to_string(golden_dir("redact_tokenize").join("test.key")).unwrap();
+    let key = key.trim();
+    for command in ["run", "check-config"] {
+        let ok = run(command, Some(key));
+        assert!(
+            ok.status.success(),
+            "{}",
+            String::from_utf8_lossy(&ok.stderr)
+        );
+        let all = [ok.stdout, ok.stderr].concat();
+        let text = String::from_utf8_lossy(&all);
+        assert!(
+            !text.contains(key) && !text.contains(&key[..16]),
+            "the key shown by {command}"
+        );
+    }
+}
+
 #[test]
 fn golden_inputs_are_valid_chat_events() {
     let validator = schema("chat_event.schema.json");

@@ -63,6 +63,13 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Replace the tokens `[redact] mode = "tokenize"` made with their
+    /// values: stdin to stdout (an agent's answer on its way back to the
+    /// user). Tokens made under another key, or changed, stay as they are.
+    Reidentify {
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+    },
     /// Per input partition (Kafka) or shard (Redis): owner, the group's
     /// position, the end and the lag, as the broker sees them.
     Status {

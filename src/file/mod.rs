@@ -17,6 +17,7 @@ use crate::config::{Config, ConfigError};
 use crate::engine::ClosedSession;
 use crate::model::{DeadLetter, DeadLetterReason, DeadLetterSource, Truncated, KEPT_PREFIX_BYTES};
 use crate::pipeline::{deliver_all, Outcome, OutcomeSink, PartitionPipeline, Stats};
+use crate::redact::Redactor;
 use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 
 /// Why a file run stopped.
@@ -109,6 +110,7 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
     let decoder = Decoder::new(config.input_format(), config.decode_limits());
     let mut runner = Runner {
         pipeline: PartitionPipeline::new(decoder, config.window_config()),
+        redactor: config.redactor()?,
         max_record_bytes: config.input.max_record_bytes,
         format: config.output_format(),
         input_name: file.input.clone(),
@@ -304,6 +306,7 @@ fn read_line_bounded(
 
 struct Runner {
     pipeline: PartitionPipeline,
+    redactor: Option<Redactor>,
     max_record_bytes: usize,
     format: OutputFormat,
     input_name: String,
@@ -386,8 +389,11 @@ struct FileOutput<'a> {
 }
 
 impl OutcomeSink for FileOutput<'_> {
-    fn turn(&mut self, session: ClosedSession) {
+    fn turn(&mut self, mut session: ClosedSession) {
         let r = &mut *self.runner;
+        if let Some(redactor) = &r.redactor {
+            redactor.apply(&mut session);
+        }
         let buf = &mut r.output.buf;
         match r.format {
             OutputFormat::Json => {

@@ -27,6 +27,10 @@ pub(super) struct Outgoing {
     pub(super) topic: Arc<str>,
     pub(super) key: Vec<u8>,
     pub(super) payload: Vec<u8>,
+    /// With `[redact]`, a turn's unredacted JSON: what its messages'
+    /// dead letters keep if the broker refuses the turn for good (a dead
+    /// letter keeps the original bytes, for replay).
+    pub(super) original: Option<Vec<u8>>,
     pub(super) headers: OwnedHeaders,
     pub(super) dead_letter: bool,
     /// Several records that resolve the same `seqs` together (the dead
@@ -37,7 +41,8 @@ pub(super) struct Outgoing {
 impl Outgoing {
     /// What it holds in memory until acknowledged, near enough.
     pub(super) fn size(&self) -> u64 {
-        (self.key.len() + self.payload.len()) as u64
+        let original = self.original.as_ref().map_or(0, Vec::len);
+        (self.key.len() + self.payload.len() + original) as u64
     }
 }
 

@@ -55,6 +55,8 @@ use crate::wall_clock::{now_ms, rfc3339_ms, worker_id};
 pub enum WorkerError {
     #[error("the configuration has no [kafka] section")]
     NoKafkaSection,
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("creating the Kafka {what}: {source}")]
     Client {
         what: &'static str,
@@ -162,6 +164,7 @@ pub async fn run(
 
     let mut w = Worker {
         kafka: kafka.clone(),
+        redactor: config.redactor()?,
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
         max_dead_letter_bytes: max_dead_letter_bytes(config),
         window: config.window_config(),
@@ -197,6 +200,7 @@ pub async fn run(
 
 struct Worker {
     kafka: KafkaSection,
+    redactor: Option<crate::redact::Redactor>,
     decoder: Decoder,
     max_dead_letter_bytes: usize,
     window: crate::engine::WindowConfig,
@@ -600,9 +604,11 @@ impl Worker {
     /// the input topic), and its records resolve once the rest of its group
     /// is durable.
     fn undeliverable(&mut self, mut outgoing: Outgoing, error: KafkaError) {
-        let events = (!outgoing.dead_letter)
-            .then(|| turn_as_events(&outgoing.payload, self.format))
-            .flatten();
+        let events = match (&outgoing.original, outgoing.dead_letter) {
+            (_, true) => None,
+            (Some(original), false) => turn_as_events(original, OutputFormat::Json),
+            (None, false) => turn_as_events(&outgoing.payload, self.format),
+        };
         let Some((turn_id, events)) = events else {
             if outgoing.dead_letter && outgoing.payload.len() > KEPT_PREFIX_BYTES {
                 let (kept, truncated) = kept_payload(&outgoing.payload, KEPT_PREFIX_BYTES);
@@ -656,6 +662,7 @@ impl Worker {
                 topic: self.dlq_topic.clone(),
                 key: outgoing.key.clone(),
                 payload: payload.to_vec(),
+                original: None,
                 headers,
                 dead_letter: true,
                 group: Some(remaining.clone()),
@@ -879,9 +886,15 @@ struct PartitionOutput<'a, 'm> {
 }
 
 impl OutcomeSink for PartitionOutput<'_, '_> {
-    fn turn(&mut self, session: ClosedSession) {
+    fn turn(&mut self, mut session: ClosedSession) {
         let w = &mut *self.worker;
         metrics::observe_emit(&session, w.window.gap_ms, now_ms());
+        let original = w.redactor.as_ref().map(|redactor| {
+            let mut original = Vec::with_capacity(512);
+            encode_turn(&session, OutputFormat::Json, &mut original);
+            redactor.apply(&mut session);
+            original
+        });
         let mut payload = Vec::with_capacity(512);
         encode_turn(&session, w.format, &mut payload);
         let headers = OwnedHeaders::new().insert(Header {
@@ -895,6 +908,7 @@ impl OutcomeSink for PartitionOutput<'_, '_> {
             seqs: session.seqs,
             topic: w.output_topic.clone(),
             payload,
+            original,
             headers,
             dead_letter: false,
             group: None,
@@ -927,6 +941,7 @@ impl OutcomeSink for PartitionOutput<'_, '_> {
             topic: w.dlq_topic.clone(),
             key: m.key().map(<[u8]>::to_vec).unwrap_or_default(),
             payload: payload.to_vec(),
+            original: None,
             headers,
             dead_letter: true,
             group: None,

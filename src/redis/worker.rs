@@ -32,6 +32,8 @@ pub enum WorkerError {
     #[error("the configuration has no [redis] section")]
     NoRedisSection,
     #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
     Client(#[from] super::connection::ClientError),
     /// Refused credentials or ACL permissions before the first lease
     /// round: a configuration error, so the worker stops instead of
@@ -77,6 +79,7 @@ pub async fn run(
         worker: worker.clone(),
         shards: section.shards,
         misrouted: section.misrouted,
+        redactor: config.redactor()?,
     });
     let mut coordinator = Coordinator {
         section: section.clone(),

@@ -89,9 +89,12 @@ pub(super) struct ShardOutput<'a, 'e> {
 }
 
 impl OutcomeSink for ShardOutput<'_, '_> {
-    fn turn(&mut self, session: ClosedSession) {
+    fn turn(&mut self, mut session: ClosedSession) {
         let task = &mut *self.task;
         metrics::observe_emit(&session, task.settings.window.gap_ms, now_ms());
+        if let Some(redactor) = &task.settings.redactor {
+            redactor.apply(&mut session);
+        }
         let id = session_turn_id(&session);
         let mut turn = Vec::with_capacity(512);
         encode_turn_with_id(&session, &id, task.settings.format, &mut turn);

@@ -56,6 +56,8 @@ pub struct Settings {
     /// The shard count, to check each entry's shard (`redis.misrouted`).
     pub shards: u32,
     pub misrouted: MisroutedSetting,
+    /// `[redact]`: applied to each turn before it is encoded.
+    pub redactor: Option<crate::redact::Redactor>,
 }
 
 /// Why a shard task ended.
