@@ -18,7 +18,12 @@ impl LogThrottle {
     /// occurrences the line to log now stands for (this one included), or
     /// `None` when the cause was logged less than [`INTERVAL_MS`] ago.
     pub fn occurred(&mut self, cause: &str, now_ms: i64) -> Option<u64> {
-        let (last, count) = self.causes.entry(cause.to_owned()).or_insert((i64::MIN, 0));
+        // A cause seen before costs no allocation (late events during a
+        // backlog call this for every record).
+        if !self.causes.contains_key(cause) {
+            self.causes.insert(cause.to_owned(), (i64::MIN, 0));
+        }
+        let (last, count) = self.causes.get_mut(cause).expect("inserted");
         *count += 1;
         if *last != i64::MIN && now_ms - *last < INTERVAL_MS {
             return None;

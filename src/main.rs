@@ -140,9 +140,8 @@ fn run(command: Command) -> anyhow::Result<()> {
                 &mut std::io::stdout(),
             ))?;
             eprintln!(
-                "reshard: done: {} entries moved, {} kept, {} streams removed{}",
+                "reshard: done: {} entries moved, {} streams removed{}",
                 report.moved,
-                report.kept,
                 report.removed.len(),
                 if dry_run {
                     " (dry run: nothing changed)"

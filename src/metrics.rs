@@ -222,12 +222,22 @@ pub struct PartitionGauges {
 impl PartitionGauges {
     pub fn new(partition: &str) -> Self {
         let label = partition.to_owned();
-        PartitionGauges {
-            owned: Arc::new(progress::Owned::new(&label)),
+        let owned = progress::Owned::new(&label);
+        let first = owned.first;
+        let gauges = PartitionGauges {
+            owned: Arc::new(owned),
             open_sessions: gauge!(OPEN_SESSIONS, "partition" => label.clone()),
             watermark_lag: gauge!(WATERMARK_LAG, "partition" => label.clone()),
             consumer_lag: gauge!(CONSUMER_LAG, "partition" => label),
+        };
+        if first {
+            // Taken just now: no sessions and an unknown lag, not the values
+            // its series held when this worker owned it before.
+            gauges.open_sessions.set(0.0);
+            gauges.watermark_lag.set(0.0);
+            gauges.consumer_lag.set(f64::NAN);
         }
+        gauges
     }
 
     /// `watermark` is `i64::MIN` until the partition has seen an event. The
@@ -281,7 +291,7 @@ pub fn commit_stalled(partition: &str) -> Gauge {
     gauge!(COMMIT_STALLED, "partition" => partition.to_owned())
 }
 
-/// An event's `gap_ms` was clamped to `window.max_gap`.
+/// The [`MISROUTED`] counter of one shard.
 pub fn misrouted(partition: &str) -> Counter {
     counter!(MISROUTED, "partition" => partition.to_owned())
 }
@@ -290,6 +300,7 @@ pub fn redactions(detector: &str) -> Counter {
     counter!(REDACTIONS, "detector" => detector.to_owned())
 }
 
+/// An event's `gap_ms` was clamped to `window.max_gap`.
 pub fn gap_clamped() {
     counter!(GAPS_CLAMPED).increment(1);
 }

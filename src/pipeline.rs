@@ -225,6 +225,8 @@ pub struct PartitionPipeline {
     route: Option<ShardRoute>,
     /// For the late-events warning (see [`Self::warn_late`]).
     late_log: LogThrottle,
+    /// The partition, shard or file it reads, for its log lines.
+    name: Box<str>,
 }
 
 impl PartitionPipeline {
@@ -238,7 +240,14 @@ impl PartitionPipeline {
             replayed: HashSet::new(),
             route: None,
             late_log: LogThrottle::default(),
+            name: Box::from(""),
         }
+    }
+
+    /// Names the partition, shard or file in the pipeline's log lines.
+    pub fn named(mut self, name: &str) -> Self {
+        self.name = Box::from(name);
+        self
     }
 
     /// Checks every event against the shard this partition serves.
@@ -334,6 +343,7 @@ impl PartitionPipeline {
         if let Some(count) = self.late_log.occurred("late", now_ms) {
             let behind_s = (self.engine.watermark() - event_time) / 1000;
             tracing::warn!(
+                partition = %self.name,
                 count,
                 behind_s,
                 policy = ?self.engine.config().late,

@@ -52,16 +52,23 @@ fn owned() -> MutexGuard<'static, Registry> {
 pub struct Owned {
     label: String,
     pub state: Arc<PartitionState>,
+    /// The partition was not owned before this hold.
+    pub first: bool,
 }
 
 impl Owned {
     pub fn new(label: &str) -> Owned {
         let mut owned = owned();
-        let (count, state) = owned.entry(label.to_owned()).or_default();
+        let (count, state) = owned.entry(label.to_owned()).or_insert_with(|| {
+            let state = PartitionState::default();
+            state.consumer_lag.store(UNKNOWN, Ordering::Relaxed);
+            (0, Arc::new(state))
+        });
         *count += 1;
         Owned {
             label: label.to_owned(),
             state: state.clone(),
+            first: *count == 1,
         }
     }
 }

@@ -269,6 +269,9 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
                 } + &match report.skipped_truncated.len() {
                     0 => String::new(),
                     n => format!(", {n} skipped as truncated"),
+                } + &match report.skipped_unroutable.len() {
+                    0 => String::new(),
+                    n => format!(", {n} skipped with nowhere to go"),
                 }
             );
         }

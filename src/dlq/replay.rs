@@ -74,6 +74,10 @@ pub struct ReplayReport {
     /// Positions skipped because the dead letter keeps only the record's
     /// first bytes and no `--transform` rebuilds it.
     pub skipped_truncated: Vec<String>,
+    /// Positions skipped because the store has nowhere to send them (Redis:
+    /// no session key, from a stream no worker reads); their dead letters
+    /// stay.
+    pub skipped_unroutable: Vec<String>,
 }
 
 /// Replays, oldest first, until done, `limit`, or `stop` resolves (then
@@ -163,7 +167,15 @@ async fn replay_each(
             }
             None => entry.payload.clone(),
         };
-        let target = store.target(&entry, &payload, options.to.as_deref())?;
+        let target = match store.target(&entry, &payload, options.to.as_deref()) {
+            Ok(target) => target,
+            Err(why) => {
+                writeln!(out, "skipped {why}")?;
+                report.skipped_unroutable.push(entry.position.clone());
+                store.pass(&entry)?;
+                continue;
+            }
+        };
         // What goes back into a worker's input must be a valid event: a
         // transform's garbage would only come back as a dead letter, and
         // (Redis) the original would be gone. A parking lot elsewhere (`--to`)

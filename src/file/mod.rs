@@ -109,7 +109,7 @@ pub fn run(config: &Config) -> Result<Stats, FileError> {
     let (output, dlq) = open_sinks(file, taken)?;
     let decoder = Decoder::new(config.input_format(), config.decode_limits());
     let mut runner = Runner {
-        pipeline: PartitionPipeline::new(decoder, config.window_config()),
+        pipeline: PartitionPipeline::new(decoder, config.window_config()).named(&file.input),
         redactor: config.redactor()?,
         max_record_bytes: config.input.max_record_bytes,
         format: config.output_format(),

@@ -7,7 +7,6 @@ use std::time::Duration;
 use anyhow::Context as _;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message as _;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::client::{consumer_config, CommandContext};
@@ -83,36 +82,38 @@ fn ends(
         assignment.add_partition_offset(e.topic(), e.partition(), from)?;
     }
     consumer.assign(&assignment)?;
-    let mut fetched = std::collections::HashSet::new();
+    let wanted: Vec<(String, i32)> = assignment
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect();
     let deadline = std::time::Instant::now() + TIMEOUT;
-    while fetched.len() < assignment.count() {
+    loop {
+        let ends: HashMap<(String, i32), i64> = wanted
+            .iter()
+            .filter_map(|(topic, p)| {
+                let high = super::worker::cached_high_watermark(consumer.client(), topic, *p)?;
+                Some(((topic.clone(), *p), high))
+            })
+            .collect();
+        if ends.len() == wanted.len() {
+            return Ok(ends);
+        }
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
             "no fetch answer from {} of {} partitions within {TIMEOUT:?}",
-            assignment.count() - fetched.len(),
-            assignment.count()
+            wanted.len() - ends.len(),
+            wanted.len()
         );
+        // Polling drives the fetches whose answers carry the watermarks;
+        // the records and end-of-partition events themselves are not needed.
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                fetched.insert((m.topic().to_owned(), m.partition()));
+            Some(Err(e)) if !matches!(e, KafkaError::PartitionEOF(_)) => {
+                return Err(e).context("reading the partitions' ends")
             }
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                // The event names no topic: every input topic's partition p.
-                for e in assignment.elements().iter().filter(|e| e.partition() == p) {
-                    fetched.insert((e.topic().to_owned(), p));
-                }
-            }
-            Some(Err(e)) => return Err(e).context("reading the partitions' ends"),
-            None => {}
+            _ => {}
         }
     }
-    Ok(fetched
-        .into_iter()
-        .filter_map(|(topic, p)| {
-            let high = super::worker::cached_high_watermark(consumer.client(), &topic, p)?;
-            Some(((topic, p), high))
-        })
-        .collect())
 }
 
 /// Partition → `client_id@host` of the member it is assigned to, where the

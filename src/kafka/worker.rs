@@ -405,7 +405,8 @@ impl Worker {
             self.partitions.insert(
                 tp.clone(),
                 PartitionState::new(
-                    PartitionPipeline::new(self.decoder.clone(), self.window),
+                    PartitionPipeline::new(self.decoder.clone(), self.window)
+                        .named(&format!("{}/{}", tp.0, tp.1)),
                     IdleClock::new(self.idle),
                     self.next_epoch,
                     m.offset(),

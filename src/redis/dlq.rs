@@ -1,10 +1,12 @@
 //! The Redis dead-letter stream as `sessionizer dlq` reads and replays it.
 //!
 //! A replay adds the record back to the shard stream of its session key
-//! (see [`RedisDlq::target`]) and deletes the dead letter in one script: the entry leaves the DLQ exactly when it is
-//! back in the input, so a replay can be interrupted (even killed) and run
-//! again without sending anything twice, and two replays running at once
-//! cannot both send one entry.
+//! (see [`RedisDlq::target`]) and deletes the dead letter in one script: the
+//! entry leaves the DLQ exactly when it is back in the input, so a replay
+//! can be interrupted (even killed) and run again without sending anything
+//! twice, and two replays running at once cannot both send one entry. (On a
+//! cluster, a record routed to another shard than its dead letter's is two
+//! steps in two slots; see [`RedisDlq::republish`].)
 
 use std::collections::BTreeSet;
 
@@ -46,6 +48,9 @@ pub struct RedisDlq {
     inputs: Vec<String>,
     /// The workers' decoder, for the session key of a replayed record.
     decoder: Decoder,
+    /// `redis.misrouted = "process"`: producers route their own way, so a
+    /// record goes back to its source stream while a worker reads it.
+    keep_source: bool,
     /// For `follow`: the last id seen per stream.
     last: Vec<String>,
 }
@@ -79,6 +84,7 @@ impl RedisDlq {
                 .map(|k| k.stream)
                 .collect(),
             decoder,
+            keep_source: section.misrouted == crate::config::MisroutedSetting::Process,
             last,
         })
     }
@@ -213,12 +219,15 @@ impl RedisDlq {
                     .query_async(&mut self.conn)
                     .await
                     .with_context(|| format!("replaying {} to {target}", e.position))?;
-                let _: i64 = redis::cmd("XDEL")
+                let deleted: i64 = redis::cmd("XDEL")
                     .arg(stream)
                     .arg(id)
                     .query_async(&mut self.conn)
                     .await
                     .with_context(|| format!("deleting the replayed {}", e.position))?;
+                if deleted == 0 {
+                    tracing::warn!(position = %e.position, "another replay sent this dead letter too: it went to the input twice");
+                }
                 Ok(true)
             }
             Err(error) => Err(error).with_context(|| format!("replaying {}", e.position)),
@@ -280,12 +289,17 @@ impl crate::dlq::DeadLetterStore for RedisDlq {
 
     /// `to`, or the shard stream of the record's session key under the
     /// current `redis.shards`, so a misrouted entry, or one from before a
-    /// reshard, goes where a worker reads its user. A record without a key
-    /// (it does not decode) goes back to its source stream, unless no worker
-    /// reads that one: then the replay is refused with the reason.
+    /// reshard, goes where a worker reads its user (under `misrouted =
+    /// "process"`, its source stream while a worker reads it). A record
+    /// without a key (it does not decode) goes back to its source stream,
+    /// unless no worker reads that one: then it has nowhere to go, and the
+    /// replay skips it with the reason.
     fn target(&self, entry: &DlqEntry, payload: &[u8], to: Option<&str>) -> anyhow::Result<String> {
         if let Some(to) = to {
             return Ok(to.to_owned());
+        }
+        if self.keep_source && self.inputs.contains(&entry.source) {
+            return Ok(entry.source.clone());
         }
         if let Ok(event) = self.decoder.decode(payload, now_ms()) {
             let shards = self.inputs.len() as u32;

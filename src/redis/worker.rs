@@ -256,12 +256,9 @@ impl Coordinator {
         let mut conn = self.conn().await?;
         for index in self.owned.keys() {
             let stream = &self.shards[*index as usize].stream;
-            let groups: redis::streams::StreamInfoGroupsReply = redis::cmd("XINFO")
-                .arg("GROUPS")
-                .arg(stream)
-                .query_async(&mut conn)
-                .await?;
-            let Some(group) = groups.groups.iter().find(|g| g.name == self.section.group) else {
+            let Some(group) =
+                super::status::group_state(&mut conn, stream, &self.section.group).await?
+            else {
                 continue;
             };
             // Redis 7.0 forgets a group's `entries-read` across a restart;
@@ -269,7 +266,7 @@ impl Coordinator {
             // ("unknown"), never a number to keep showing from before.
             let gauges = PartitionGauges::new(stream);
             match group.lag {
-                Some(lag) => gauges.consumer_lag(lag as u64),
+                Some(lag) => gauges.consumer_lag(lag),
                 None => gauges.consumer_lag_unknown(),
             }
         }

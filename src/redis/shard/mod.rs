@@ -150,14 +150,14 @@ enum Failure {
 impl ShardTask {
     pub fn new(keys: ShardKeys, token: String, conn: RedisConn, settings: Arc<Settings>) -> Self {
         ShardTask {
-            pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window).with_route(
-                ShardRoute::new(
+            pipeline: PartitionPipeline::new(settings.decoder.clone(), settings.window)
+                .named(&keys.stream)
+                .with_route(ShardRoute::new(
                     &keys.stream,
                     keys.index,
                     settings.shards,
                     settings.misrouted == MisroutedSetting::Dlq,
-                ),
-            ),
+                )),
             gauges: PartitionGauges::new(&keys.stream),
             idle: IdleClock::new(settings.idle),
             keys,
