@@ -414,6 +414,39 @@ fn golden_redact_tokenize_and_reidentify() {
     assert!(stderr.contains("tokens restored, 0 left"), "{stderr}");
 }
 
+/// `dlq inspect` shows dead letters through the `[redact]` detectors by
+/// default; `--no-redact` shows the original bytes the dead letter keeps.
+#[test]
+fn dlq_inspect_redacts_payloads_when_redact_is_configured() {
+    let dir = golden_dir("redact_mask");
+    let tmp = tempfile::tempdir().unwrap();
+    let dlq = tmp.path().join("dlq.jsonl");
+    let with_paths = |cmd: &mut Command| {
+        cmd.arg("--config")
+            .arg(dir.join("config.toml"))
+            .env("SESSIONIZER__FILE__INPUT", dir.join("input.jsonl"))
+            .env("SESSIONIZER__FILE__OUTPUT", tmp.path().join("turns.jsonl"))
+            .env("SESSIONIZER__FILE__DLQ", &dlq);
+    };
+    let mut run = bin();
+    run.arg("run");
+    with_paths(&mut run);
+    assert!(run.output().unwrap().status.success());
+    let inspect = |extra: &[&str]| -> Value {
+        let mut cmd = bin();
+        cmd.args(["dlq", "inspect", "--json"]).args(extra);
+        with_paths(&mut cmd);
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let shown = inspect(&[]);
+    let payload = shown["payload"].as_str().unwrap();
+    assert!(payload.contains("[EMAIL]") && !payload.contains("alice@example.com"), "{payload}");
+    let raw = inspect(&["--no-redact"]);
+    assert!(raw["payload"].as_str().unwrap().contains("alice@example.com"));
+}
+
 /// A missing or short key fails at start naming the key; the key itself
 /// appears nowhere: not in errors, `check-config`, logs or output.
 #[test]

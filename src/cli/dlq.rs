@@ -21,6 +21,14 @@ pub enum DlqCommand {
         /// Keep printing new dead letters as they arrive (until Ctrl-C).
         #[arg(long)]
         follow: bool,
+        /// Show payloads and errors through the `[redact]` detectors (the
+        /// default when `[redact]` is configured; the dead letters
+        /// themselves keep the original bytes).
+        #[arg(long, overrides_with = "no_redact")]
+        redact: bool,
+        /// Show payloads as they are, even with `[redact]` configured.
+        #[arg(long)]
+        no_redact: bool,
     },
     /// Counts by reason and by source partition, oldest and newest entry.
     Stats {
@@ -139,7 +147,28 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             oldest_first,
             json,
             follow,
+            redact,
+            no_redact,
         } => {
+            let redactor = match (config.redactor()?, redact, no_redact) {
+                (_, _, true) => None,
+                (Some(r), _, false) => Some(r),
+                (None, true, false) => anyhow::bail!(
+                    "--redact needs a [redact] section in the configuration (its detectors)"
+                ),
+                (None, false, false) => None,
+            };
+            let shown = |e: &sessionizer::dlq::DlqEntry| match &redactor {
+                None => e.clone(),
+                Some(r) => {
+                    let mut e = e.clone();
+                    if let Ok(text) = std::str::from_utf8(&e.payload) {
+                        e.payload = r.redacted(text).into_owned().into_bytes();
+                    }
+                    e.error = r.redacted(&e.error).into_owned();
+                    e
+                }
+            };
             let mut entries: Vec<_> = store
                 .snapshot(None)
                 .await?
@@ -154,6 +183,7 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             }
             entries.truncate(select.limit.map_or(usize::MAX, |l| l as usize));
             let print = |out: &mut dyn std::io::Write, e: &sessionizer::dlq::DlqEntry| {
+                let e = &shown(e);
                 if json {
                     writeln!(out, "{}", output::to_json(e))
                 } else {

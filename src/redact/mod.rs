@@ -132,6 +132,15 @@ impl Redactor {
         );
     }
 
+    /// `text` with every value found replaced (for showing, not counted).
+    pub fn redacted<'t>(&self, text: &'t str) -> std::borrow::Cow<'t, str> {
+        let mut counts = vec![0; self.detectors.len()];
+        match self.redact(text, &mut counts) {
+            Some(text) => std::borrow::Cow::Owned(text),
+            None => std::borrow::Cow::Borrowed(text),
+        }
+    }
+
     /// `text` with every value found replaced, or `None` when nothing was
     /// found; `counts` (one per detector) grows by what was replaced.
     pub fn redact(&self, text: &str, counts: &mut [u32]) -> Option<String> {
