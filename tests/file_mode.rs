@@ -437,14 +437,24 @@ fn dlq_inspect_redacts_payloads_when_redact_is_configured() {
         cmd.args(["dlq", "inspect", "--json"]).args(extra);
         with_paths(&mut cmd);
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     };
     let shown = inspect(&[]);
     let payload = shown["payload"].as_str().unwrap();
-    assert!(payload.contains("[EMAIL]") && !payload.contains("alice@example.com"), "{payload}");
+    assert!(
+        payload.contains("[EMAIL]") && !payload.contains("alice@example.com"),
+        "{payload}"
+    );
     let raw = inspect(&["--no-redact"]);
-    assert!(raw["payload"].as_str().unwrap().contains("alice@example.com"));
+    assert!(raw["payload"]
+        .as_str()
+        .unwrap()
+        .contains("alice@example.com"));
 }
 
 /// A missing or short key fails at start naming the key; the key itself

@@ -624,6 +624,54 @@ async fn readyz_names_a_missing_input_topic() {
     assert!(body.contains("Unknown topic or partition"), "{body}");
 }
 
+/// With `[redact]`, the turns on the output topic carry `[EMAIL]` and the
+/// counts, while the dead letter keeps the original bytes (for replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redacted_turns_on_the_output_and_the_original_in_the_dead_letter() {
+    let broker = Broker::start();
+    let t = topics(&broker, "redact", 1).await;
+    let config = format!(
+        "{}\n[redact]\nmode = \"mask\"\n",
+        worker_config(&broker, &t, "")
+    );
+    let (config, port) = support::with_metrics(&config);
+    let _worker = Worker::start(&config);
+    let now = sessionizer::wall_clock::now_ms();
+    let event = |id: &str, user: &str| {
+        format!(
+            r#"{{"message_id":"{id}","user_id":"{user}","text":"mail bob@example.com","event_time":{now}}}"#
+        )
+    };
+    produce(
+        broker.client_config(),
+        &t.input,
+        &[
+            (b"u".to_vec(), event("m1", "u").into_bytes()),
+            (b"x".to_vec(), event("p1", "").into_bytes()),
+        ],
+    )
+    .await;
+    let turns = read_until(broker.client_config(), &t.output, false, TIMEOUT, |r| {
+        !r.is_empty()
+    });
+    let turn = turns[0].json();
+    assert_eq!(turn["text"], "mail [EMAIL]");
+    assert_eq!(
+        turn["redactions"],
+        serde_json::json!([{"detector": "email", "count": 1}])
+    );
+    let dead = read_until(broker.client_config(), &t.dlq, false, TIMEOUT, |r| {
+        !r.is_empty()
+    });
+    assert!(String::from_utf8_lossy(&dead[0].payload).contains("bob@example.com"));
+    let body = support::scrape_when_turns(port, 1);
+    let labels = [("detector", "email")];
+    assert_eq!(
+        support::metric(&body, sessionizer::metrics::REDACTIONS, &labels),
+        1.0
+    );
+}
+
 /// `dlq stats`, `inspect` and `replay` on the Kafka DLQ: filters select the
 /// right records, `--json` parses, a replay after a config fix (and one
 /// through `--transform`) turns dead letters into turns, a repeated replay

@@ -1386,6 +1386,33 @@ fn reshard_from_two_shards_to_three_keeps_the_written_order() {
     reshard_case("reshard-2-3", 2, 3);
 }
 
+/// With `[redact]`, the turns on the output stream carry `[EMAIL]` and the
+/// counts, while the dead letter keeps the original bytes (for replay).
+#[test]
+fn redacted_turns_on_the_output_and_the_original_in_the_dead_letter() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let setup = Setup::new(&server, "redact", 1, "", "");
+    let config = format!("{}\n[redact]\nmode = \"mask\"\n", setup.config_text);
+    let t = sessionizer::wall_clock::now_ms();
+    let stream = setup.shards()[0].stream.clone();
+    for (id, user) in [("m1", "u"), ("p1", "")] {
+        let event = format!(
+            r#"{{"message_id":"{id}","user_id":"{user}","text":"mail bob@example.com","event_time":{t}}}"#
+        );
+        let _: String = conn.xadd(&stream, "*", &[("payload", event)]).unwrap();
+    }
+    let _worker = Worker::start(&config);
+    let got = wait_until_done(&mut conn, &setup, &BTreeSet::from(["m1".to_owned()]));
+    assert_eq!(got[0]["text"], "mail [EMAIL]");
+    assert_eq!(
+        got[0]["redactions"],
+        serde_json::json!([{"detector": "email", "count": 1}])
+    );
+    let dlq = read_stream(&mut conn, &setup.section().dlq_stream);
+    assert!(String::from_utf8_lossy(&dlq[0].1["payload"]).contains("bob@example.com"));
+}
+
 /// After `FLUSHALL` (Redis lost its data) every shard met `NOGROUP` and
 /// retried it forever. The group is recreated and new entries processed.
 #[test]
