@@ -35,10 +35,17 @@ fn main() {
             "TKT-123456",
             "192.168.0.1",
         ];
-        for (i, record) in Workload::new(WorkloadSpec::default()).take(events).enumerate() {
+        for (i, record) in Workload::new(WorkloadSpec::default())
+            .take(events)
+            .enumerate()
+        {
             let line = String::from_utf8(record.payload).unwrap();
             let line = match i % 10 {
-                0 => line.replacen(r#""text":""#, &format!(r#""text":"{} "#, VALUES[i / 10 % 6]), 1),
+                0 => line.replacen(
+                    r#""text":""#,
+                    &format!(r#""text":"{} "#, VALUES[i / 10 % 6]),
+                    1,
+                ),
                 _ => line,
             };
             w.write_all(line.as_bytes()).unwrap();
@@ -51,7 +58,11 @@ fn main() {
     let output = dir.join("turns.jsonl");
     let dlq = dir.join("dlq.jsonl");
     let key = dir.join("redact.key");
-    std::fs::write(&key, "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0+Pw==").unwrap();
+    std::fs::write(
+        &key,
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0+Pw==",
+    )
+    .unwrap();
     let redact = format!(
         "[redact]\nmode = \"tokenize\"\nkey_file = {:?}\n[[redact.custom]]\nname = \"order_id\"\npattern = '#\\d{{3,}}'\n[[redact.custom]]\nname = \"ticket\"\npattern = '\\bTKT-[0-9]{{6}}\\b'\n",
         key.display()

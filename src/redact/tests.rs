@@ -160,6 +160,22 @@ fn a_turn_is_redacted_in_texts_and_named_attributes_with_counts() {
             {"detector": "credit_card", "count": 1}
         ])
     );
+    // The fast JSON writer and serde agree, and protobuf carries the counts.
+    let serde = serde_json::to_value(crate::codec::turn_from_session(&session)).unwrap();
+    assert_eq!(turn, serde);
+    let mut pb = Vec::new();
+    encode_turn(&session, OutputFormat::Protobuf, &mut pb);
+    let decoded = <crate::codec::proto::Turn as prost::Message>::decode(&pb[..]).unwrap();
+    let counts: Vec<(String, u32)> = decoded
+        .redactions
+        .into_iter()
+        .map(|r| (r.detector, r.count))
+        .collect();
+    assert_eq!(
+        counts,
+        [("email".to_owned(), 4), ("credit_card".to_owned(), 1)]
+    );
+    assert_eq!(decoded.text, "mail [EMAIL]\nor [EMAIL], card [CREDIT_CARD]");
 }
 
 #[test]
