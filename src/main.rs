@@ -153,7 +153,9 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
-            // The files too, as `run` opens them (not the brokers).
+            // The redaction key, and the files, as `run` opens them (not the
+            // brokers).
+            config.redactor()?;
             if config.source == SourceKind::File {
                 sessionizer::file::check_paths(config.file_section()?)?;
             }

@@ -150,21 +150,21 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
             redact,
             no_redact,
         } => {
-            let redactor = match (config.redactor()?, redact, no_redact) {
-                (_, _, true) => None,
-                (Some(r), _, false) => Some(r),
-                (None, true, false) => anyhow::bail!(
-                    "--redact needs a [redact] section in the configuration (its detectors)"
-                ),
-                (None, false, false) => None,
+            // `--no-redact` needs no key: the redactor is not even built.
+            let redactor = match (no_redact, redact) {
+                (true, _) => None,
+                (false, explicit) => match config.redactor()? {
+                    None if explicit => anyhow::bail!(
+                        "--redact needs a [redact] section in the configuration (its detectors)"
+                    ),
+                    redactor => redactor,
+                },
             };
             let shown = |e: &sessionizer::dlq::DlqEntry| match &redactor {
                 None => e.clone(),
                 Some(r) => {
                     let mut e = e.clone();
-                    if let Ok(text) = std::str::from_utf8(&e.payload) {
-                        e.payload = r.redacted(text).into_owned().into_bytes();
-                    }
+                    e.payload = r.redacted_payload(&e.payload);
                     e.error = r.redacted(&e.error).into_owned();
                     e
                 }

@@ -60,9 +60,29 @@ fn all_builtins() -> Vec<String> {
 }
 
 impl RedactSection {
-    /// Checks names and patterns, and loads the key, so a bad section fails
-    /// at start (`run` and `check-config`) with the key named.
+    /// Checks names and patterns, so a bad section fails at load with the
+    /// key named. The key itself is loaded by [`Self::key`] where it is used
+    /// (`run`, `check-config`, `reidentify`, `dlq inspect`), so commands that
+    /// need no key (`status`, `dlq stats`) run without it.
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.detectors.is_empty() && self.custom.is_empty() {
+            return Err(ConfigError::new(
+                "redact.detectors",
+                "no detector: [redact] would change nothing while turns say they were redacted \
+                 (leave [redact] out to turn redaction off)",
+            ));
+        }
+        if let Some(var) = &self.key_env {
+            let name_like = var.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                && var.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !name_like {
+                // Never echo it: it may be the key itself, put there by mistake.
+                return Err(ConfigError::new(
+                    "redact.key_env",
+                    "must name an environment variable (letters, digits, _), not hold the key",
+                ));
+            }
+        }
         for name in &self.detectors {
             if !detectors::names().any(|b| b == name) {
                 return Err(ConfigError::new(
@@ -104,17 +124,21 @@ impl RedactSection {
                     format!("{:?} ({}): {e}", custom.pattern, custom.name),
                 )
             })?;
-            if regex.is_match("") {
+            // An empty match (`\b`, `x*`) would insert a label at every such
+            // place; probe a few texts for one.
+            let empty = ["", "ab cd", "12 34", "#x"]
+                .iter()
+                .any(|probe| regex.find_iter(probe).any(|m| m.is_empty()));
+            if empty {
                 return Err(ConfigError::new(
                     key("pattern"),
                     format!(
-                        "{:?} ({}) matches the empty text",
+                        "{:?} ({}) can match empty text",
                         custom.pattern, custom.name
                     ),
                 ));
             }
         }
-        self.key()?;
         Ok(())
     }
 
@@ -149,7 +173,9 @@ impl RedactSection {
                     "mode = \"tokenize\" needs exactly one of redact.key_env and redact.key_file",
                 )),
             };
-        let bytes = BASE64.decode(text.trim()).map_err(|_| {
+        // `openssl rand -base64 64` wraps its output over two lines.
+        let compact: String = text.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let bytes = BASE64.decode(compact).map_err(|_| {
             ConfigError::new(
                 key,
                 "the key is not base64 (make one with `openssl rand -base64 64`)",

@@ -12,6 +12,12 @@ pub struct Builtin {
     pub pattern: &'static str,
     pub group: usize,
     pub check: fn(&str) -> bool,
+    /// A candidate failing the check is tried shorter, and the search goes
+    /// on from its next character: for values that run on into what
+    /// follows or hide behind what precedes (a card number into an expiry
+    /// date, an IBAN into the next word, `ip:2001:db8::1`); never for
+    /// phones, whose fragments are numbers too.
+    pub thorough: bool,
 }
 
 /// Every built-in detector, in the order overlapping finds are preferred
@@ -23,36 +29,42 @@ pub const BUILTINS: [Builtin; 7] = [
         pattern: r"(?i)\b[a-z][a-z0-9+.\-]*://([^\s/@:]+:[^\s/@]+)@",
         group: 1,
         check: |_| true,
+        thorough: false,
     },
     Builtin {
         name: "email",
         pattern: r"(?i)\b[a-z0-9._%+\-]+@[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9\-]*[a-z0-9])?)*\.[a-z]{2,}\b",
         group: 0,
         check: |_| true,
+        thorough: false,
     },
     Builtin {
         name: "iban",
         pattern: r"\b[A-Z]{2}[0-9]{2}(?: ?[A-Z0-9]){11,30}\b",
         group: 0,
         check: iban_checksum_holds,
+        thorough: true,
     },
     Builtin {
         name: "credit_card",
         pattern: r"\b[0-9](?:[ \-]?[0-9]){12,18}\b",
         group: 0,
         check: luhn_holds,
+        thorough: true,
     },
     Builtin {
         name: "us_ssn",
         pattern: r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b",
         group: 0,
         check: us_ssn_possible,
+        thorough: false,
     },
     Builtin {
         name: "ip",
         pattern: r"(?i)\b(?:[0-9]{1,3}\.){3}[0-9]{1,3}\b|(?:[0-9a-f]{0,4}:){2,7}(?:[0-9a-f]{1,4}|(?:[0-9]{1,3}\.){3}[0-9]{1,3})?",
         group: 0,
         check: is_ip,
+        thorough: true,
     },
     Builtin {
         name: "phone",
@@ -61,6 +73,7 @@ pub const BUILTINS: [Builtin; 7] = [
         pattern: r"(?:\+[1-9][0-9]{0,2}[ .\-]?)?(?:\([0-9]{1,4}\)[ .\-]?)?[0-9]{2,4}(?:[ .\-][0-9]{2,8}){1,4}\b|\+[1-9][0-9]{6,14}\b",
         group: 0,
         check: phone_digits_plausible,
+        thorough: false,
     },
 ];
 
@@ -130,7 +143,8 @@ fn phone_digits_plausible(value: &str) -> bool {
         .filter(|g| !g.is_empty())
         .map(str::len)
         .collect();
-    let other = groups == [4, 2, 2] || groups == [2, 2, 4] || groups == [3, 2, 4];
+    let date = groups.starts_with(&[4, 2, 2]) || groups.starts_with(&[2, 2, 4]);
+    let other = date || groups == [3, 2, 4];
     (7..=15).contains(&digits.len()) && digits.iter().any(|d| *d != digits[0]) && !other
 }
 

@@ -31,6 +31,8 @@ struct Detector {
     /// The capture group that is the value (0: the whole match).
     group: usize,
     check: fn(&str) -> bool,
+    /// See [`detectors::Builtin::thorough`].
+    thorough: bool,
     counter: ::metrics::Counter,
 }
 
@@ -81,11 +83,18 @@ impl Redactor {
                     builtin.pattern,
                     builtin.group,
                     builtin.check,
+                    builtin.thorough,
                 )?);
             }
         }
         for custom in &section.custom {
-            detectors.push(Detector::new(&custom.name, &custom.pattern, 0, |_| true)?);
+            detectors.push(Detector::new(
+                &custom.name,
+                &custom.pattern,
+                0,
+                |_| true,
+                false,
+            )?);
         }
         let any = RegexSet::new(detectors.iter().map(|d| d.regex.as_str()))
             .map_err(|e| ConfigError::new("redact", e.to_string()))?;
@@ -141,6 +150,35 @@ impl Redactor {
         }
     }
 
+    /// A record's bytes as an operator may see them: a JSON record with
+    /// every string value redacted (so escapes and field names do not hide
+    /// or fake a value), anything else as text with invalid bytes replaced,
+    /// redacted.
+    pub fn redacted_payload(&self, bytes: &[u8]) -> Vec<u8> {
+        fn walk(r: &Redactor, value: &mut serde_json::Value) {
+            match value {
+                serde_json::Value::String(s) => {
+                    if let std::borrow::Cow::Owned(text) = r.redacted(s) {
+                        *s = text;
+                    }
+                }
+                serde_json::Value::Array(items) => items.iter_mut().for_each(|v| walk(r, v)),
+                serde_json::Value::Object(map) => map.values_mut().for_each(|v| walk(r, v)),
+                _ => {}
+            }
+        }
+        match serde_json::from_slice::<serde_json::Value>(bytes) {
+            Ok(mut value) => {
+                walk(self, &mut value);
+                serde_json::to_vec(&value).expect("a JSON value serializes")
+            }
+            Err(_) => self
+                .redacted(&String::from_utf8_lossy(bytes))
+                .into_owned()
+                .into_bytes(),
+        }
+    }
+
     /// `text` with every value found replaced, or `None` when nothing was
     /// found; `counts` (one per detector) grows by what was replaced.
     pub fn redact(&self, text: &str, counts: &mut [u32]) -> Option<String> {
@@ -177,14 +215,7 @@ impl Redactor {
         }
         let mut finds = Vec::new();
         for i in candidates.iter() {
-            let d = &self.detectors[i];
-            for caps in d.regex.captures_iter(text) {
-                if let Some(m) = caps.get(d.group) {
-                    if (d.check)(m.as_str()) {
-                        finds.push((m.start(), m.end(), i));
-                    }
-                }
-            }
+            self.detectors[i].find_all(text, |start, end| finds.push((start, end, i)));
         }
         finds.sort_by_key(|&(start, end, i)| (start, std::cmp::Reverse(end), i));
         let mut kept: Vec<(usize, usize, usize)> = Vec::with_capacity(finds.len());
@@ -223,11 +254,62 @@ impl Redactor {
 }
 
 impl Detector {
+    /// Every value of this detector in `text`, as byte ranges. A candidate
+    /// that fails the check may hide a value: a card number followed by more
+    /// digits (`4111 1111 1111 1111 12/25`), an IBAN running into the next
+    /// word. So for a thorough detector a failed candidate is tried shorter
+    /// (cut where a separator follows a letter or digit, longest first), and
+    /// the search goes on from its next character, not from its end. A
+    /// value never starts in the middle of a word or number.
+    fn find_all(&self, text: &str, mut found: impl FnMut(usize, usize)) {
+        let mut at = 0;
+        while at <= text.len() {
+            let Some(caps) = self.regex.captures_at(text, at) else {
+                return;
+            };
+            let whole = caps.get(0).expect("group 0");
+            let value = caps
+                .get(self.group)
+                .filter(|m| !starts_mid_word(text, m.start()))
+                .and_then(|m| self.accept(text, m.start(), m.end()));
+            at = match value {
+                Some(end) => {
+                    found(caps.get(self.group).expect("matched").start(), end);
+                    end.max(whole.end()).max(next_char(text, at))
+                }
+                None if self.thorough => next_char(text, whole.start()),
+                None => whole.end().max(next_char(text, at)),
+            };
+        }
+    }
+
+    /// The end of the longest value starting at `start` within the
+    /// candidate `start..end` that passes the check.
+    fn accept(&self, text: &str, start: usize, end: usize) -> Option<usize> {
+        if (self.check)(&text[start..end]) {
+            return Some(end);
+        }
+        if !self.thorough {
+            return None;
+        }
+        let candidate = &text[start..end];
+        let mut cuts: Vec<usize> = candidate
+            .char_indices()
+            .zip(candidate.chars().skip(1))
+            .filter(|((_, c), next)| c.is_alphanumeric() && !next.is_alphanumeric())
+            .map(|((i, c), _)| start + i + c.len_utf8())
+            .collect();
+        cuts.reverse();
+        cuts.into_iter()
+            .find(|&cut| (self.check)(&text[start..cut]))
+    }
+
     fn new(
         name: &str,
         pattern: &str,
         group: usize,
         check: fn(&str) -> bool,
+        thorough: bool,
     ) -> Result<Detector, ConfigError> {
         let regex = Regex::new(pattern)
             .map_err(|e| ConfigError::new("redact", format!("detector {name}: {e}")))?;
@@ -237,9 +319,25 @@ impl Detector {
             regex,
             group,
             check,
+            thorough,
             counter: crate::metrics::redactions(name),
         })
     }
+}
+
+/// Whether `at` is inside a word or number: a letter or digit on both sides.
+fn starts_mid_word(text: &str, at: usize) -> bool {
+    let before = text[..at].chars().next_back();
+    let first = text[at..].chars().next();
+    before.is_some_and(char::is_alphanumeric) && first.is_some_and(char::is_alphanumeric)
+}
+
+/// The index of the character after the one at `at` (`len + 1` at the end).
+fn next_char(text: &str, at: usize) -> usize {
+    text[at..]
+        .chars()
+        .next()
+        .map_or(text.len() + 1, |c| at + c.len_utf8())
 }
 
 #[cfg(test)]

@@ -102,6 +102,17 @@ fn the_corpus() {
             "ordered on 2026-12-03 at 10:30",
         ),
         ("", ""),
+        (
+            "at 2026-12-03 10:30 and 03.12.2026 10.30",
+            "at 2026-12-03 10:30 and 03.12.2026 10.30",
+        ),
+        ("card 4111 1111 1111 1111 12/25", "card [CREDIT_CARD] 12/25"),
+        ("ref 7 4111 1111 1111 1111", "ref 7 [CREDIT_CARD]"),
+        ("4111111111111111 123", "[CREDIT_CARD] 123"),
+        ("order 12345 67890", "order 12345 67890"),
+        ("IBAN DE89 3704 0044 0532 0130 00 BIC", "IBAN [IBAN] BIC"),
+        ("ip:2001:db8::1", "ip:[IP]"),
+        ("x4111111111111111", "x4111111111111111"),
     ];
     for (text, want) in cases {
         assert_eq!(mask(text), want, "{text:?}");
@@ -243,4 +254,64 @@ proptest! {
         let (back, _) = r.reidentify(&redacted);
         prop_assert_eq!(back, text);
     }
+}
+
+#[test]
+fn sections_that_would_redact_nothing_or_show_a_key_are_refused() {
+    let load = |redact: &str| {
+        let text = format!("source = \"file\"\n[file]\ndlq = \"-\"\n[redact]\n{redact}");
+        crate::config::Config::from_toml(&text, Vec::new())
+            .err()
+            .map(|e| e.to_string())
+    };
+    let no_detector = load("detectors = []\n").unwrap();
+    assert!(no_detector.contains("redact.detectors"), "{no_detector}");
+    let key =
+        "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4vMDEyMzQ1Njc4OTo7PD0+Pw==";
+    let in_env_name = load(&format!("mode = \"tokenize\"\nkey_env = \"{key}\"\n")).unwrap();
+    assert!(
+        in_env_name.contains("redact.key_env") && !in_env_name.contains(key),
+        "{in_env_name}"
+    );
+    let empty = load("[[redact.custom]]\nname = \"edges\"\npattern = '\\b'\n").unwrap();
+    assert!(
+        empty.contains("redact.custom[0].pattern") && empty.contains("empty"),
+        "{empty}"
+    );
+    let bad = load("[[redact.custom]]\nname = \"broken\"\npattern = '(unclosed'\n").unwrap();
+    assert!(
+        bad.contains("redact.custom[0].pattern") && bad.contains("broken"),
+        "{bad}"
+    );
+    assert_eq!(load("detectors = [\"email\"]\n"), None);
+}
+
+#[test]
+fn a_key_wrapped_over_lines_is_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key");
+    // As `openssl rand -base64 64` prints it: 64 characters, then the rest.
+    let key = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8gISIjJCUmJygpKissLS4v\nMDEyMzQ1Njc4OTo7PD0+Pw==\n";
+    std::fs::write(&file, key).unwrap();
+    let mut s = section(RedactMode::Tokenize, &[]);
+    s.key_file = Some(file.display().to_string());
+    assert!(s.key().unwrap().is_some());
+}
+
+#[test]
+fn payloads_are_shown_redacted_inside_json_strings_and_as_lossy_text() {
+    let r = masker();
+    let json = br#"{"text":"my card:\n4111 1111 1111 1111","event_time":1700000000000}"#;
+    let shown: serde_json::Value = serde_json::from_slice(&r.redacted_payload(json)).unwrap();
+    assert_eq!(shown["text"], "my card:\n[CREDIT_CARD]");
+    assert_eq!(
+        shown["event_time"], 1_700_000_000_000i64,
+        "numbers are not values"
+    );
+    let binary = b"\xff\x00bob@example.com";
+    let shown = String::from_utf8(r.redacted_payload(binary)).unwrap();
+    assert!(
+        shown.ends_with("[EMAIL]") && !shown.contains("bob"),
+        "{shown}"
+    );
 }
