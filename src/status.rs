@@ -42,12 +42,7 @@ pub async fn read(config: &crate::config::Config) -> anyhow::Result<Vec<Partitio
         }
         crate::config::SourceKind::Redis => {
             let section = config.redis.as_ref().context("[redis] is missing")?;
-            let client = crate::redis::connection::client(section)?;
-            let url = crate::redis::connection::display_url(&section.url);
-            let mut conn =
-                crate::redis::connection::connect(&client, std::time::Duration::from_secs(2))
-                    .await
-                    .with_context(|| format!("connecting to {url}"))?;
+            let mut conn = crate::redis::connection::connect_command(section).await?;
             crate::redis::status::shards(&mut conn, section).await
         }
         crate::config::SourceKind::File => anyhow::bail!(

@@ -100,24 +100,7 @@ impl KafkaDlq {
                 },
                 None => continue,
             };
-            let consumer: BaseConsumer<CommandContext> = client_config(&self.kafka, g.name())
-                .create_with_context(CommandContext)
-                .context("creating a replay group's consumer")?;
-            let mut list = TopicPartitionList::new();
-            for p in &partitions {
-                list.add_partition(&self.topic, *p);
-            }
-            let committed = consumer
-                .committed_offsets(list, TIMEOUT)
-                .with_context(|| format!("reading the commits of group {}", g.name()))?;
-            let at = committed
-                .elements()
-                .iter()
-                .filter_map(|e| match e.offset() {
-                    Offset::Offset(o) => Some((e.partition(), o)),
-                    _ => None,
-                })
-                .collect();
+            let (_, at) = self.group_positions(g.name(), &partitions)?;
             passed.push((reasons, at));
         }
         Ok(entries
@@ -132,6 +115,34 @@ impl KafkaDlq {
                 })
             })
             .collect())
+    }
+
+    /// A consumer of `group` (committing nothing by itself) and the group's
+    /// committed position on each DLQ partition that has one.
+    fn group_positions(
+        &self,
+        group: &str,
+        partitions: &[i32],
+    ) -> anyhow::Result<(BaseConsumer<CommandContext>, HashMap<i32, i64>)> {
+        let consumer: BaseConsumer<CommandContext> = client_config(&self.kafka, group)
+            .create_with_context(CommandContext)
+            .with_context(|| format!("creating a consumer of group {group}"))?;
+        let mut list = TopicPartitionList::new();
+        for p in partitions {
+            list.add_partition(&self.topic, *p);
+        }
+        let committed = consumer
+            .committed_offsets(list, TIMEOUT)
+            .with_context(|| format!("reading the commits of group {group}"))?;
+        let positions = committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect();
+        Ok((consumer, positions))
     }
 
     fn partitions(&self) -> anyhow::Result<Vec<i32>> {
@@ -153,21 +164,8 @@ impl KafkaDlq {
         let partitions = self.partitions()?;
         let mut from: HashMap<i32, i64> = HashMap::new();
         if let Some(group) = group {
-            let consumer: BaseConsumer<CommandContext> = client_config(&self.kafka, group)
-                .create_with_context(CommandContext)
-                .context("creating the replay group's consumer")?;
-            let mut list = TopicPartitionList::new();
-            for p in &partitions {
-                list.add_partition(&self.topic, *p);
-            }
-            let committed = consumer
-                .committed_offsets(list, TIMEOUT)
-                .with_context(|| format!("reading the commits of group {group}"))?;
-            for e in committed.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    from.insert(e.partition(), o);
-                }
-            }
+            let (consumer, positions) = self.group_positions(group, &partitions)?;
+            from = positions;
             self.group = Some(consumer);
         }
         // The end is where librdkafka reports the partition's EOF (the

@@ -186,6 +186,16 @@ pub fn install_tls_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The connection of a one-shot command (`status`, `reshard`, the `dlq`
+/// commands): errors name the server.
+pub async fn connect_command(section: &RedisSection) -> anyhow::Result<RedisConn> {
+    use anyhow::Context as _;
+    let client = client(section)?;
+    connect(&client, Duration::from_secs(2))
+        .await
+        .with_context(|| format!("connecting to {}", display_url(&section.url)))
+}
+
 /// A connection that reconnects on its own; `block` is the longest a
 /// command waits on the server (`XREAD BLOCK`), so replies may take that
 /// long. Each shard task has its own, so its blocking wait and its

@@ -65,10 +65,7 @@ impl std::fmt::Debug for RedisDlq {
 
 impl RedisDlq {
     pub async fn open(section: &RedisSection, decoder: Decoder) -> anyhow::Result<RedisDlq> {
-        let client = super::connection::client(section)?;
-        let conn = super::connection::connect(&client, std::time::Duration::from_secs(2))
-            .await
-            .context("connecting to Redis")?;
+        let conn = super::connection::connect_command(section).await?;
         let streams: Vec<String> = ShardKeys::all(section)
             .into_iter()
             .map(|k| k.dlq)

@@ -98,15 +98,7 @@ pub async fn run_command(
         .redis
         .as_ref()
         .context("reshard moves Redis shard streams: the configuration has no [redis]")?;
-    let client = super::connection::client(section)?;
-    let mut conn = super::connection::connect(&client, std::time::Duration::from_secs(2))
-        .await
-        .with_context(|| {
-            format!(
-                "connecting to {}",
-                super::connection::display_url(&section.url)
-            )
-        })?;
+    let mut conn = super::connection::connect_command(section).await?;
     let decoder = Decoder::new(config.input_format(), config.decode_limits());
     run(&mut conn, section, &decoder, from, dry_run, out).await
 }
