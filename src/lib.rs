@@ -28,6 +28,7 @@
 //! - [`metrics`]: metric names, the Prometheus recorder, readiness.
 //! - [`progress`]: totals and owned partitions in-process, the progress line.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz` on one axum router.
+//! - [`gateway`]: `sessionizer gateway`, HTTP ingest into the source.
 //! - [`dlq`]: `sessionizer dlq` inspect, stats and replay over every
 //!   source's dead letters ([`dlq::DeadLetterStore`], implemented in each
 //!   broker's folder).
@@ -58,6 +59,7 @@ pub mod dlq;
 pub mod engine;
 pub mod fault;
 pub mod file;
+pub mod gateway;
 pub mod http;
 pub mod kafka;
 pub mod log_throttle;

@@ -102,6 +102,13 @@ fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dlq { command } => runtime()?.block_on(cli::dlq::run(command)),
+        Command::Gateway { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(sessionizer::gateway::run(
+                &config,
+                sessionizer::shutdown::signal(),
+            ))
+        }
         Command::Reidentify { config } => {
             let config = Config::load(&config)?;
             let redactor = match (&config.redact, config.redactor()?) {

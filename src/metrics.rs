@@ -87,6 +87,8 @@ pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
 pub const MISROUTED: &str = "sessionizer_misrouted_total";
 /// Values the redaction stage replaced in emitted turns, by `detector`.
 pub const REDACTIONS: &str = "sessionizer_redactions_total";
+/// Gateway requests by `route` and `status` (the HTTP status code).
+pub const GATEWAY_REQUESTS: &str = "sessionizer_gateway_requests_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -298,6 +300,11 @@ pub fn misrouted(partition: &str) -> Counter {
 
 pub fn redactions(detector: &str) -> Counter {
     counter!(REDACTIONS, "detector" => detector.to_owned())
+}
+
+/// An event's `gap_ms` was clamped to `window.max_gap`.
+pub fn gateway_request(route: &'static str, status: u16) {
+    counter!(GATEWAY_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
 }
 
 /// An event's `gap_ms` was clamped to `window.max_gap`.

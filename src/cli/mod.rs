@@ -63,6 +63,12 @@ pub enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Serve `POST /v1/events` (`[gateway]`): authenticated HTTP ingest
+    /// into the configured source's input.
+    Gateway {
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+    },
     /// Replace the tokens `[redact] mode = "tokenize"` made with their
     /// values: stdin to stdout (an agent's answer on its way back to the
     /// user). Tokens made under another key, or changed, stay as they are.

@@ -70,6 +70,9 @@ pub struct Config {
     pub redis: Option<RedisSection>,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// `sessionizer gateway` (HTTP ingest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<crate::gateway::GatewaySection>,
     /// Redaction of emitted turns (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redact: Option<crate::redact::RedactSection>,
@@ -331,6 +334,9 @@ impl Config {
         }
         if let Some(redact) = &self.redact {
             redact.validate()?;
+        }
+        if let Some(gateway) = &self.gateway {
+            gateway.validate()?;
         }
         match self.source {
             SourceKind::Kafka => {

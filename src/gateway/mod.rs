@@ -1,0 +1,241 @@
+//! `sessionizer gateway`: an HTTP service for chat frontends that can only
+//! call webhooks. `POST /v1/events` takes one ChatEvent or a JSON array of
+//! them, authenticated (`[gateway.auth]`), validated by the workers' own
+//! decoder (one invalid event: 400 and nothing of the request is written),
+//! stamped with the receive time when it has no `event_time`, and written
+//! to the configured source's input; the answer is 202 only after the
+//! broker acknowledged every event (503 with `Retry-After` when it did not).
+//! The same server answers `/metrics`, `/healthz` and `/readyz`
+//! (`docs/gateway.md`).
+
+pub mod config;
+mod publish;
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use prost::Message as _;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+pub use config::{AuthSection, GatewaySection};
+pub use publish::{Publisher, Record};
+
+use crate::codec::{proto, Decoder};
+use crate::config::Config;
+use crate::wall_clock::now_ms;
+
+/// What every request handler shares.
+#[derive(Debug)]
+struct Gateway {
+    /// Accepted bearer-token hashes; `None`: anyone (`auth.none = true`).
+    tokens: Option<HashSet<[u8; 32]>>,
+    decoder: Decoder,
+    publisher: Publisher,
+    max_batch: usize,
+}
+
+/// Runs the gateway until `shutdown` resolves (then it stops accepting and
+/// finishes the requests in progress).
+pub async fn run(
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let section = config
+        .gateway
+        .as_ref()
+        .context("the gateway needs a [gateway] section with [gateway.auth]")?;
+    let tokens = section.auth.hashes()?;
+    let listener = tokio::net::TcpListener::bind(section.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "invalid configuration: gateway.listen: cannot bind {}",
+                section.listen
+            )
+        })?;
+    let publisher = Publisher::open(config).await?;
+    // Ready once the broker is reached: the gateway owns no partitions.
+    crate::metrics::READINESS.set_connected(true);
+    crate::metrics::READINESS.set_owned(1);
+    let gateway = Arc::new(Gateway {
+        tokens,
+        decoder: Decoder::new(config.input_format(), config.decode_limits()),
+        publisher,
+        max_batch: section.max_batch,
+    });
+    let app = Router::new()
+        .route("/v1/events", post(ingest))
+        .with_state(gateway)
+        .layer(DefaultBodyLimit::max(section.max_body_bytes))
+        .merge(crate::http::router(crate::metrics::install_recorder()?));
+    tracing::info!(listen = %listener.local_addr()?, source = ?config.source, "gateway serving /v1/events, /metrics, /healthz and /readyz");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("the gateway's server")
+}
+
+/// A JSON answer, counted by status.
+fn answer(status: StatusCode, body: Value) -> Response {
+    crate::metrics::gateway_request("/v1/events", status.as_u16());
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    if let Some(tokens) = &gateway.tokens {
+        if let Err(why) = authenticate(tokens, &headers) {
+            let mut response = answer(
+                StatusCode::UNAUTHORIZED,
+                json!({"status": "unauthorized", "error": why}),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+            return response;
+        }
+    }
+    let protobuf = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/x-protobuf"));
+    let now = now_ms();
+    let payloads = match if protobuf {
+        protobuf_event(&body, now).map(|p| vec![p])
+    } else {
+        json_events(&body, now, gateway.max_batch)
+    } {
+        Ok(payloads) => payloads,
+        Err((status, error)) => {
+            return answer(status, json!({"status": "invalid", "error": error}));
+        }
+    };
+    let mut records = Vec::with_capacity(payloads.len());
+    for (index, payload) in payloads.into_iter().enumerate() {
+        match gateway.decoder.decode(&payload, now) {
+            Ok(event) => records.push(Record {
+                user_id: event.user_id.into_owned(),
+                conversation_id: event.conversation_id.map(|c| c.into_owned()),
+                payload: payload.clone(),
+            }),
+            Err(poison) => {
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    json!({
+                        "status": "invalid",
+                        "index": index,
+                        "reason": poison.reason.as_str(),
+                        "error": poison.message,
+                    }),
+                );
+            }
+        }
+    }
+    match gateway.publisher.publish(&records).await {
+        Ok(()) => answer(
+            StatusCode::ACCEPTED,
+            json!({"status": "accepted", "count": records.len()}),
+        ),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "the broker did not take a request's events; answered 503");
+            let mut response = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                json!({"status": "unavailable", "error": format!("{e:#}")}),
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            response
+        }
+    }
+}
+
+/// `Authorization: Bearer <token>` whose SHA-256 is configured.
+fn authenticate(tokens: &HashSet<[u8; 32]>, headers: &HeaderMap) -> Result<(), &'static str> {
+    let value = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("no Authorization header")?
+        .to_str()
+        .map_err(|_| "the Authorization header is not text")?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .ok_or("the Authorization header is not `Bearer <token>`")?;
+    let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
+    if tokens.contains(&hash) {
+        Ok(())
+    } else {
+        Err("the token is not accepted")
+    }
+}
+
+/// The events of a JSON body (one object, or an array of at most
+/// `max_batch`), each with `event_time` set to `now` where it had none.
+fn json_events(
+    body: &[u8],
+    now: i64,
+    max_batch: usize,
+) -> Result<Vec<Vec<u8>>, (StatusCode, String)> {
+    let bad = |e: String| (StatusCode::BAD_REQUEST, e);
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the body is not JSON: {e}")))?;
+    let events = match value {
+        Value::Object(_) => vec![value],
+        Value::Array(items) if items.len() > max_batch => {
+            return Err((
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "{} events, over gateway.max_batch ({max_batch})",
+                    items.len()
+                ),
+            ))
+        }
+        Value::Array(items) if items.is_empty() => return Err(bad("an empty array".to_owned())),
+        Value::Array(items) => items,
+        _ => {
+            return Err(bad(
+                "the body is neither an event nor an array of events".to_owned()
+            ))
+        }
+    };
+    events
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut event)| {
+            let Value::Object(fields) = &mut event else {
+                return Err(bad(format!("element {i} is not an object")));
+            };
+            if fields.get("event_time").is_none_or(Value::is_null) {
+                fields.insert("event_time".to_owned(), Value::from(now));
+            }
+            Ok(serde_json::to_vec(&event).expect("a JSON value serializes"))
+        })
+        .collect()
+}
+
+/// One protobuf ChatEvent, with `event_time_ms` set to `now` when unset.
+fn protobuf_event(body: &[u8], now: i64) -> Result<Vec<u8>, (StatusCode, String)> {
+    let mut event = proto::ChatEvent::decode(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("not a protobuf ChatEvent: {e}"),
+        )
+    })?;
+    if event.event_time_ms == 0 {
+        event.event_time_ms = now;
+    }
+    Ok(event.encode_to_vec())
+}

@@ -1,0 +1,202 @@
+//! `sessionizer gateway` against a real `redis-server` and the tansu Kafka
+//! broker, called over a real socket: authentication, validation before any
+//! write, the write acknowledged before 202, and 503 when the broker is down.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use redis::Commands;
+use sessionizer::config::Config;
+use sessionizer::redis::keys::ShardKeys;
+use support::redis_server::RedisServer;
+use support::{free_port, http_post, wait_for, Worker};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// The bearer token the tests' gateway accepts (configured by its SHA-256).
+const TOKEN: &str = "let-me-in";
+
+fn token_hash() -> String {
+    use sha2::Digest;
+    let hash = sha2::Sha256::digest(TOKEN.as_bytes());
+    hash.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn gateway_section(port: u16) -> String {
+    format!(
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nmax_batch = 3\nmax_body_bytes = 4096\n[gateway.auth]\nbearer_sha256 = [\"{}\"]\n",
+        token_hash()
+    )
+}
+
+fn post(
+    port: u16,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, support::HttpResponse, serde_json::Value) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("content-type", "application/json")];
+    if let Some(auth) = &auth {
+        headers.push(("authorization", auth.as_str()));
+    }
+    let response =
+        http_post(port, "/v1/events", &headers, body.as_bytes()).expect("the gateway answers");
+    let json = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
+    (response.status, response, json)
+}
+
+fn wait_ready(port: u16) {
+    wait_for("the gateway to be ready", TIMEOUT, || {
+        support::http_get(port, "/readyz").filter(|(status, _)| *status == 200)
+    });
+}
+
+fn event(id: &str, user: &str, with_time: bool) -> String {
+    let t = sessionizer::wall_clock::now_ms();
+    if with_time {
+        format!(r#"{{"message_id":"{id}","user_id":"{user}","text":"hi {id}","event_time":{t}}}"#)
+    } else {
+        format!(r#"{{"message_id":"{id}","user_id":"{user}","text":"hi {id}"}}"#)
+    }
+}
+
+/// Entries of every shard stream, as parsed payloads.
+fn written(conn: &mut redis::Connection, shards: &[ShardKeys]) -> Vec<serde_json::Value> {
+    let mut all = Vec::new();
+    for s in shards {
+        let reply: redis::streams::StreamRangeReply = conn.xrange_all(&s.stream).unwrap();
+        for id in reply.ids {
+            let payload: Vec<u8> = id.get("payload").unwrap();
+            all.push(serde_json::from_slice(&payload).unwrap());
+        }
+    }
+    all
+}
+
+#[test]
+fn redis_ingest_authenticates_validates_then_writes_and_the_worker_makes_the_turn() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let port = free_port();
+    let config = format!(
+        "source = \"redis\"\n[window]\nidle_timeout = \"200ms\"\n[redis]\nurl = \"{}\"\ninput_stream = \"gw-chat\"\noutput_stream = \"gw-turns\"\ndlq_stream = \"gw-dlq\"\nshards = 2\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}",
+        server.url(),
+        gateway_section(port)
+    );
+    let shards = ShardKeys::all(
+        Config::from_toml(&config, Vec::new())
+            .unwrap()
+            .redis
+            .as_ref()
+            .unwrap(),
+    );
+    let _gateway = Worker::start_command(&["gateway"], &config);
+    wait_ready(port);
+
+    let one = event("m1", "alice", true);
+    let (status, response, _) = post(port, None, &one);
+    assert_eq!(status, 401);
+    assert_eq!(response.header("www-authenticate"), Some("Bearer"));
+    assert_eq!(post(port, Some("guess"), &one).0, 401);
+    assert!(
+        written(&mut conn, &shards).is_empty(),
+        "auth failures reach no broker"
+    );
+
+    // One invalid event: 400 naming it, and nothing of the request written.
+    let bad = format!("[{one}, {{\"message_id\":\"m9\",\"text\":\"no user\"}}]");
+    let (status, _, body) = post(port, Some(TOKEN), &bad);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["index"], 1);
+    assert_eq!(body["reason"], "invalid");
+    assert!(
+        body["error"].as_str().unwrap().contains("user_id"),
+        "{body}"
+    );
+    assert_eq!(post(port, Some(TOKEN), "not json").0, 400);
+    let four = format!("[{one},{one},{one},{one}]");
+    assert_eq!(post(port, Some(TOKEN), &four).0, 413, "over max_batch");
+    let huge = event("m8", "alice", true).replace("hi m8", &"x".repeat(5000));
+    assert_eq!(post(port, Some(TOKEN), &huge).0, 413, "over max_body_bytes");
+    assert!(written(&mut conn, &shards).is_empty());
+
+    // A burst of three, one without event_time: accepted once written.
+    let burst = format!(
+        "[{}, {}, {}]",
+        event("m1", "alice", true),
+        event("m2", "alice", false),
+        event("m3", "alice", true)
+    );
+    let (status, _, body) = post(port, Some(TOKEN), &burst);
+    assert_eq!(
+        (status, &body["status"], &body["count"]),
+        (202, &"accepted".into(), &3.into())
+    );
+    let events = written(&mut conn, &shards);
+    assert_eq!(events.len(), 3, "written before the 202");
+    assert!(
+        events.iter().all(|e| e["event_time"].is_i64()),
+        "the missing time stamped"
+    );
+
+    let worker = format!("{config}\n");
+    let _worker = Worker::start(&worker);
+    let turn = wait_for("the turn", TIMEOUT, || {
+        let reply: redis::streams::StreamRangeReply = conn.xrange_all("gw-turns").ok()?;
+        let id = reply.ids.first()?;
+        let turn: Vec<u8> = id.get("turn")?;
+        Some(serde_json::from_slice::<serde_json::Value>(&turn).unwrap())
+    });
+    let ids: BTreeSet<String> = support::message_ids(&turn).into_iter().collect();
+    assert_eq!(ids, BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]));
+
+    // Redis gone: 503 with Retry-After, not 202.
+    let mut server = server;
+    server.kill();
+    let (status, response, body) = post(port, Some(TOKEN), &event("m4", "bob", true));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(response.header("retry-after"), Some("1"));
+}
+
+#[test]
+fn a_gateway_without_authentication_refuses_to_start() {
+    let config = "source = \"redis\"\n[redis]\nurl = \"redis://127.0.0.1:1\"\ninput_stream = \"c\"\noutput_stream = \"t\"\ndlq_stream = \"d\"\n[gateway]\n[gateway.auth]\n";
+    let stderr = support::run_cli_failing(&["gateway"], config, &[]);
+    assert!(
+        stderr.contains("gateway.auth") && stderr.contains("none = true"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_ingest_writes_keyed_by_user_before_answering() {
+    let broker = support::Broker::start();
+    let input = "gw-kafka-chat";
+    broker.create_topic(input, 2).await;
+    let port = free_port();
+    let config = format!(
+        "source = \"kafka\"\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"gw\"\ninput_topics = [\"{input}\"]\noutput_topic = \"gw-kafka-turns\"\ndlq_topic = \"gw-kafka-dlq\"\n[kafka.properties]\n{}\n{}",
+        broker.bootstrap(),
+        broker.worker_properties(),
+        gateway_section(port)
+    );
+    let _gateway = Worker::start_command(&["gateway"], &config);
+    wait_ready(port);
+    let body = format!(
+        "[{}, {}]",
+        event("k1", "carol", true),
+        event("k2", "dave", false)
+    );
+    let (status, _, answer) = post(port, Some(TOKEN), &body);
+    assert_eq!(status, 202, "{answer}");
+    let records = support::read_until(broker.client_config(), input, false, TIMEOUT, |r| {
+        r.len() >= 2
+    });
+    let keys: BTreeSet<String> = records
+        .iter()
+        .map(|r| String::from_utf8(r.key.clone()).unwrap())
+        .collect();
+    assert_eq!(keys, BTreeSet::from(["carol".into(), "dave".into()]));
+    assert!(records.iter().all(|r| r.json()["event_time"].is_i64()));
+}
