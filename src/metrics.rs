@@ -87,6 +87,8 @@ pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
 pub const MISROUTED: &str = "sessionizer_misrouted_total";
 /// Values the redaction stage replaced in emitted turns, by `detector`.
 pub const REDACTIONS: &str = "sessionizer_redactions_total";
+/// Gateway requests held for their turn now (`?wait=`).
+pub const GATEWAY_HELD: &str = "sessionizer_gateway_held_requests";
 /// Gateway requests by `route` and `status` (the HTTP status code).
 pub const GATEWAY_REQUESTS: &str = "sessionizer_gateway_requests_total";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
@@ -303,6 +305,10 @@ pub fn redactions(detector: &str) -> Counter {
 }
 
 /// An event's `gap_ms` was clamped to `window.max_gap`.
+pub fn gateway_held(held: usize) {
+    gauge!(GATEWAY_HELD).set(held as f64);
+}
+
 pub fn gateway_request(route: &'static str, status: u16) {
     counter!(GATEWAY_REQUESTS, "route" => route, "status" => status.to_string()).increment(1);
 }

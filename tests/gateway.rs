@@ -200,3 +200,96 @@ async fn kafka_ingest_writes_keyed_by_user_before_answering() {
     assert_eq!(keys, BTreeSet::from(["carol".into(), "dave".into()]));
     assert!(records.iter().all(|r| r.json()["event_time"].is_i64()));
 }
+
+/// `?wait=`: three requests of one burst held at once; when the worker
+/// emits the turn, the one holding its last message gets the turn and the
+/// two others "superseded" with its id. A request whose turn comes after
+/// its wait gets 202 pending (the turn still reaches the output); SIGTERM
+/// answers a held request "pending" and the gateway exits 0.
+#[test]
+fn held_requests_get_the_turn_or_superseded_or_pending() {
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let port = free_port();
+    let config = format!(
+        "source = \"redis\"\n[window]\ngap = \"1s\"\nidle_timeout = \"100ms\"\n[redis]\nurl = \"{}\"\ninput_stream = \"hold-chat\"\noutput_stream = \"hold-turns\"\ndlq_stream = \"hold-dlq\"\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}",
+        server.url(),
+        gateway_section(port)
+    );
+    let mut gateway = Worker::start_command(&["gateway"], &config);
+    wait_ready(port);
+    let _worker = Worker::start(&config);
+    let t = sessionizer::wall_clock::now_ms();
+    let held: Vec<_> = (0..3)
+        .map(|i| {
+            let body = format!(
+                r#"{{"message_id":"m{i}","user_id":"alice","text":"part {i}","event_time":{}}}"#,
+                t + 100 * i
+            );
+            std::thread::spawn(move || post_wait(port, "/v1/events?wait=30s", &body))
+        })
+        .collect();
+    let answers: Vec<(u16, serde_json::Value)> =
+        held.into_iter().map(|h| h.join().unwrap()).collect();
+    let turn = &answers[2].1;
+    assert_eq!(
+        (answers[2].0, &turn["status"]),
+        (200, &"turn".into()),
+        "{turn}"
+    );
+    let ids: BTreeSet<String> = support::message_ids(&turn["turn"]).into_iter().collect();
+    assert_eq!(ids, BTreeSet::from(["m0".into(), "m1".into(), "m2".into()]));
+    for (status, body) in &answers[..2] {
+        assert_eq!(
+            (*status, &body["status"]),
+            (200, &"superseded".into()),
+            "{body}"
+        );
+        assert_eq!(body["turn_id"], turn["turn"]["turn_id"]);
+    }
+
+    // The turn closes a second after its event: a 100 ms wait ends first.
+    let late = format!(
+        r#"{{"message_id":"b1","user_id":"bob","text":"hello","event_time":{}}}"#,
+        sessionizer::wall_clock::now_ms()
+    );
+    let (status, body) = post_wait(port, "/v1/events?wait=100ms", &late);
+    assert_eq!(
+        (status, &body["status"]),
+        (202, &"pending".into()),
+        "{body}"
+    );
+    wait_for("bob's turn on the output anyway", TIMEOUT, || {
+        let reply: redis::streams::StreamRangeReply = conn.xrange_all("hold-turns").ok()?;
+        (reply.ids.len() == 2).then_some(())
+    });
+
+    // SIGTERM while a request is held: answered pending, exit 0.
+    let body = format!(
+        r#"{{"message_id":"c1","user_id":"carol","text":"hi","event_time":{}}}"#,
+        sessionizer::wall_clock::now_ms()
+    );
+    let waiting = std::thread::spawn(move || post_wait(port, "/v1/events?wait=30s", &body));
+    wait_for("the request held", TIMEOUT, || {
+        let body = support::http_get(port, "/metrics")?.1;
+        (support::metric(&body, sessionizer::metrics::GATEWAY_HELD, &[]) == 1.0).then_some(())
+    });
+    assert!(gateway.terminate().success());
+    let (status, body) = waiting.join().unwrap();
+    assert_eq!(
+        (status, &body["status"]),
+        (202, &"pending".into()),
+        "{body}"
+    );
+}
+
+fn post_wait(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let auth = format!("Bearer {TOKEN}");
+    let headers = [
+        ("content-type", "application/json"),
+        ("authorization", auth.as_str()),
+    ];
+    let response = http_post(port, path, &headers, body.as_bytes()).expect("an answer");
+    let json = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
+    (response.status, json)
+}

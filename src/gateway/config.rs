@@ -21,6 +21,15 @@ pub struct GatewaySection {
     /// Request body bytes at most.
     #[serde(default = "default_max_body_bytes", deserialize_with = "number")]
     pub max_body_bytes: usize,
+    /// The longest `?wait=` honoured (longer ones are cut to it).
+    #[serde(default = "default_max_wait")]
+    pub max_wait: Millis,
+    /// Requests held for their turn at most; more are answered 503.
+    #[serde(default = "default_max_held", deserialize_with = "number")]
+    pub max_held: usize,
+    /// The status of a "superseded" answer: 200 with a body, or 204.
+    #[serde(default = "default_superseded_status", deserialize_with = "number")]
+    pub superseded_status: u16,
     pub auth: AuthSection,
 }
 
@@ -52,6 +61,18 @@ fn default_max_body_bytes() -> usize {
     1 << 20
 }
 
+fn default_max_wait() -> Millis {
+    Millis(30_000)
+}
+
+fn default_max_held() -> usize {
+    10_000
+}
+
+fn default_superseded_status() -> u16 {
+    200
+}
+
 impl GatewaySection {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.max_batch == 0 {
@@ -61,6 +82,18 @@ impl GatewaySection {
             return Err(ConfigError::new(
                 "gateway.max_body_bytes",
                 "must be at least 1",
+            ));
+        }
+        if self.max_wait.0 <= 0 {
+            return Err(ConfigError::new(
+                "gateway.max_wait",
+                "must be greater than 0",
+            ));
+        }
+        if !matches!(self.superseded_status, 200 | 204) {
+            return Err(ConfigError::new(
+                "gateway.superseded_status",
+                "must be 200 or 204",
             ));
         }
         let a = &self.auth;

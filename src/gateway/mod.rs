@@ -10,15 +10,17 @@
 
 pub mod config;
 mod publish;
+pub mod wait;
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
@@ -41,6 +43,12 @@ struct Gateway {
     decoder: Decoder,
     publisher: Publisher,
     max_batch: usize,
+    max_wait: Duration,
+    max_held: usize,
+    superseded_status: u16,
+    holds: Arc<wait::Holds>,
+    /// Set at SIGTERM: held requests are answered "pending" at once.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Runs the gateway until `shutdown` resolves (then it stops accepting and
@@ -63,14 +71,23 @@ pub async fn run(
             )
         })?;
     let publisher = Publisher::open(config).await?;
-    // Ready once the broker is reached: the gateway owns no partitions.
+    let holds = Arc::new(wait::Holds::default());
+    wait::start_reader(config, holds.clone()).await?;
+    // Ready once the broker is reached and turns are read: the gateway
+    // owns no partitions.
     crate::metrics::READINESS.set_connected(true);
     crate::metrics::READINESS.set_owned(1);
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let gateway = Arc::new(Gateway {
         tokens,
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
         publisher,
         max_batch: section.max_batch,
+        max_wait: section.max_wait.as_duration(),
+        max_held: section.max_held,
+        superseded_status: section.superseded_status,
+        holds,
+        stopping,
     });
     let app = Router::new()
         .route("/v1/events", post(ingest))
@@ -78,6 +95,11 @@ pub async fn run(
         .layer(DefaultBodyLimit::max(section.max_body_bytes))
         .merge(crate::http::router(crate::metrics::install_recorder()?));
     tracing::info!(listen = %listener.local_addr()?, source = ?config.source, "gateway serving /v1/events, /metrics, /healthz and /readyz");
+    let shutdown = async move {
+        shutdown.await;
+        // Held requests answer "pending" now; then the server drains.
+        let _ = stop.send(true);
+    };
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -95,7 +117,12 @@ fn answer(status: StatusCode, body: Value) -> Response {
         .into_response()
 }
 
-async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn ingest(
+    State(gateway): State<Arc<Gateway>>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     if let Some(tokens) = &gateway.tokens {
         if let Err(why) = authenticate(tokens, &headers) {
             let mut response = answer(
@@ -109,6 +136,15 @@ async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             return response;
         }
     }
+    let wait = match wait_param(uri.query(), gateway.max_wait) {
+        Ok(wait) => wait,
+        Err(error) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                json!({"status": "invalid", "error": error}),
+            )
+        }
+    };
     let protobuf = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -128,6 +164,7 @@ async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
     for (index, payload) in payloads.into_iter().enumerate() {
         match gateway.decoder.decode(&payload, now) {
             Ok(event) => records.push(Record {
+                message_id: event.message_id.into_owned(),
                 user_id: event.user_id.into_owned(),
                 conversation_id: event.conversation_id.map(|c| c.into_owned()),
                 payload: payload.clone(),
@@ -145,7 +182,44 @@ async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             }
         }
     }
-    match gateway.publisher.publish(&records).await {
+    // Held before the write, so its turn cannot pass unseen.
+    let held = match wait {
+        None => None,
+        Some(wait) => {
+            let last = records.last().expect("at least one event");
+            let ids = records
+                .iter()
+                .filter(|r| r.user_id == last.user_id)
+                .map(|r| r.message_id.clone())
+                .collect();
+            match gateway.holds.hold(&last.user_id, ids, gateway.max_held) {
+                Some((hold, rx)) => Some((hold, rx, wait)),
+                None => {
+                    return answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        json!({"status": "unavailable", "error": format!(
+                            "{} requests held already (gateway.max_held)", gateway.max_held
+                        )}),
+                    )
+                }
+            }
+        }
+    };
+    let published = gateway.publisher.publish(&records).await;
+    if let Some((hold, answer_rx, wait)) = held {
+        if published.is_ok() {
+            let mut stopping = gateway.stopping.clone();
+            let outcome = tokio::select! {
+                outcome = answer_rx => outcome.ok(),
+                () = tokio::time::sleep(wait) => None,
+                _ = stopping.wait_for(|s| *s) => None,
+            };
+            gateway.holds.release(&hold);
+            return held_answer(&gateway, outcome, records.len());
+        }
+        gateway.holds.release(&hold);
+    }
+    match published {
         Ok(()) => answer(
             StatusCode::ACCEPTED,
             json!({"status": "accepted", "count": records.len()}),
@@ -162,6 +236,42 @@ async fn ingest(State(gateway): State<Arc<Gateway>>, headers: HeaderMap, body: B
             response
         }
     }
+}
+
+/// The answer of a held request: its turn, "superseded", or "pending" when
+/// no turn came within the wait (or the gateway is stopping).
+fn held_answer(gateway: &Gateway, outcome: Option<wait::Outcome>, count: usize) -> Response {
+    match outcome {
+        Some(wait::Outcome::Turn(turn)) => {
+            answer(StatusCode::OK, json!({"status": "turn", "turn": turn}))
+        }
+        Some(wait::Outcome::Superseded(_)) if gateway.superseded_status == 204 => {
+            crate::metrics::gateway_request("/v1/events", 204);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Some(wait::Outcome::Superseded(turn_id)) => answer(
+            StatusCode::OK,
+            json!({"status": "superseded", "turn_id": turn_id}),
+        ),
+        None => answer(
+            StatusCode::ACCEPTED,
+            json!({"status": "pending", "count": count}),
+        ),
+    }
+}
+
+/// The `wait` query parameter (`?wait=20s`), cut to `max`.
+fn wait_param(query: Option<&str>, max: Duration) -> Result<Option<Duration>, String> {
+    let Some(value) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("wait="))
+    else {
+        return Ok(None);
+    };
+    let wait = humantime::parse_duration(value)
+        .map_err(|e| format!("wait={value}: {e} (use e.g. wait=20s)"))?;
+    Ok(Some(wait.min(max)))
 }
 
 /// `Authorization: Bearer <token>` whose SHA-256 is configured.

@@ -20,6 +20,7 @@ const KAFKA_TIMEOUT: Duration = Duration::from_secs(10);
 /// One validated event on its way to the broker.
 #[derive(Debug, Clone)]
 pub struct Record {
+    pub message_id: String,
     pub user_id: String,
     pub conversation_id: Option<String>,
     pub payload: Vec<u8>,

@@ -107,7 +107,7 @@ pub(super) async fn group_state(
 }
 
 /// The id of the stream's last entry, `None` when it has none.
-pub(super) async fn last_entry_id(
+pub(crate) async fn last_entry_id(
     conn: &mut RedisConn,
     stream: &str,
 ) -> Result<Option<String>, redis::RedisError> {
