@@ -174,9 +174,11 @@ async fn kafka_ingest_writes_keyed_by_user_before_answering() {
     let broker = support::Broker::start();
     let input = "gw-kafka-chat";
     broker.create_topic(input, 2).await;
+    broker.create_topic("gw-kafka-turns", 2).await;
+    broker.create_topic("gw-kafka-dlq", 1).await;
     let port = free_port();
     let config = format!(
-        "source = \"kafka\"\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"gw\"\ninput_topics = [\"{input}\"]\noutput_topic = \"gw-kafka-turns\"\ndlq_topic = \"gw-kafka-dlq\"\n[kafka.properties]\n{}\n{}",
+        "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"gw\"\ncommit_interval = \"200ms\"\ninput_topics = [\"{input}\"]\noutput_topic = \"gw-kafka-turns\"\ndlq_topic = \"gw-kafka-dlq\"\n[kafka.properties]\n{}\n{}",
         broker.bootstrap(),
         broker.worker_properties(),
         gateway_section(port)
@@ -199,6 +201,12 @@ async fn kafka_ingest_writes_keyed_by_user_before_answering() {
         .collect();
     assert_eq!(keys, BTreeSet::from(["carol".into(), "dave".into()]));
     assert!(records.iter().all(|r| r.json()["event_time"].is_i64()));
+
+    // The turn reader on Kafka: a held request gets its turn.
+    let _worker = Worker::start(&config);
+    let (status, body) = post_wait(port, "/v1/events?wait=30s", &event("k3", "erin", true));
+    assert_eq!((status, &body["status"]), (200, &"turn".into()), "{body}");
+    assert_eq!(body["turn"]["messages"][0]["message_id"], "k3");
 }
 
 /// `?wait=`: three requests of one burst held at once; when the worker
@@ -292,4 +300,70 @@ fn post_wait(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
     let response = http_post(port, path, &headers, body.as_bytes()).expect("an answer");
     let json = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
     (response.status, json)
+}
+
+/// JWT access tokens (HS256 here): expiry, issuer and audience checked, the
+/// `sub` claim bound to the events' `user_id`; refused tokens reach no broker.
+#[test]
+fn jwt_tokens_are_checked_and_bound_to_their_user() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let server = RedisServer::start();
+    let mut conn = server.conn();
+    let port = free_port();
+    let secret = "a-test-secret-of-at-least-thirty-two-bytes";
+    let config = format!(
+        "source = \"redis\"\n[redis]\nurl = \"{}\"\ninput_stream = \"jwt-chat\"\noutput_stream = \"jwt-turns\"\ndlq_stream = \"jwt-dlq\"\n[gateway]\nlisten = \"127.0.0.1:{port}\"\n[gateway.auth]\njwt_hs256_secret_env = \"GW_TEST_SECRET\"\njwt_issuer = \"https://issuer.test\"\njwt_audience = \"sessionizer\"\njwt_user_claim = \"sub\"\n",
+        server.url()
+    );
+    let shards = ShardKeys::all(
+        Config::from_toml(&config, Vec::new())
+            .unwrap()
+            .redis
+            .as_ref()
+            .unwrap(),
+    );
+    let _gateway =
+        Worker::start_command_with_env(&["gateway"], &config, &[("GW_TEST_SECRET", secret)]);
+    wait_ready(port);
+    let now = sessionizer::wall_clock::now_ms() / 1000;
+    let token = |sub: &str, aud: &str, exp: i64, key: &str| {
+        let claims =
+            serde_json::json!({"sub": sub, "aud": aud, "iss": "https://issuer.test", "exp": exp});
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(key.as_bytes()),
+        )
+        .unwrap()
+    };
+    let alice = event("j1", "alice", true);
+    let expired = token("alice", "sessionizer", now - 3600, secret);
+    assert_eq!(post(port, Some(&expired), &alice).0, 401, "expired");
+    let other_audience = token("alice", "someone-else", now + 600, secret);
+    assert_eq!(
+        post(port, Some(&other_audience), &alice).0,
+        401,
+        "wrong audience"
+    );
+    let forged = token(
+        "alice",
+        "sessionizer",
+        now + 600,
+        "another-secret-of-at-least-thirty-two-b",
+    );
+    assert_eq!(post(port, Some(&forged), &alice).0, 401, "wrong key");
+    let good = token("alice", "sessionizer", now + 600, secret);
+    let (status, _, body) = post(port, Some(&good), &event("j2", "bob", true));
+    assert_eq!(
+        (status, &body["status"]),
+        (403, &"forbidden".into()),
+        "{body}"
+    );
+    assert!(
+        written(&mut conn, &shards).is_empty(),
+        "refused tokens reach no broker"
+    );
+    let (status, _, body) = post(port, Some(&good), &alice);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(written(&mut conn, &shards).len(), 1);
 }

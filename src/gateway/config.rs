@@ -47,6 +47,22 @@ pub struct AuthSection {
     /// A file of such hashes, one per line (`#` comments).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bearer_sha256_file: Option<String>,
+    /// JWT (HS256): the environment variable holding the shared secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_hs256_secret_env: Option<String>,
+    /// JWT (RS256/ES256): a JWKS file of the issuer's public keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<String>,
+    /// JWT: the required `iss`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// JWT: the required `aud`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// JWT: a claim every event's `user_id` must equal (403 otherwise), so
+    /// a token for one user cannot post as another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt_user_claim: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -97,14 +113,17 @@ impl GatewaySection {
             ));
         }
         let a = &self.auth;
-        let tokens = !a.bearer_sha256.is_empty() || a.bearer_sha256_file.is_some();
+        let tokens = !a.bearer_sha256.is_empty()
+            || a.bearer_sha256_file.is_some()
+            || a.jwt_hs256_secret_env.is_some()
+            || a.jwks_file.is_some();
         if a.none == tokens {
             return Err(ConfigError::new(
                 "gateway.auth",
                 if a.none {
-                    "none = true and bearer tokens at once: choose one"
+                    "none = true and tokens at once: choose one"
                 } else {
-                    "no authentication: set bearer_sha256 (or bearer_sha256_file), or none = true to accept anyone"
+                    "no authentication: set bearer_sha256 (or bearer_sha256_file), jwt_hs256_secret_env or jwks_file, or none = true to accept anyone"
                 },
             ));
         }

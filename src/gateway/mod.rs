@@ -8,11 +8,11 @@
 //! The same server answers `/metrics`, `/healthz` and `/readyz`
 //! (`docs/gateway.md`).
 
+mod auth;
 pub mod config;
 mod publish;
 pub mod wait;
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +26,6 @@ use axum::routing::post;
 use axum::Router;
 use prost::Message as _;
 use serde_json::{json, Value};
-use sha2::{Digest, Sha256};
 
 pub use config::{AuthSection, GatewaySection};
 pub use publish::{Publisher, Record};
@@ -38,8 +37,7 @@ use crate::wall_clock::now_ms;
 /// What every request handler shares.
 #[derive(Debug)]
 struct Gateway {
-    /// Accepted bearer-token hashes; `None`: anyone (`auth.none = true`).
-    tokens: Option<HashSet<[u8; 32]>>,
+    auth: auth::Auth,
     decoder: Decoder,
     publisher: Publisher,
     max_batch: usize,
@@ -61,7 +59,7 @@ pub async fn run(
         .gateway
         .as_ref()
         .context("the gateway needs a [gateway] section with [gateway.auth]")?;
-    let tokens = section.auth.hashes()?;
+    let auth = auth::Auth::new(&section.auth)?;
     let listener = tokio::net::TcpListener::bind(section.listen)
         .await
         .with_context(|| {
@@ -79,7 +77,7 @@ pub async fn run(
     crate::metrics::READINESS.set_owned(1);
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let gateway = Arc::new(Gateway {
-        tokens,
+        auth,
         decoder: Decoder::new(config.input_format(), config.decode_limits()),
         publisher,
         max_batch: section.max_batch,
@@ -123,19 +121,24 @@ async fn ingest(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(tokens) = &gateway.tokens {
-        if let Err(why) = authenticate(tokens, &headers) {
-            let mut response = answer(
-                StatusCode::UNAUTHORIZED,
-                json!({"status": "unauthorized", "error": why}),
-            );
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
+    let caller = match gateway.auth.check(&headers) {
+        Ok(caller) => caller,
+        Err((status, why)) => {
+            let refused = if status == StatusCode::UNAUTHORIZED {
+                "unauthorized"
+            } else {
+                "forbidden"
+            };
+            let mut response = answer(status, json!({"status": refused, "error": why}));
+            if status == StatusCode::UNAUTHORIZED {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    header::HeaderValue::from_static("Bearer"),
+                );
+            }
             return response;
         }
-    }
+    };
     let wait = match wait_param(uri.query(), gateway.max_wait) {
         Ok(wait) => wait,
         Err(error) => {
@@ -180,6 +183,14 @@ async fn ingest(
                     }),
                 );
             }
+        }
+    }
+    if let Some(user) = &caller.user_id {
+        if let Some(other) = records.iter().position(|r| r.user_id != *user) {
+            return answer(
+                StatusCode::FORBIDDEN,
+                json!({"status": "forbidden", "index": other, "error": "the token is for another user_id"}),
+            );
         }
     }
     // Held before the write, so its turn cannot pass unseen.
@@ -272,24 +283,6 @@ fn wait_param(query: Option<&str>, max: Duration) -> Result<Option<Duration>, St
     let wait = humantime::parse_duration(value)
         .map_err(|e| format!("wait={value}: {e} (use e.g. wait=20s)"))?;
     Ok(Some(wait.min(max)))
-}
-
-/// `Authorization: Bearer <token>` whose SHA-256 is configured.
-fn authenticate(tokens: &HashSet<[u8; 32]>, headers: &HeaderMap) -> Result<(), &'static str> {
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .ok_or("no Authorization header")?
-        .to_str()
-        .map_err(|_| "the Authorization header is not text")?;
-    let token = value
-        .strip_prefix("Bearer ")
-        .ok_or("the Authorization header is not `Bearer <token>`")?;
-    let hash: [u8; 32] = Sha256::digest(token.trim().as_bytes()).into();
-    if tokens.contains(&hash) {
-        Ok(())
-    } else {
-        Err("the token is not accepted")
-    }
 }
 
 /// The events of a JSON body (one object, or an array of at most

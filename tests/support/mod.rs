@@ -570,6 +570,11 @@ impl Worker {
         Self::spawn(command, config, &[])
     }
 
+    /// [`Worker::start_command`] with extra environment variables.
+    pub fn start_command_with_env(command: &[&str], config: &str, env: &[(&str, &str)]) -> Worker {
+        Self::spawn(command, config, env)
+    }
+
     /// [`Worker::start`] with its log (stderr) written to `log`.
     pub fn start_logging_to(config: &str, log: std::fs::File) -> Worker {
         Self::spawn_with_log(&["run"], config, &[], Some(log))
