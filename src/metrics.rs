@@ -87,6 +87,8 @@ pub const PARTITIONS_REBUILT: &str = "sessionizer_partitions_rebuilt_total";
 pub const MISROUTED: &str = "sessionizer_misrouted_total";
 /// Values the redaction stage replaced in emitted turns, by `detector`.
 pub const REDACTIONS: &str = "sessionizer_redactions_total";
+/// Seconds an agent call took (`[gateway.agent]`), answered or not.
+pub const GATEWAY_AGENT_CALL: &str = "sessionizer_gateway_agent_call_seconds";
 /// Gateway requests held for their turn now (`?wait=`).
 pub const GATEWAY_HELD: &str = "sessionizer_gateway_held_requests";
 /// Gateway requests by `route` and `status` (the HTTP status code).
@@ -305,6 +307,10 @@ pub fn redactions(detector: &str) -> Counter {
 }
 
 /// An event's `gap_ms` was clamped to `window.max_gap`.
+pub fn gateway_agent_call(took: Duration) {
+    histogram!(GATEWAY_AGENT_CALL).record(took.as_secs_f64());
+}
+
 pub fn gateway_held(held: usize) {
     gauge!(GATEWAY_HELD).set(held as f64);
 }

@@ -31,6 +31,27 @@ pub struct GatewaySection {
     #[serde(default = "default_superseded_status", deserialize_with = "number")]
     pub superseded_status: u16,
     pub auth: AuthSection,
+    /// `[gateway.agent]`: the turn of a held request is POSTed here, and the
+    /// agent's answer is the request's answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSection {
+    /// `http://` or `https://` URL the turn is POSTed to.
+    pub url: String,
+    /// How long the agent may take (504 beyond).
+    #[serde(default = "default_agent_timeout")]
+    pub timeout: Millis,
+    /// Headers sent with every call (for the agent's own authentication).
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+fn default_agent_timeout() -> Millis {
+    Millis(30_000)
 }
 
 /// `[gateway.auth]`: static bearer tokens, kept as SHA-256 hashes (the
@@ -105,6 +126,20 @@ impl GatewaySection {
                 "gateway.max_wait",
                 "must be greater than 0",
             ));
+        }
+        if let Some(agent) = &self.agent {
+            if !(agent.url.starts_with("http://") || agent.url.starts_with("https://")) {
+                return Err(ConfigError::new(
+                    "gateway.agent.url",
+                    "must start with http:// or https://",
+                ));
+            }
+            if agent.timeout.0 <= 0 {
+                return Err(ConfigError::new(
+                    "gateway.agent.timeout",
+                    "must be greater than 0",
+                ));
+            }
         }
         if !matches!(self.superseded_status, 200 | 204) {
             return Err(ConfigError::new(

@@ -45,6 +45,8 @@ struct Gateway {
     max_held: usize,
     superseded_status: u16,
     holds: Arc<wait::Holds>,
+    /// `[gateway.agent]`: the client and the call's settings.
+    agent: Option<(reqwest::Client, config::AgentSection)>,
     /// Set at SIGTERM: held requests are answered "pending" at once.
     stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -85,6 +87,16 @@ pub async fn run(
         max_held: section.max_held,
         superseded_status: section.superseded_status,
         holds,
+        agent: match &section.agent {
+            None => None,
+            Some(agent) => Some((
+                reqwest::Client::builder()
+                    .timeout(agent.timeout.as_duration())
+                    .build()
+                    .context("building the agent's HTTP client")?,
+                agent.clone(),
+            )),
+        },
         stopping,
     });
     let app = Router::new()
@@ -226,6 +238,9 @@ async fn ingest(
                 _ = stopping.wait_for(|s| *s) => None,
             };
             gateway.holds.release(&hold);
+            if let (Some(wait::Outcome::Turn(turn)), Some(agent)) = (&outcome, &gateway.agent) {
+                return call_agent(agent, turn).await;
+            }
             return held_answer(&gateway, outcome, records.len());
         }
         gateway.holds.release(&hold);
@@ -267,6 +282,53 @@ fn held_answer(gateway: &Gateway, outcome: Option<wait::Outcome>, count: usize) 
         None => answer(
             StatusCode::ACCEPTED,
             json!({"status": "pending", "count": count}),
+        ),
+    }
+}
+
+/// POSTs the turn to the agent (`Idempotency-Key: <turn_id>`, the
+/// configured headers) and relays its status and body; 504 with the turn id
+/// when it does not answer in time, 502 when it cannot be reached.
+async fn call_agent(agent: &(reqwest::Client, config::AgentSection), turn: &Value) -> Response {
+    let (client, section) = agent;
+    let turn_id = turn["turn_id"].as_str().unwrap_or_default().to_owned();
+    let mut request = client
+        .post(&section.url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header("idempotency-key", &turn_id)
+        .body(turn.to_string());
+    for (name, value) in &section.headers {
+        request = request.header(name, value);
+    }
+    let started = std::time::Instant::now();
+    let result = async {
+        let response = request.send().await?;
+        let status = response.status().as_u16();
+        let content_type = response.headers().get(header::CONTENT_TYPE).cloned();
+        let body = response.bytes().await?;
+        Ok::<_, reqwest::Error>((status, content_type, body))
+    }
+    .await;
+    crate::metrics::gateway_agent_call(started.elapsed());
+    match result {
+        Ok((status, content_type, body)) => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            crate::metrics::gateway_request("/v1/events", status.as_u16());
+            let mut response = (status, body).into_response();
+            if let Some(content_type) = content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
+            }
+            response
+        }
+        Err(e) if e.is_timeout() => answer(
+            StatusCode::GATEWAY_TIMEOUT,
+            json!({"status": "agent_timeout", "turn_id": turn_id}),
+        ),
+        Err(e) => answer(
+            StatusCode::BAD_GATEWAY,
+            json!({"status": "agent_unreachable", "turn_id": turn_id, "error": e.to_string()}),
         ),
     }
 }
