@@ -35,13 +35,21 @@ fn post(
     token: Option<&str>,
     body: &str,
 ) -> (u16, support::HttpResponse, serde_json::Value) {
+    post_to(port, "/v1/events", token, body)
+}
+
+fn post_to(
+    port: u16,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> (u16, support::HttpResponse, serde_json::Value) {
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut headers = vec![("content-type", "application/json")];
     if let Some(auth) = &auth {
         headers.push(("authorization", auth.as_str()));
     }
-    let response =
-        http_post(port, "/v1/events", &headers, body.as_bytes()).expect("the gateway answers");
+    let response = http_post(port, path, &headers, body.as_bytes()).expect("the gateway answers");
     let json = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
     (response.status, response, json)
 }
@@ -74,16 +82,29 @@ fn written(conn: &mut redis::Connection, shards: &[ShardKeys]) -> Vec<serde_json
     all
 }
 
+/// A Redis worker-and-gateway configuration: streams named after `name`,
+/// the `[window]` lines given, the test's gateway on `port`, then `extra`.
+fn redis_config(
+    server: &RedisServer,
+    name: &str,
+    window: &str,
+    shards: u32,
+    port: u16,
+    extra: &str,
+) -> String {
+    format!(
+        "source = \"redis\"\n[window]\n{window}\n[redis]\nurl = \"{}\"\ninput_stream = \"{name}-chat\"\noutput_stream = \"{name}-turns\"\ndlq_stream = \"{name}-dlq\"\nshards = {shards}\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}{extra}",
+        server.url(),
+        gateway_section(port)
+    )
+}
+
 #[test]
 fn redis_ingest_authenticates_validates_then_writes_and_the_worker_makes_the_turn() {
     let server = RedisServer::start();
     let mut conn = server.conn();
     let port = free_port();
-    let config = format!(
-        "source = \"redis\"\n[window]\nidle_timeout = \"200ms\"\n[redis]\nurl = \"{}\"\ninput_stream = \"gw-chat\"\noutput_stream = \"gw-turns\"\ndlq_stream = \"gw-dlq\"\nshards = 2\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}",
-        server.url(),
-        gateway_section(port)
-    );
+    let config = redis_config(&server, "gw", "idle_timeout = \"200ms\"", 2, port, "");
     let shards = ShardKeys::all(
         Config::from_toml(&config, Vec::new())
             .unwrap()
@@ -219,11 +240,8 @@ fn held_requests_get_the_turn_or_superseded_or_pending() {
     let server = RedisServer::start();
     let mut conn = server.conn();
     let port = free_port();
-    let config = format!(
-        "source = \"redis\"\n[window]\ngap = \"1s\"\nidle_timeout = \"100ms\"\n[redis]\nurl = \"{}\"\ninput_stream = \"hold-chat\"\noutput_stream = \"hold-turns\"\ndlq_stream = \"hold-dlq\"\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}",
-        server.url(),
-        gateway_section(port)
-    );
+    let window = "gap = \"1s\"\nidle_timeout = \"100ms\"";
+    let config = redis_config(&server, "hold", window, 1, port, "");
     let mut gateway = Worker::start_command(&["gateway"], &config);
     wait_ready(port);
     let _worker = Worker::start(&config);
@@ -292,14 +310,8 @@ fn held_requests_get_the_turn_or_superseded_or_pending() {
 }
 
 fn post_wait(port: u16, path: &str, body: &str) -> (u16, serde_json::Value) {
-    let auth = format!("Bearer {TOKEN}");
-    let headers = [
-        ("content-type", "application/json"),
-        ("authorization", auth.as_str()),
-    ];
-    let response = http_post(port, path, &headers, body.as_bytes()).expect("an answer");
-    let json = serde_json::from_str(&response.body).unwrap_or(serde_json::Value::Null);
-    (response.status, json)
+    let (status, _, json) = post_to(port, path, Some(TOKEN), body);
+    (status, json)
 }
 
 /// JWT access tokens (HS256 here): expiry, issuer and audience checked, the
@@ -433,24 +445,21 @@ fn the_agent_answers_the_request_holding_the_turn() {
     let server = RedisServer::start();
     let agent = Agent::start();
     let port = free_port();
-    let config = format!(
-        "source = \"redis\"\n[window]\ngap = \"300ms\"\nidle_timeout = \"100ms\"\n[redis]\nurl = \"{}\"\ninput_stream = \"agent-chat\"\noutput_stream = \"agent-turns\"\ndlq_stream = \"agent-dlq\"\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}[gateway.agent]\nurl = \"http://127.0.0.1:{}/agent\"\ntimeout = \"500ms\"\n[gateway.agent.headers]\nx-agent-key = \"k1\"\n",
-        server.url(),
-        gateway_section(port),
+    let agent_section = format!(
+        "[gateway.agent]\nurl = \"http://127.0.0.1:{}/agent\"\ntimeout = \"500ms\"\n[gateway.agent.headers]\nx-agent-key = \"k1\"\n",
         agent.port
     );
+    let window = "gap = \"300ms\"\nidle_timeout = \"100ms\"";
+    let config = redis_config(&server, "agent", window, 1, port, &agent_section);
     let _gateway = Worker::start_command(&["gateway"], &config);
     wait_ready(port);
     let _worker = Worker::start(&config);
-    let response = {
-        let auth = format!("Bearer {TOKEN}");
-        let headers = [
-            ("content-type", "application/json"),
-            ("authorization", auth.as_str()),
-        ];
-        let body = event("a1", "alice", true);
-        http_post(port, "/v1/events?wait=30s", &headers, body.as_bytes()).unwrap()
-    };
+    let (_, response, _) = post_to(
+        port,
+        "/v1/events?wait=30s",
+        Some(TOKEN),
+        &event("a1", "alice", true),
+    );
     assert_eq!(response.status, 201, "{}", response.body);
     assert_eq!(response.body, r#"{"reply":"hello"}"#);
     let (headers, body) = agent.calls.recv_timeout(TIMEOUT).unwrap();
