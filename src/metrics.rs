@@ -89,6 +89,9 @@ pub const MISROUTED: &str = "sessionizer_misrouted_total";
 pub const REDACTIONS: &str = "sessionizer_redactions_total";
 /// Seconds an agent call took (`[gateway.agent]`), answered or not.
 pub const GATEWAY_AGENT_CALL: &str = "sessionizer_gateway_agent_call_seconds";
+/// Seconds a `?wait=` request was held after its write, by the `outcome`
+/// it got: `turn`, `superseded` or `pending`.
+pub const GATEWAY_WAIT: &str = "sessionizer_gateway_wait_seconds";
 /// Gateway requests held for their turn now (`?wait=`).
 pub const GATEWAY_HELD: &str = "sessionizer_gateway_held_requests";
 /// Gateway requests by `route` and `status` (the HTTP status code).
@@ -311,6 +314,10 @@ pub fn gateway_agent_call(took: Duration) {
     histogram!(GATEWAY_AGENT_CALL).record(took.as_secs_f64());
 }
 
+pub fn gateway_wait(outcome: &'static str, held: Duration) {
+    histogram!(GATEWAY_WAIT, "outcome" => outcome).record(held.as_secs_f64());
+}
+
 pub fn gateway_held(held: usize) {
     gauge!(GATEWAY_HELD).set(held as f64);
 }
@@ -486,6 +493,11 @@ impl Readiness {
     }
 }
 
+/// Buckets of the request latency histograms, seconds.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
 /// Installs the Prometheus recorder (once per process: later calls get the
 /// same handle) that `/metrics` renders (see [`crate::http`]).
 pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
@@ -506,6 +518,14 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
                 Matcher::Full(TURN_MESSAGES.to_owned()),
                 &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0, 50.0, 100.0],
             )
+        })
+        .and_then(|b| {
+            // Request latencies (the gateway's wait and agent calls, push
+            // deliveries): histograms, so replicas can be summed.
+            b.set_buckets_for_metric(Matcher::Suffix("_call_seconds".to_owned()), LATENCY_BUCKETS)
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(GATEWAY_WAIT.to_owned()), LATENCY_BUCKETS)
         })
         .context("building the Prometheus recorder")?
         .install_recorder()

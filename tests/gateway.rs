@@ -23,9 +23,11 @@ fn token_hash() -> String {
     hash.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn gateway_section(port: u16) -> String {
+/// The test gateway's section on `port`; `extra` goes before
+/// `[gateway.auth]` (keys of `[gateway]`, or tables like `[gateway.agent]`).
+fn gateway_section(port: u16, extra: &str) -> String {
     format!(
-        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nmax_batch = 3\nmax_body_bytes = 4096\n[gateway.auth]\nbearer_sha256 = [\"{}\"]\n",
+        "[gateway]\nlisten = \"127.0.0.1:{port}\"\nmax_batch = 3\nmax_body_bytes = 4096\n{extra}[gateway.auth]\nbearer_sha256 = [\"{}\"]\n",
         token_hash()
     )
 }
@@ -83,7 +85,8 @@ fn written(conn: &mut redis::Connection, shards: &[ShardKeys]) -> Vec<serde_json
 }
 
 /// A Redis worker-and-gateway configuration: streams named after `name`,
-/// the `[window]` lines given, the test's gateway on `port`, then `extra`.
+/// the `[window]` lines given, the test's gateway on `port` with `extra`
+/// (see [`gateway_section`]).
 fn redis_config(
     server: &RedisServer,
     name: &str,
@@ -93,9 +96,9 @@ fn redis_config(
     extra: &str,
 ) -> String {
     format!(
-        "source = \"redis\"\n[window]\n{window}\n[redis]\nurl = \"{}\"\ninput_stream = \"{name}-chat\"\noutput_stream = \"{name}-turns\"\ndlq_stream = \"{name}-dlq\"\nshards = {shards}\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}{extra}",
+        "source = \"redis\"\n[window]\n{window}\n[redis]\nurl = \"{}\"\ninput_stream = \"{name}-chat\"\noutput_stream = \"{name}-turns\"\ndlq_stream = \"{name}-dlq\"\nshards = {shards}\nlease_ttl = \"1500ms\"\nblock = \"100ms\"\n{}",
         server.url(),
-        gateway_section(port)
+        gateway_section(port, extra)
     )
 }
 
@@ -172,12 +175,15 @@ fn redis_ingest_authenticates_validates_then_writes_and_the_worker_makes_the_tur
     let ids: BTreeSet<String> = support::message_ids(&turn).into_iter().collect();
     assert_eq!(ids, BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]));
 
-    // Redis gone: 503 with Retry-After, not 202.
+    // Redis gone: 503 with Retry-After, not 202; not ready.
     let mut server = server;
     server.kill();
     let (status, response, body) = post(port, Some(TOKEN), &event("m4", "bob", true));
     assert_eq!(status, 503, "{body}");
     assert_eq!(response.header("retry-after"), Some("1"));
+    wait_for("/readyz to say not ready", TIMEOUT, || {
+        support::http_get(port, "/readyz").filter(|(status, _)| *status == 503)
+    });
 }
 
 #[test]
@@ -202,9 +208,9 @@ async fn kafka_ingest_writes_keyed_by_user_before_answering() {
         "source = \"kafka\"\n[window]\nidle_timeout = \"200ms\"\n[kafka]\nbrokers = \"{}\"\ngroup_id = \"gw\"\ncommit_interval = \"200ms\"\ninput_topics = [\"{input}\"]\noutput_topic = \"gw-kafka-turns\"\ndlq_topic = \"gw-kafka-dlq\"\n[kafka.properties]\n{}\n{}",
         broker.bootstrap(),
         broker.worker_properties(),
-        gateway_section(port)
+        gateway_section(port, "")
     );
-    let _gateway = Worker::start_command(&["gateway"], &config);
+    let mut gateway = Worker::start_command(&["gateway"], &config);
     wait_ready(port);
     let body = format!(
         "[{}, {}]",
@@ -228,6 +234,15 @@ async fn kafka_ingest_writes_keyed_by_user_before_answering() {
     let (status, body) = post_wait(port, "/v1/events?wait=30s", &event("k3", "erin", true));
     assert_eq!((status, &body["status"]), (200, &"turn".into()), "{body}");
     assert_eq!(body["turn"]["messages"][0]["message_id"], "k3");
+
+    // The broker gone: 503 with Retry-After once the write times out
+    // (10 s), not 202; SIGTERM still exits 0.
+    let mut broker = broker;
+    broker.kill();
+    let (status, response, body) = post(port, Some(TOKEN), &event("k4", "frank", true));
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(response.header("retry-after"), Some("1"));
+    assert!(gateway.terminate().success());
 }
 
 /// `?wait=`: three requests of one burst held at once; when the worker
@@ -487,4 +502,123 @@ fn the_agent_answers_the_request_holding_the_turn() {
     let (_, called) = agent.calls.recv_timeout(TIMEOUT).unwrap();
     let turn: serde_json::Value = serde_json::from_str(&called).unwrap();
     assert_eq!(body["turn_id"], turn["turn_id"]);
+}
+
+/// Two gateway replicas behind one address, as behind a load balancer: one
+/// user's burst spread over both, each replica answers the requests it
+/// holds (it reads every turn). A replica at its `max_held` answers 503.
+#[test]
+fn two_replicas_each_answer_the_requests_they_hold() {
+    let server = RedisServer::start();
+    let (a, b) = (free_port(), free_port());
+    let window = "gap = \"1s\"\nidle_timeout = \"100ms\"";
+    let config_a = redis_config(&server, "two", window, 2, a, "");
+    let config_b = redis_config(&server, "two", window, 2, b, "max_held = 1\n");
+    let _gateway_a = Worker::start_command(&["gateway"], &config_a);
+    let _gateway_b = Worker::start_command(&["gateway"], &config_b);
+    wait_ready(a);
+    wait_ready(b);
+    let _worker = Worker::start(&config_a);
+    let t = sessionizer::wall_clock::now_ms();
+    let send = |port: u16, i: i64| {
+        let body = format!(
+            r#"{{"message_id":"r{i}","user_id":"alice","text":"part {i}","event_time":{}}}"#,
+            t + 100 * i
+        );
+        std::thread::spawn(move || post_wait(port, "/v1/events?wait=30s", &body))
+    };
+    let first = send(a, 0);
+    let second = send(b, 1);
+    wait_for("b holding its request", TIMEOUT, || {
+        let body = support::http_get(b, "/metrics")?.1;
+        (support::metric(&body, sessionizer::metrics::GATEWAY_HELD, &[]) == 1.0).then_some(())
+    });
+    let (status, body) = post_wait(b, "/v1/events?wait=30s", &event("x1", "zoe", true));
+    assert_eq!(
+        (status, &body["status"]),
+        (503, &"unavailable".into()),
+        "{body}"
+    );
+    assert!(
+        body["error"].as_str().unwrap().contains("max_held"),
+        "{body}"
+    );
+    let third = send(a, 2);
+    let answers: Vec<(u16, serde_json::Value)> = [first, second, third]
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    let turn = &answers[2].1;
+    assert_eq!(
+        (answers[2].0, &turn["status"]),
+        (200, &"turn".into()),
+        "{turn}"
+    );
+    let ids: BTreeSet<String> = support::message_ids(&turn["turn"]).into_iter().collect();
+    assert_eq!(ids, BTreeSet::from(["r0".into(), "r1".into(), "r2".into()]));
+    for (status, body) in &answers[..2] {
+        assert_eq!(
+            (*status, &body["status"]),
+            (200, &"superseded".into()),
+            "{body}"
+        );
+        assert_eq!(body["turn_id"], turn["turn"]["turn_id"]);
+    }
+    let body = support::http_get(a, "/metrics").unwrap().1;
+    assert_eq!(
+        support::metric(
+            &body,
+            &format!("{}_count", sessionizer::metrics::GATEWAY_WAIT),
+            &[("outcome", "turn")]
+        ),
+        1.0,
+        "the wait histogram counts the turn"
+    );
+}
+
+/// `tls_cert`/`tls_key`: the gateway speaks HTTPS only; a client trusting
+/// the certificate posts, a plain HTTP request on the port gets no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateway_serves_https_with_the_configured_certificate() {
+    let server = RedisServer::start();
+    let port = free_port();
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gateway");
+    let tls =
+        format!("tls_cert = \"{fixtures}/tls-cert.pem\"\ntls_key = \"{fixtures}/tls-key.pem\"\n");
+    let config = redis_config(&server, "tls", "", 1, port, &tls);
+    let _gateway = Worker::start_command(&["gateway"], &config);
+    let cert = std::fs::read(format!("{fixtures}/tls-cert.pem")).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{port}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        let ready = client.get(format!("{url}/readyz")).send().await;
+        if ready.as_ref().is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never got ready: {ready:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let response = client
+        .post(format!("{url}/v1/events"))
+        .bearer_auth(TOKEN)
+        .header("content-type", "application/json")
+        .body(event("s1", "alice", true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let plain = tokio::task::spawn_blocking(move || support::http_get(port, "/readyz"))
+        .await
+        .unwrap();
+    assert!(
+        plain.as_ref().is_none_or(|(status, _)| *status != 200),
+        "plain HTTP is not served: {plain:?}"
+    );
 }

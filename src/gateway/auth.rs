@@ -157,3 +157,90 @@ impl Auth {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/gateway");
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{FIXTURES}/{name}")).unwrap()
+    }
+
+    fn bearer(token: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::AUTHORIZATION,
+            format!("Bearer {token}").parse().unwrap(),
+        );
+        headers
+    }
+
+    fn sign(alg: Algorithm, kid: Option<&str>, key: &EncodingKey, sub: &str) -> String {
+        let mut header = Header::new(alg);
+        header.kid = kid.map(str::to_owned);
+        let exp = crate::wall_clock::now_ms() / 1000 + 600;
+        let claims = serde_json::json!({"sub": sub, "aud": "sessionizer", "exp": exp});
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    /// RS256 and ES256 tokens verified by a JWKS file's keys (chosen by
+    /// `kid`, or tried in turn without one); a key of the wrong kind, a
+    /// foreign key, `alg: none` and an HS256 token keyed with a public key
+    /// (algorithm confusion) are all refused.
+    #[test]
+    fn jwks_keys_verify_rs256_and_es256_tokens_and_nothing_else() {
+        let section = AuthSection {
+            jwks_file: Some(format!("{FIXTURES}/jwks.json")),
+            jwt_audience: Some("sessionizer".into()),
+            jwt_user_claim: Some("sub".into()),
+            ..AuthSection::default()
+        };
+        let auth = Auth::new(&section).unwrap();
+        let rsa = EncodingKey::from_rsa_pem(&fixture("jwt-rs256.pem")).unwrap();
+        let ec = EncodingKey::from_ec_pem(&fixture("jwt-es256.pem")).unwrap();
+        let alice = |token: &str| auth.check(&bearer(token));
+        let ok = Ok(Caller {
+            user_id: Some("alice".into()),
+        });
+        assert_eq!(
+            alice(&sign(Algorithm::RS256, Some("rsa-1"), &rsa, "alice")),
+            ok
+        );
+        assert_eq!(
+            alice(&sign(Algorithm::ES256, Some("ec-1"), &ec, "alice")),
+            ok
+        );
+        assert_eq!(alice(&sign(Algorithm::ES256, None, &ec, "alice")), ok);
+        let refused = |result: Result<Caller, (StatusCode, &str)>| {
+            assert_eq!(
+                result.map_err(|(status, _)| status),
+                Err(StatusCode::UNAUTHORIZED)
+            );
+        };
+        // The EC key under the RSA key's id, and an RSA token claimed as EC.
+        refused(alice(&sign(Algorithm::ES256, Some("rsa-1"), &ec, "alice")));
+        refused(alice(&sign(Algorithm::RS256, Some("ec-1"), &rsa, "alice")));
+        // Algorithm confusion: HS256 keyed with the public JWKS text.
+        let public = EncodingKey::from_secret(&fixture("jwks.json"));
+        refused(alice(&sign(
+            Algorithm::HS256,
+            Some("rsa-1"),
+            &public,
+            "alice",
+        )));
+        // `alg: none`, unsigned.
+        let good = sign(Algorithm::RS256, Some("rsa-1"), &rsa, "alice");
+        let claims = good.split('.').nth(1).unwrap();
+        refused(alice(&format!(
+            "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{claims}."
+        )));
+        // A signature over other claims.
+        let mut parts: Vec<&str> = good.split('.').collect();
+        let other = sign(Algorithm::RS256, Some("rsa-1"), &rsa, "mallory");
+        parts[1] = other.split('.').nth(1).unwrap();
+        refused(alice(&parts.join(".")));
+    }
+}

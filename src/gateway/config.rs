@@ -30,6 +30,12 @@ pub struct GatewaySection {
     /// The status of a "superseded" answer: 200 with a body, or 204.
     #[serde(default = "default_superseded_status", deserialize_with = "number")]
     pub superseded_status: u16,
+    /// HTTPS: a PEM certificate chain, with `tls_key` (both or neither).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    /// HTTPS: the PEM private key of `tls_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
     pub auth: AuthSection,
     /// `[gateway.agent]`: the turn of a held request is POSTed here, and the
     /// agent's answer is the request's answer.
@@ -125,6 +131,16 @@ impl GatewaySection {
             return Err(ConfigError::new(
                 "gateway.max_wait",
                 "must be greater than 0",
+            ));
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return Err(ConfigError::new(
+                if self.tls_cert.is_some() {
+                    "gateway.tls_key"
+                } else {
+                    "gateway.tls_cert"
+                },
+                "HTTPS needs both tls_cert and tls_key",
             ));
         }
         if let Some(agent) = &self.agent {

@@ -11,6 +11,7 @@
 mod auth;
 pub mod config;
 mod publish;
+mod tls;
 pub mod wait;
 
 use std::future::Future;
@@ -51,25 +52,38 @@ struct Gateway {
     stopping: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Runs the gateway until `shutdown` resolves (then it stops accepting and
-/// finishes the requests in progress).
+/// Runs the gateway on `[gateway] listen` until `shutdown` resolves (then it
+/// stops accepting and finishes the requests in progress).
 pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let section = config
+    let listen = section(config)?.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("invalid configuration: gateway.listen: cannot bind {listen}"))?;
+    serve(config, listener, shutdown).await
+}
+
+fn section(config: &Config) -> anyhow::Result<&GatewaySection> {
+    config
         .gateway
         .as_ref()
-        .context("the gateway needs a [gateway] section with [gateway.auth]")?;
+        .context("the gateway needs a [gateway] section with [gateway.auth]")
+}
+
+/// Runs the gateway on a bound listener (the demo binds port 0).
+pub async fn serve(
+    config: &Config,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let section = section(config)?;
     let auth = auth::Auth::new(&section.auth)?;
-    let listener = tokio::net::TcpListener::bind(section.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "invalid configuration: gateway.listen: cannot bind {}",
-                section.listen
-            )
-        })?;
+    let tls = match (&section.tls_cert, &section.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        _ => None,
+    };
     let publisher = Publisher::open(config).await?;
     let holds = Arc::new(wait::Holds::default());
     wait::start_reader(config, holds.clone()).await?;
@@ -104,16 +118,36 @@ pub async fn run(
         .with_state(gateway)
         .layer(DefaultBodyLimit::max(section.max_body_bytes))
         .merge(crate::http::router(crate::metrics::install_recorder()?));
-    tracing::info!(listen = %listener.local_addr()?, source = ?config.source, "gateway serving /v1/events, /metrics, /healthz and /readyz");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!(listen = %listener.local_addr()?, scheme, source = ?config.source, "gateway serving /v1/events, /metrics, /healthz and /readyz");
     let shutdown = async move {
         shutdown.await;
         // Held requests answer "pending" now; then the server drains.
         let _ = stop.send(true);
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("the gateway's server")
+    match tls {
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("the gateway's server"),
+        Some(tls) => {
+            let handle = axum_server::Handle::new();
+            let draining = handle.clone();
+            tokio::spawn(async move {
+                shutdown.await;
+                draining.graceful_shutdown(None);
+            });
+            let listener = listener.into_std().context("the gateway's listener")?;
+            axum_server::from_tcp_rustls(
+                listener,
+                axum_server::tls_rustls::RustlsConfig::from_config(tls),
+            )
+            .handle(handle)
+            .serve(app.into_make_service())
+            .await
+            .context("the gateway's HTTPS server")
+        }
+    }
 }
 
 /// A JSON answer, counted by status.
@@ -232,12 +266,21 @@ async fn ingest(
     if let Some((hold, answer_rx, wait)) = held {
         if published.is_ok() {
             let mut stopping = gateway.stopping.clone();
+            let held_since = std::time::Instant::now();
             let outcome = tokio::select! {
                 outcome = answer_rx => outcome.ok(),
                 () = tokio::time::sleep(wait) => None,
                 _ = stopping.wait_for(|s| *s) => None,
             };
             gateway.holds.release(&hold);
+            crate::metrics::gateway_wait(
+                match &outcome {
+                    Some(wait::Outcome::Turn(_)) => "turn",
+                    Some(wait::Outcome::Superseded(_)) => "superseded",
+                    None => "pending",
+                },
+                held_since.elapsed(),
+            );
             if let (Some(wait::Outcome::Turn(turn)), Some(agent)) = (&outcome, &gateway.agent) {
                 return call_agent(agent, turn).await;
             }

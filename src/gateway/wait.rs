@@ -224,6 +224,9 @@ pub async fn start_reader(config: &Config, holds: Arc<Holds>) -> anyhow::Result<
                         .arg(&ids)
                         .query_async(&mut conn)
                         .await;
+                    // Not ready while turns cannot be read: a held
+                    // request could not get its turn.
+                    crate::metrics::READINESS.set_connected(read.is_ok());
                     match read {
                         Ok(reply) => {
                             for (i, stream) in streams.iter().enumerate() {
