@@ -24,6 +24,11 @@ fn the_deployed_worker_configs_load() {
             "deploy/{name} serves metrics"
         );
     }
+    // The compose gateway runs deploy/kafka.toml: its section loads too.
+    let text = std::fs::read_to_string(root().join("deploy/kafka.toml")).unwrap();
+    let gateway = Config::from_toml(&text, Vec::new()).unwrap().gateway;
+    let auth = gateway.expect("deploy/kafka.toml has [gateway]").auth;
+    assert_eq!(auth.hashes().unwrap().map(|h| h.len()), Some(1));
 }
 
 /// Every metric name the workers export.

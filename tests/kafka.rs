@@ -975,11 +975,28 @@ fn the_demo_prints_turns_and_a_summary_and_exits_on_ctrl_c() {
         line
     };
     let (mut turns, mut dead) = (0, 0);
-    while turns == 0 || dead == 0 {
-        let line = next_line("turn and dead letter");
+    let mut http = Vec::new();
+    while turns == 0 || dead == 0 || http.len() < 3 {
+        let line = next_line("turn, dead letter and HTTP answers");
         turns += usize::from(line.contains("closed by"));
         dead += usize::from(line.contains("dead letter:"));
+        if line.contains(" answered ") {
+            http.push(line);
+        }
     }
+    // The gateway part: one visitor's three messages over HTTP, two
+    // answered superseded, the last one with the turn of all three.
+    let superseded = http
+        .iter()
+        .filter(|l| l.contains("answered 200 superseded"))
+        .count();
+    assert_eq!(superseded, 2, "{http:?}");
+    assert!(
+        http.iter().any(
+            |l| l.contains("\"it's #4521\" answered 200 turn") && l.contains("with 3 messages")
+        ),
+        "{http:?}"
+    );
     support::signal(child.id(), "INT");
     let summary = loop {
         let line = next_line("summary");

@@ -2,7 +2,9 @@
 //! in-process mock cluster stands in for Kafka; two workers share one
 //! consumer group; the load generator ([`crate::produce`], in model time)
 //! sends bursty chat traffic (with some poison records) in real time; each turn is printed as it is emitted; a
-//! summary closes the run.
+//! summary closes the run. Meanwhile a gateway ([`crate::gateway`]) on a
+//! loopback port takes one web visitor's three quick messages over HTTP with
+//! `?wait=`, and prints the three answers: two superseded, one turn.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -82,6 +84,21 @@ pub async fn run(
         }));
     }
 
+    let (http_tx, mut http_lines) = tokio::sync::mpsc::unbounded_channel();
+    let gateway = {
+        let mut stop = stop_rx.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            if let Err(e) = http_burst(config, http_tx.clone(), async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+            {
+                let _ = http_tx.send(format!("the HTTP gateway failed: {e:#}"));
+            }
+        })
+    };
+
     let client = |group: &str| {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &bootstrap)
@@ -155,6 +172,9 @@ pub async fn run(
                     delay
                 );
             }
+            Some(line) = http_lines.recv() => {
+                let _ = writeln!(out, "{:>8.1}s  {line}", (now_ms() - start) as f64 / 1000.0);
+            }
             m = dlq.recv() => {
                 let Ok(m) = m else { continue };
                 let reason = m
@@ -177,6 +197,7 @@ pub async fn run(
             result?;
         }
     }
+    let _ = gateway.await;
     delays.sort_unstable();
     let percentile = |p: f64| {
         delays
@@ -204,4 +225,95 @@ pub async fn run(
     drop(dlq);
     drop(cluster);
     Ok(summary)
+}
+
+/// The demo's bearer token for its gateway (loopback only).
+const DEMO_TOKEN: &str = "demo-token";
+
+/// Serves a gateway on a loopback port and sends one web visitor's three
+/// quick messages to it, each held with `?wait=30s`; every answer goes to
+/// `lines` as it comes. Returns when `stop` resolves.
+async fn http_burst(
+    config: Config,
+    lines: tokio::sync::mpsc::UnboundedSender<String>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    use sha2::Digest as _;
+    let hash: String = sha2::Sha256::digest(DEMO_TOKEN.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut config = config;
+    config.gateway = Some(toml::from_str(&format!(
+        "listen = \"127.0.0.1:0\"\n[auth]\nbearer_sha256 = [\"{hash}\"]\n"
+    ))?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let server = tokio::spawn(async move { crate::gateway::serve(&config, listener, stop).await });
+    let client = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !client
+        .get(format!("{url}/readyz"))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+    {
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline && !server.is_finished(),
+            "the gateway did not get ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = lines.send(format!(
+        "http       gateway at {url}: web-visitor sends 3 messages, each POST /v1/events?wait=30s"
+    ));
+    let mut held = Vec::new();
+    for (i, text) in ["hi", "my order didn't arrive", "it's #4521"]
+        .into_iter()
+        .enumerate()
+    {
+        let request = client
+            .post(format!("{url}/v1/events?wait=30s"))
+            .bearer_auth(DEMO_TOKEN)
+            .header("content-type", "application/json")
+            .body(
+                serde_json::json!({
+                    "message_id": format!("web-{i}"), "user_id": "web-visitor", "text": text,
+                })
+                .to_string(),
+            );
+        let lines = lines.clone();
+        held.push(tokio::spawn(async move {
+            let answer = async {
+                let response = request.send().await?;
+                let status = response.status().as_u16();
+                let body: serde_json::Value =
+                    serde_json::from_slice(&response.bytes().await?).unwrap_or_default();
+                Ok::<_, reqwest::Error>(match body["status"].as_str() {
+                    Some("turn") => format!(
+                        "{status} turn {} with {} messages: {:?}",
+                        body["turn"]["turn_id"].as_str().unwrap_or_default(),
+                        body["turn"]["message_count"],
+                        body["turn"]["text"].as_str().unwrap_or_default()
+                    ),
+                    Some("superseded") => format!(
+                        "{status} superseded by turn {}",
+                        body["turn_id"].as_str().unwrap_or_default()
+                    ),
+                    _ => format!("{status} {body}"),
+                })
+            };
+            let line = match answer.await {
+                Ok(answer) => answer,
+                Err(e) => format!("failed: {e}"),
+            };
+            let _ = lines.send(format!("http       {text:?} answered {line}"));
+        }));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    for request in held {
+        let _ = request.await;
+    }
+    server.await.context("the gateway task")?
 }
