@@ -68,6 +68,7 @@ pub mod model;
 pub mod pipeline;
 pub mod produce;
 pub mod progress;
+pub mod push;
 pub mod redact;
 pub mod redis;
 pub mod shutdown;

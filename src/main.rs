@@ -109,6 +109,13 @@ fn run(command: Command) -> anyhow::Result<()> {
                 sessionizer::shutdown::signal(),
             ))
         }
+        Command::Push { config } => {
+            let config = Config::load(&config)?;
+            runtime()?.block_on(sessionizer::push::run(
+                &config,
+                sessionizer::shutdown::signal(),
+            ))
+        }
         Command::Reidentify { config } => {
             let config = Config::load(&config)?;
             let redactor = match (&config.redact, config.redactor()?) {

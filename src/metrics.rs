@@ -96,6 +96,22 @@ pub const GATEWAY_WAIT: &str = "sessionizer_gateway_wait_seconds";
 pub const GATEWAY_HELD: &str = "sessionizer_gateway_held_requests";
 /// Gateway requests by `route` and `status` (the HTTP status code).
 pub const GATEWAY_REQUESTS: &str = "sessionizer_gateway_requests_total";
+/// `sessionizer push`: turns settled, by `result` (`delivered`,
+/// `rejected`, `failed`, `not_a_turn`) and `class` of the last answer
+/// (`2xx` … `5xx`, `error` for none).
+pub const PUSH_DELIVERIES: &str = "sessionizer_push_deliveries_total";
+/// `sessionizer push`: HTTP attempts by `class`.
+pub const PUSH_ATTEMPTS: &str = "sessionizer_push_attempts_total";
+/// `sessionizer push`: seconds of one HTTP attempt.
+pub const PUSH_CALL: &str = "sessionizer_push_call_seconds";
+/// `sessionizer push`: seconds from a turn's read to its settled outcome
+/// (delivered, or dead-lettered), retries included.
+pub const PUSH_DELIVERY: &str = "sessionizer_push_delivery_seconds";
+/// `sessionizer push`: deliveries in progress now.
+pub const PUSH_IN_FLIGHT: &str = "sessionizer_push_in_flight";
+/// `sessionizer push`: age of the oldest turn read and not settled, seconds
+/// (0 when none).
+pub const PUSH_OLDEST: &str = "sessionizer_push_oldest_undelivered_seconds";
 /// Redis consumer groups recreated after they vanished (`FLUSHALL`, a
 /// restart without persistence, `XGROUP DESTROY`), by `partition`.
 pub const GROUPS_RECREATED: &str = "sessionizer_groups_recreated_total";
@@ -110,7 +126,7 @@ pub struct PipelineMetrics {
     events: [Counter; 3],
     turns: [Counter; 5],
     late_turns: Counter,
-    dead_letters: [Counter; 8],
+    dead_letters: [Counter; DeadLetterReason::ALL.len()],
     dropped: [Counter; 3],
     turn_messages: Histogram,
 }
@@ -316,6 +332,27 @@ pub fn gateway_agent_call(took: Duration) {
 
 pub fn gateway_wait(outcome: &'static str, held: Duration) {
     histogram!(GATEWAY_WAIT, "outcome" => outcome).record(held.as_secs_f64());
+}
+
+pub fn push_attempt(class: &'static str, took: Duration) {
+    counter!(PUSH_ATTEMPTS, "class" => class).increment(1);
+    histogram!(PUSH_CALL).record(took.as_secs_f64());
+}
+
+pub fn push_delivery(result: &'static str, class: &'static str) {
+    counter!(PUSH_DELIVERIES, "result" => result, "class" => class).increment(1);
+}
+
+pub fn push_delivery_seconds(took: Duration) {
+    histogram!(PUSH_DELIVERY).record(took.as_secs_f64());
+}
+
+pub fn push_in_flight(n: usize) {
+    gauge!(PUSH_IN_FLIGHT).set(n as f64);
+}
+
+pub fn push_oldest(age: Option<Duration>) {
+    gauge!(PUSH_OLDEST).set(age.map_or(0.0, |a| a.as_secs_f64()));
 }
 
 pub fn gateway_held(held: usize) {

@@ -105,7 +105,7 @@ pub struct Stats {
     pub turns: [u64; 5],
     pub late_turns: u64,
     /// Dead letters by reason, in [`DeadLetterReason::ALL`] order.
-    pub dead_letters: [u64; 8],
+    pub dead_letters: [u64; DeadLetterReason::ALL.len()],
     /// Drops by reason, in [`DropReason::ALL`] order.
     pub dropped: [u64; 3],
 }

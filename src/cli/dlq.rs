@@ -96,6 +96,10 @@ pub struct DlqSelect {
     /// At most this many entries.
     #[arg(long)]
     limit: Option<u64>,
+    /// The dead letters of `sessionizer push` (`[push] dlq`) instead of the
+    /// workers': undelivered turns, replayed back onto the turn output.
+    #[arg(long)]
+    push: bool,
 }
 
 impl DlqSelect {
@@ -138,7 +142,11 @@ pub async fn run(command: DlqCommand) -> anyhow::Result<()> {
     };
     let config = Config::load(&select.config)?;
     let filter = select.filter()?;
-    let mut store = Store::open(&config).await?;
+    let mut store = if select.push {
+        Store::open_push(&config).await?
+    } else {
+        Store::open(&config).await?
+    };
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     match command {

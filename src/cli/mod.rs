@@ -69,6 +69,13 @@ pub enum Command {
         #[arg(long, env = "SESSIONIZER_CONFIG")]
         config: PathBuf,
     },
+    /// Deliver each turn of the output to an HTTP agent (`[push]`): in
+    /// order per session key, retried, dead-lettered, committed after the
+    /// outcome.
+    Push {
+        #[arg(long, env = "SESSIONIZER_CONFIG")]
+        config: PathBuf,
+    },
     /// Replace the tokens `[redact] mode = "tokenize"` made with their
     /// values: stdin to stdout (an agent's answer on its way back to the
     /// user). Tokens made under another key, or changed, stay as they are.

@@ -73,6 +73,9 @@ pub struct Config {
     /// `sessionizer gateway` (HTTP ingest).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<crate::gateway::GatewaySection>,
+    /// `sessionizer push` (turns POSTed to an HTTP agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push: Option<crate::push::PushSection>,
     /// Redaction of emitted turns (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redact: Option<crate::redact::RedactSection>,
@@ -337,6 +340,12 @@ impl Config {
         }
         if let Some(gateway) = &self.gateway {
             gateway.validate()?;
+        }
+        if let Some(push) = &self.push {
+            push.validate(match self.output.format {
+                OutputFormatSetting::Json => "json",
+                OutputFormatSetting::Protobuf => "protobuf",
+            })?;
         }
         match self.source {
             SourceKind::Kafka => {

@@ -200,6 +200,33 @@ impl Store {
     }
 }
 
+impl Store {
+    /// The DLQ of `sessionizer push` (`[push] dlq`): its records are turns,
+    /// and a replay sends each back to the output it was read from.
+    pub async fn open_push(config: &Config) -> anyhow::Result<Store> {
+        let push = config
+            .push
+            .as_ref()
+            .context("--push: the configuration has no [push] section")?;
+        Ok(match config.source {
+            SourceKind::Kafka => {
+                let mut kafka = config.kafka.clone().context("[kafka] is missing")?;
+                kafka.dlq_topic = push.dlq.clone();
+                Store::Kafka(crate::kafka::dlq::KafkaDlq::open(&kafka)?)
+            }
+            SourceKind::Redis => Store::Redis(
+                crate::redis::dlq::RedisDlq::open_push(
+                    config.redis.as_ref().context("[redis] is missing")?,
+                    &push.dlq,
+                    Decoder::new(config.input_format(), config.decode_limits()),
+                )
+                .await?,
+            ),
+            SourceKind::File => anyhow::bail!("--push: push reads from Kafka or Redis"),
+        })
+    }
+}
+
 impl DeadLetterStore for Store {
     async fn snapshot(&mut self, replay_group: Option<&str>) -> anyhow::Result<Vec<DlqEntry>> {
         each!(self, s => DeadLetterStore::snapshot(s, replay_group).await)

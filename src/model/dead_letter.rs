@@ -23,10 +23,16 @@ pub enum DeadLetterReason {
     /// Redis: the entry's session key hashes to another shard than the
     /// stream it was written to, under `redis.misrouted = "dlq"`.
     Misrouted,
+    /// `sessionizer push`: the agent kept failing (408, 429, 5xx, no
+    /// answer) until `max_attempts` or `max_elapsed`.
+    DeliveryFailed,
+    /// `sessionizer push`: the agent refused the turn (another status
+    /// than 2xx, 408, 429 or 5xx).
+    DeliveryRejected,
 }
 
 impl DeadLetterReason {
-    pub const ALL: [DeadLetterReason; 8] = [
+    pub const ALL: [DeadLetterReason; 10] = [
         DeadLetterReason::Decode,
         DeadLetterReason::Invalid,
         DeadLetterReason::Oversize,
@@ -35,6 +41,8 @@ impl DeadLetterReason {
         DeadLetterReason::Panic,
         DeadLetterReason::Undeliverable,
         DeadLetterReason::Misrouted,
+        DeadLetterReason::DeliveryFailed,
+        DeadLetterReason::DeliveryRejected,
     ];
 
     /// Its place in [`DeadLetterReason::ALL`] (declaration order), for per-kind counters.
@@ -52,6 +60,8 @@ impl DeadLetterReason {
             DeadLetterReason::Panic => "panic",
             DeadLetterReason::Undeliverable => "undeliverable",
             DeadLetterReason::Misrouted => "misrouted",
+            DeadLetterReason::DeliveryFailed => "delivery_failed",
+            DeadLetterReason::DeliveryRejected => "delivery_rejected",
         }
     }
 }

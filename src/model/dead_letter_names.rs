@@ -34,6 +34,9 @@ pub mod kafka {
     /// [`crate::model::kept_payload`]): the whole record's length and SHA-256.
     pub const TRUNCATED_BYTES: &str = "sessionizer.dlq.truncated.original_bytes";
     pub const TRUNCATED_SHA256: &str = "sessionizer.dlq.truncated.original_sha256";
+    /// `sessionizer push`: the agent's last HTTP status (absent when the
+    /// last attempt got no answer).
+    pub const HTTP_STATUS: &str = "sessionizer.dlq.http_status";
 }
 
 /// Fields of a Redis dead-letter stream entry.
@@ -54,4 +57,6 @@ pub mod redis {
     /// Set when `payload` is only the record's first bytes.
     pub const TRUNCATED_BYTES: &str = "truncated_original_bytes";
     pub const TRUNCATED_SHA256: &str = "truncated_original_sha256";
+    /// `sessionizer push`: the agent's last HTTP status.
+    pub const HTTP_STATUS: &str = "http_status";
 }

@@ -86,6 +86,31 @@ impl RedisDlq {
         })
     }
 
+    /// The DLQ stream of `sessionizer push`: its records are turns, and a
+    /// replay sends each back to the output stream it was read from.
+    pub async fn open_push(
+        section: &RedisSection,
+        dlq: &str,
+        decoder: Decoder,
+    ) -> anyhow::Result<RedisDlq> {
+        let conn = super::connection::connect_command(section).await?;
+        let mut outputs: Vec<String> = ShardKeys::all(section)
+            .into_iter()
+            .map(|k| k.output)
+            .collect();
+        outputs.sort();
+        outputs.dedup();
+        Ok(RedisDlq {
+            conn,
+            streams: vec![dlq.to_owned()],
+            inputs: outputs,
+            decoder,
+            // A turn goes back to the output stream it came from.
+            keep_source: true,
+            last: vec!["0-0".to_owned()],
+        })
+    }
+
     /// Every dead letter there now, oldest first (by entry id).
     pub async fn snapshot(&mut self) -> anyhow::Result<Vec<DlqEntry>> {
         let mut all = Vec::new();

@@ -19,6 +19,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
+pub mod agent;
 pub mod redis_server;
 
 /// A free TCP port on loopback (bound, then released for the child to take).
