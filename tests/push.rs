@@ -131,6 +131,7 @@ fn redis_push_delivers_in_order_retries_and_dead_letters() {
     let agent = Agent::start(|call, before| match user_of(call).as_str() {
         "flaky" if before < 2 => Reply::Status(500),
         "bad" => Reply::Status(400),
+        "down" => Reply::Status(500),
         "slow" if before == 0 => Reply::RetryAfter(429, 1),
         _ => Reply::Status(200),
     });
@@ -138,14 +139,14 @@ fn redis_push_delivers_in_order_retries_and_dead_letters() {
     let config = redis_config(&server, "p", agent.port, metrics, "concurrency = 4");
     let mut turns = turns_of(&["a", "b", "c"], 5);
     turns.extend(turns_of(&["flaky"], 3));
-    turns.extend(turns_of(&["bad", "slow"], 1));
+    turns.extend(turns_of(&["bad", "slow", "down"], 1));
     write_turns(&mut conn, "p-turns", &turns);
     let mut push = Worker::start_command(&["push"], &config);
 
     wait_for("every turn settled", TIMEOUT, || {
         let dlq: usize = conn.xlen("p-push-dlq").ok()?;
-        (delivered(&agent).len() == turns.len() - 1
-            && dlq == 1
+        (delivered(&agent).len() == turns.len() - 2
+            && dlq == 2
             && pending(&mut conn, "p-turns") == 0)
             .then_some(())
     });
@@ -155,7 +156,9 @@ fn redis_push_delivers_in_order_retries_and_dead_letters() {
         "each delivered once: {once:?}"
     );
     let calls = agent.calls();
-    assert_in_order_per_key(&calls, &turns, &["bad"]);
+    assert_in_order_per_key(&calls, &turns, &["bad", "down"]);
+    let down = calls.iter().filter(|c| user_of(c) == "down").count();
+    assert_eq!(down, 5, "max_attempts");
     assert!(calls
         .iter()
         .all(|c| c.header("authorization") == Some("Bearer agent-key")
@@ -173,13 +176,28 @@ fn redis_push_delivers_in_order_retries_and_dead_letters() {
     );
 
     let reply: redis::streams::StreamRangeReply = conn.xrange_all("p-push-dlq").unwrap();
-    let entry = &reply.ids[0];
-    let field = |name: &str| entry.get::<String>(name).unwrap_or_default();
-    assert_eq!(field("reason"), "delivery_rejected");
-    assert_eq!(field("http_status"), "400");
-    assert_eq!(field("source_stream"), "p-turns");
-    assert_eq!(field("payload"), turn("bad-t0", "bad"));
-    assert!(field("error").contains("HTTP 400"), "{}", field("error"));
+    let entry = |user: &str| {
+        let e = reply
+            .ids
+            .iter()
+            .find(|e| {
+                e.get::<String>("payload")
+                    .unwrap()
+                    .contains(&format!("\"{user}-t0\""))
+            })
+            .unwrap_or_else(|| panic!("no dead letter of {user}: {:?}", reply.ids));
+        move |name: &str| e.get::<String>(name).unwrap_or_default()
+    };
+    let bad = entry("bad");
+    assert_eq!(bad("reason"), "delivery_rejected");
+    assert_eq!(bad("http_status"), "400");
+    assert_eq!(bad("source_stream"), "p-turns");
+    assert_eq!(bad("payload"), turn("bad-t0", "bad"));
+    assert!(bad("error").contains("HTTP 400"), "{}", bad("error"));
+    let down = entry("down");
+    assert_eq!(down("reason"), "delivery_failed");
+    assert_eq!(down("http_status"), "500");
+    assert_eq!(down("deliveries"), "5");
     let body = support::http_get(metrics, "/metrics").unwrap().1;
     let count = |result: &str| {
         support::metric(
@@ -188,17 +206,23 @@ fn redis_push_delivers_in_order_retries_and_dead_letters() {
             &[("result", result)],
         )
     };
-    assert_eq!((count("delivered"), count("rejected")), (19.0, 1.0));
+    assert_eq!(
+        (count("delivered"), count("rejected"), count("failed")),
+        (19.0, 1.0, 1.0)
+    );
 
     // The DLQ tools on the push's DLQ; a replay goes back onto the output.
-    let inspected = support::inspect_json(&config, &["--push"]);
+    let inspected = support::inspect_json(&config, &["--push", "--reason", "delivery_rejected"]);
     assert_eq!(inspected.len(), 1);
     assert_eq!(inspected[0]["reason"], "delivery_rejected");
-    assert_eq!(support::run_replay(&config, &["--push"]), (1, 0));
+    assert_eq!(
+        support::run_replay(&config, &["--push", "--reason", "delivery_rejected"]),
+        (1, 0)
+    );
     wait_for("the replayed turn tried again", TIMEOUT, || {
         let again = agent.calls().iter().filter(|c| user_of(c) == "bad").count();
         let dlq: usize = conn.xlen("p-push-dlq").ok()?;
-        (again == 2 && dlq == 1 && pending(&mut conn, "p-turns") == 0).then_some(())
+        (again == 2 && dlq == 2 && pending(&mut conn, "p-turns") == 0).then_some(())
     });
     assert!(push.terminate().success());
 }
@@ -226,7 +250,7 @@ fn a_stuck_key_does_not_delay_the_others() {
     let others: Vec<&str> = others.iter().map(String::as_str).collect();
     turns.extend(turns_of(&others, 2));
     write_turns(&mut conn, "hol-turns", &turns);
-    let _push = Worker::start_command(&["push"], &config);
+    let mut push = Worker::start_command(&["push"], &config);
     wait_for("the other keys' turns delivered", TIMEOUT, || {
         (delivered(&agent).len() == 20).then_some(())
     });
@@ -237,11 +261,23 @@ fn a_stuck_key_does_not_delay_the_others() {
         .collect();
     assert_eq!(stuck.len(), 1, "the stuck key's next turn waits behind it");
     assert_eq!(stuck[0].answered, None, "still held");
+
+    // SIGTERM with the call still held: exit 0 after shutdown_grace, the
+    // stuck key's turns unacked; a restart delivers them, in order.
+    assert!(push.terminate().success());
+    assert_eq!(pending(&mut conn, "hol-turns"), 2);
     agent.release();
+    let _push = Worker::start_command(&["push"], &config);
     wait_for("the stuck key delivered in order", TIMEOUT, || {
         (delivered(&agent).len() == 22 && pending(&mut conn, "hol-turns") == 0).then_some(())
     });
-    assert_in_order_per_key(&agent.calls(), &turns, &[]);
+    let stuck: Vec<String> = agent
+        .calls()
+        .iter()
+        .filter(|c| user_of(c) == "stuck")
+        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(stuck, ["stuck-t0", "stuck-t0", "stuck-t1"]);
 }
 
 /// kill -9 while calls are in flight, then a restart: every turn is
@@ -376,4 +412,176 @@ async fn kafka_push_commits_after_delivery_and_dead_letters_refusals() {
         calls + 1,
         "nothing committed came again"
     );
+}
+
+/// The group's commit (offset, metadata) per partition of `topic`.
+fn commits(config: rdkafka::ClientConfig, topic: &str, partitions: i32) -> Vec<(i64, String)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let mut config = config;
+    let consumer: BaseConsumer = config.set("group.id", "sessionizer-push").create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition(topic, p);
+    }
+    let read = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .unwrap();
+    (0..partitions)
+        .map(|p| {
+            let e = read.find_partition(topic, p).unwrap();
+            match e.offset() {
+                rdkafka::Offset::Offset(o) => (o, e.metadata().to_owned()),
+                _ => (0, String::new()),
+            }
+        })
+        .collect()
+}
+
+/// Whether a commit leaves the record out of the next run: before the
+/// committed offset, or listed in its metadata as settled.
+fn settled_by(commit: &(i64, String), offset: i64) -> bool {
+    let (at, metadata) = commit;
+    offset < *at
+        || sessionizer::kafka::offsets::decode(*at, metadata)
+            .1
+            .iter()
+            .any(|(a, b)| (*a..=*b).contains(&offset))
+}
+
+/// kill -9 of push on Kafka while the first turn of one key is in flight
+/// and every other key's turns were delivered, then a restart: every turn
+/// delivered at least once, duplicates under the same Idempotency-Key, and
+/// only of turns the last commit did not settle. On a broker that keeps
+/// commit metadata (`exact`) that is the one turn in flight, though its
+/// partition's delivered turns lie past it.
+async fn kill_9_on_kafka(
+    client: rdkafka::ClientConfig,
+    bootstrap: &str,
+    properties: &str,
+    exact: bool,
+) {
+    let hold = Arc::new(AtomicBool::new(true));
+    let holding = hold.clone();
+    let agent = Agent::start(move |call, _| {
+        if holding.load(Ordering::SeqCst) && user_of(call) == "u0" {
+            Reply::Hold
+        } else {
+            Reply::Status(200)
+        }
+    });
+    let config = format!(
+        "source = \"kafka\"\n[kafka]\nbrokers = \"{bootstrap}\"\ngroup_id = \"k9\"\ninput_topics = [\"k9-chat\"]\noutput_topic = \"k9-turns\"\ndlq_topic = \"k9-dlq\"\n[kafka.properties]\n{properties}\n[push]\nurl = \"http://127.0.0.1:{}/turns\"\ndlq = \"k9-push-dlq\"\nconcurrency = 4\nshutdown_grace = \"1s\"\n",
+        agent.port
+    );
+    let users: Vec<String> = (0..8).map(|i| format!("u{i}")).collect();
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    let turns = turns_of(&users, 5);
+    let records: Vec<(Vec<u8>, Vec<u8>)> = turns
+        .iter()
+        .map(|(id, user)| (user.as_bytes().to_vec(), turn(id, user).into_bytes()))
+        .collect();
+    support::produce(client.clone(), "k9-turns", &records).await;
+    let written = support::read_until(client.clone(), "k9-turns", false, TIMEOUT, |r| {
+        r.len() >= records.len()
+    });
+    let offset_of: BTreeMap<String, (i32, i64)> = written
+        .iter()
+        .map(|r| {
+            let id = r.json()["turn_id"].as_str().unwrap().to_owned();
+            (id, (r.partition, r.offset))
+        })
+        .collect();
+    let mut push = Worker::start_command(&["push"], &config);
+    wait_for("every other key delivered", TIMEOUT, || {
+        (delivered(&agent).len() == turns.len() - 5).then_some(())
+    });
+    let answered_ids: Vec<String> = agent
+        .calls()
+        .iter()
+        .filter(|c| c.answered.is_some())
+        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
+        .collect();
+    if exact {
+        wait_for("the answered turns committed", TIMEOUT, || {
+            let commits = commits(client.clone(), "k9-turns", 2);
+            answered_ids
+                .iter()
+                .all(|id| {
+                    let (p, o) = offset_of[id];
+                    settled_by(&commits[p as usize], o)
+                })
+                .then_some(())
+        });
+    }
+    push.kill9();
+    let in_flight: BTreeSet<String> = agent
+        .calls()
+        .iter()
+        .filter(|c| c.answered.is_none())
+        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(in_flight, BTreeSet::from(["u0-t0".to_owned()]));
+    let at_kill = commits(client.clone(), "k9-turns", 2);
+    hold.store(false, Ordering::SeqCst);
+    agent.release();
+    let _push = Worker::start_command(&["push"], &config);
+    wait_for("every turn delivered", TIMEOUT, || {
+        (delivered(&agent).len() == turns.len()).then_some(())
+    });
+    let twice: BTreeSet<String> = delivered(&agent)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    for id in &twice {
+        let (p, o) = offset_of[id];
+        assert!(
+            !settled_by(&at_kill[p as usize], o),
+            "{id} came twice though the last commit settled it"
+        );
+    }
+    if exact {
+        assert!(
+            twice.is_subset(&in_flight),
+            "only turns in flight at the kill come twice: {twice:?} vs {in_flight:?}"
+        );
+    }
+    for call in agent.calls() {
+        assert_eq!(
+            call.header("idempotency-key"),
+            call.turn()["turn_id"].as_str()
+        );
+    }
+}
+
+/// On tansu, which does not keep commit metadata: duplicates only past the
+/// first unsettled offset of each partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill_9_mid_stream_redelivers_only_unsettled_turns() {
+    let broker = support::Broker::start();
+    broker.create_topic("k9-turns", 2).await;
+    broker.create_topic("k9-push-dlq", 1).await;
+    kill_9_on_kafka(
+        broker.client_config(),
+        &broker.bootstrap(),
+        &format!(
+            "{}\"session.timeout.ms\" = \"6000\"\n",
+            broker.worker_properties()
+        ),
+        false,
+    )
+    .await;
+}
+
+/// On librdkafka's mock cluster, which keeps commit metadata: the commit
+/// lists the turns settled past it, so only the turns in flight come twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_kill_9_with_commit_metadata_redelivers_only_the_turns_in_flight() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    cluster.create_topic("k9-turns", 2, 1).unwrap();
+    cluster.create_topic("k9-push-dlq", 1, 1).unwrap();
+    let mut client = rdkafka::ClientConfig::new();
+    client.set("bootstrap.servers", cluster.bootstrap_servers());
+    let properties = "\"session.timeout.ms\" = \"6000\"\n";
+    kill_9_on_kafka(client, &cluster.bootstrap_servers(), properties, true).await;
 }

@@ -42,6 +42,9 @@ pub struct Turn {
     pub at: At,
     /// Set when the record is not a turn: it goes to the DLQ unsent.
     pub poison: Option<String>,
+    /// Kafka: the last commit lists it as settled already (by a run that
+    /// crashed after its outcome): it is not delivered again.
+    pub settled_before: bool,
 }
 
 /// Where a turn was read.
@@ -100,6 +103,7 @@ impl Turn {
                 body,
                 at,
                 poison: None,
+                settled_before: false,
             },
             _ => {
                 let mut turn = Turn::poison(at, "not a turn of the configured output format");
@@ -116,6 +120,7 @@ impl Turn {
             body: Vec::new(),
             at,
             poison: Some(why.to_owned()),
+            settled_before: false,
         }
     }
 }
@@ -236,6 +241,10 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
                 let turn = received.context("the turn reader stopped")?;
                 if let (Side::Kafka(k), At::Kafka { partition, offset, .. }) = (&mut side, &turn.at) {
                     k.read(*partition, *offset);
+                    if turn.settled_before {
+                        k.settled(*partition, *offset);
+                        continue;
+                    }
                 }
                 seq += 1;
                 unsettled.insert(seq, Instant::now());
