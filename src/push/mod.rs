@@ -208,6 +208,12 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
             "push reads turns from a broker; source = \"file\" has none (use kafka or redis)"
         ),
     };
+    // Redis entries are acked by their delivery task, in parallel: their
+    // order does not matter (Kafka's commit needs the order: it is here).
+    let acker = match &side {
+        Side::Redis(r) => Some(r.clone()),
+        Side::Kafka(_) => None,
+    };
     crate::metrics::READINESS.set_connected(true);
     crate::metrics::READINESS.set_owned(1);
     tracing::info!(url = %section.url, group = %section.group, dlq = %section.dlq, concurrency = section.concurrency, "push delivering turns");
@@ -225,6 +231,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
             tasks.spawn(deliver_one(
                 deliverer.clone(),
                 dead.clone(),
+                acker.clone(),
                 turn,
                 n,
                 stopping.clone(),
@@ -235,7 +242,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
             () = &mut shutdown => break,
             Some(joined) = tasks.join_next() => {
                 let done = joined.context("a delivery task")?;
-                settle(&mut side, &mut keyed, &mut unsettled, done).await;
+                settle(&mut side, &mut keyed, &mut unsettled, done);
             }
             received = turns.recv(), if keyed.len() < max_buffered => {
                 let turn = received.context("the turn reader stopped")?;
@@ -269,7 +276,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     let finished = tokio::time::timeout(grace, async {
         while let Some(joined) = tasks.join_next().await {
             if let Ok(done) = joined {
-                settle(&mut side, &mut keyed, &mut unsettled, done).await;
+                settle(&mut side, &mut keyed, &mut unsettled, done);
             }
         }
     })
@@ -297,9 +304,9 @@ async fn commit(side: &mut Side) {
     }
 }
 
-/// Records a delivery's end: its key may go on, and a durable outcome is
-/// acked (Redis) or may be committed (Kafka).
-async fn settle(
+/// Records a delivery's end: its key may go on, and a durable outcome may
+/// be committed (Kafka; a Redis entry was acked by its task).
+fn settle(
     side: &mut Side,
     keyed: &mut Keyed<(u64, Turn)>,
     unsettled: &mut BTreeMap<u64, Instant>,
@@ -312,30 +319,42 @@ async fn settle(
     if let Some(read) = unsettled.remove(&done.seq) {
         crate::metrics::push_delivery_seconds(read.elapsed());
     }
-    match (side, &done.turn.at) {
-        (
-            Side::Kafka(k),
-            At::Kafka {
-                partition, offset, ..
-            },
-        ) => k.settled(*partition, *offset),
-        (Side::Redis(r), At::Redis { stream, id }) => {
-            if let Err(e) = r.settled(stream, id).await {
-                tracing::warn!(error = %format!("{e:#}"), "acking a delivered turn failed; it is delivered again after a restart");
-            }
-        }
-        _ => unreachable!("a side reads its own turns"),
+    if let (
+        Side::Kafka(k),
+        At::Kafka {
+            partition, offset, ..
+        },
+    ) = (side, &done.turn.at)
+    {
+        k.settled(*partition, *offset);
     }
 }
 
-/// Delivers one turn and makes its outcome durable.
+/// Delivers one turn and makes its outcome durable (on Redis, acks it).
 async fn deliver_one(
     deliverer: Arc<Deliverer>,
     dead: DeadLetters,
+    acker: Option<redis::RedisSide>,
     turn: Turn,
     seq: u64,
-    mut stopping: watch::Receiver<bool>,
+    stopping: watch::Receiver<bool>,
 ) -> Done {
+    let durable = outcome(&deliverer, &dead, &turn, stopping).await;
+    if let (true, Some(acker), At::Redis { stream, id }) = (durable, &acker, &turn.at) {
+        if let Err(e) = acker.settled(stream, id).await {
+            tracing::warn!(error = %format!("{e:#}"), "acking a delivered turn failed; it is delivered again after a restart");
+        }
+    }
+    Done { turn, seq, durable }
+}
+
+/// Delivers one turn; whether its outcome (2xx, or dead letter) is durable.
+async fn outcome(
+    deliverer: &Deliverer,
+    dead: &DeadLetters,
+    turn: &Turn,
+    mut stopping: watch::Receiver<bool>,
+) -> bool {
     let verdict = match &turn.poison {
         Some(why) => Verdict::Rejected {
             status: 0,
@@ -351,19 +370,9 @@ async fn deliver_one(
     let (reason, error, status, attempts) = match &verdict {
         Verdict::Delivered { status, .. } => {
             crate::metrics::push_delivery("delivered", status_class(Some(*status)));
-            return Done {
-                turn,
-                seq,
-                durable: true,
-            };
+            return true;
         }
-        Verdict::Abandoned => {
-            return Done {
-                turn,
-                seq,
-                durable: false,
-            }
-        }
+        Verdict::Abandoned => return false,
         Verdict::Rejected {
             attempts: 0, body, ..
         } => {
@@ -399,8 +408,6 @@ async fn deliver_one(
         }
     };
     tracing::warn!(turn_id = %turn.turn_id, at = %turn.at.describe(), reason = reason.as_str(), %error, "a turn goes to the push DLQ");
-    let durable = dead
-        .write_durably(&turn, reason, &error, status, attempts, &mut stopping)
-        .await;
-    Done { turn, seq, durable }
+    dead.write_durably(turn, reason, &error, status, attempts, &mut stopping)
+        .await
 }
