@@ -1,5 +1,5 @@
 //! The deployment files (`deploy/`, used by docker-compose.yml and the
-//! Dockerfile) agree with the code: the worker configs load, and every
+//! Dockerfile) agree with the code: the worker, gateway and push configs load, and every
 //! metric the Grafana dashboard queries is one the workers export.
 //! (`scripts/test` validates docker-compose.yml itself with
 //! `docker-compose config -q`.)
@@ -29,6 +29,9 @@ fn the_deployed_worker_configs_load() {
     let gateway = Config::from_toml(&text, Vec::new()).unwrap().gateway;
     let auth = gateway.expect("deploy/kafka.toml has [gateway]").auth;
     assert_eq!(auth.hashes().unwrap().map(|h| h.len()), Some(1));
+    // And compose's push.
+    let push = Config::from_toml(&text, Vec::new()).unwrap().push;
+    assert_eq!(push.expect("deploy/kafka.toml has [push]").dlq, "turns-push-dlq");
 }
 
 /// Every metric name the workers export.
