@@ -397,6 +397,14 @@ async fn kafka_push_commits_after_delivery_and_dead_letters_refusals() {
         assert_eq!(r.header("sessionizer.dlq.source.topic"), Some("kp-turns"));
         assert_eq!(r.key, b"bad");
     }
+    let stats = support::stats_json(&config, &["--push"]);
+    assert_eq!(stats["by_reason"]["delivery_rejected"], 2, "{stats}");
+    // A replay puts the turns back on the output: delivered (refused) again.
+    assert_eq!(support::run_replay(&config, &["--push"]), (2, 0));
+    wait_for("the replayed turns tried again", TIMEOUT, || {
+        let bad = agent.calls().iter().filter(|c| user_of(c) == "bad").count();
+        (bad == 4).then_some(())
+    });
     assert!(push.terminate().success());
 
     // A restart resumes at the commits: one new turn is all it delivers.
