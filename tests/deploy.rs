@@ -31,7 +31,10 @@ fn the_deployed_worker_configs_load() {
     assert_eq!(auth.hashes().unwrap().map(|h| h.len()), Some(1));
     // And compose's push.
     let push = Config::from_toml(&text, Vec::new()).unwrap().push;
-    assert_eq!(push.expect("deploy/kafka.toml has [push]").dlq, "turns-push-dlq");
+    assert_eq!(
+        push.expect("deploy/kafka.toml has [push]").dlq,
+        "turns-push-dlq"
+    );
 }
 
 /// Every metric name the workers export.

@@ -342,10 +342,23 @@ impl Config {
             gateway.validate()?;
         }
         if let Some(push) = &self.push {
-            push.validate(match self.output.format {
-                OutputFormatSetting::Json => "json",
-                OutputFormatSetting::Protobuf => "protobuf",
-            })?;
+            let (output, worker_group) = match (&self.kafka, &self.redis) {
+                (Some(k), _) if self.source == SourceKind::Kafka => {
+                    (k.output_topic.as_str(), Some(k.group_id.as_str()))
+                }
+                (_, Some(r)) if self.source == SourceKind::Redis => {
+                    (r.output_stream.as_str(), None)
+                }
+                _ => ("", None),
+            };
+            push.validate(
+                match self.output.format {
+                    OutputFormatSetting::Json => "json",
+                    OutputFormatSetting::Protobuf => "protobuf",
+                },
+                output,
+                worker_group,
+            )?;
         }
         match self.source {
             SourceKind::Kafka => {

@@ -19,9 +19,9 @@ pub struct PushSection {
     /// Where turns that cannot be delivered go: a Kafka topic or a Redis
     /// stream (the source's kind).
     pub dlq: String,
-    /// Redis: this process's consumer name in the group (default: the
-    /// host name). Give each `push` process its own; a restart under the
-    /// same name delivers again what the last run read and did not settle.
+    /// Redis: this process's consumer name in the group (default
+    /// `push`). A restart under the same name first delivers what the last
+    /// run read and did not settle.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consumer: Option<String>,
     /// Session keys delivered at once (each key one turn at a time).
@@ -86,12 +86,48 @@ fn default_shutdown_grace() -> Millis {
     Millis(10_000)
 }
 
+/// The most keys delivered at once (each holds a task and a connection).
+const MAX_CONCURRENCY: usize = 10_000;
+
+/// Headers push sets itself.
+const OWN_HEADERS: [&str; 3] = ["idempotency-key", "content-type", "content-length"];
+
 impl PushSection {
-    pub(crate) fn validate(&self, output_format: &str) -> Result<(), ConfigError> {
-        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+    /// Checks the section; `output` is where the workers write turns (Kafka
+    /// topic, or Redis stream base name) and `worker_group` the workers'
+    /// Kafka group, which push must not join.
+    pub(crate) fn validate(
+        &self,
+        output_format: &str,
+        output: &str,
+        worker_group: Option<&str>,
+    ) -> Result<(), ConfigError> {
+        match reqwest::Url::parse(&self.url) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => {}
+            Ok(_) => {
+                return Err(ConfigError::new(
+                    "push.url",
+                    "must be an http:// or https:// URL with a host",
+                ))
+            }
+            Err(e) => return Err(ConfigError::new("push.url", format!("not a URL: {e}"))),
+        }
+        if self.dlq == output {
             return Err(ConfigError::new(
-                "push.url",
-                "must start with http:// or https://",
+                "push.dlq",
+                "must not be the turn output: a dead letter would be delivered again, forever",
+            ));
+        }
+        if Some(self.group.as_str()) == worker_group {
+            return Err(ConfigError::new(
+                "push.group",
+                "must not be kafka.group_id: push would join the workers' group",
+            ));
+        }
+        if self.concurrency > MAX_CONCURRENCY {
+            return Err(ConfigError::new(
+                "push.concurrency",
+                format!("must be at most {MAX_CONCURRENCY}"),
             ));
         }
         for (key, value) in [("push.group", &self.group), ("push.dlq", &self.dlq)] {
@@ -137,14 +173,92 @@ impl PushSection {
                 ));
             }
         }
-        for name in self.headers.keys() {
+        for (name, value) in &self.headers {
             if axum::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 return Err(ConfigError::new(
                     "push.headers",
                     format!("{name:?} is not a valid header name"),
                 ));
             }
+            if OWN_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::new(
+                    "push.headers",
+                    format!("{name} is set by push itself"),
+                ));
+            }
+            if axum::http::HeaderValue::from_str(value).is_err() {
+                return Err(ConfigError::new(
+                    "push.headers",
+                    format!("the value of {name} is not a valid header value"),
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const KAFKA: &str = "source = \"kafka\"\n[kafka]\nbrokers = \"b:9092\"\ngroup_id = \"workers\"\ninput_topics = [\"chat\"]\noutput_topic = \"turns\"\ndlq_topic = \"dlq\"\n";
+
+    fn refused(push: &str) -> (String, String) {
+        let e = Config::from_toml(&format!("{KAFKA}[push]\n{push}"), Vec::new()).unwrap_err();
+        (e.key, e.reason)
+    }
+
+    #[test]
+    fn push_sections_that_cannot_work_fail_at_start_naming_the_key() {
+        let ok = "url = \"http://agent:9000/turns\"\ndlq = \"push-dlq\"\n";
+        assert!(Config::from_toml(&format!("{KAFKA}[push]\n{ok}"), Vec::new()).is_ok());
+        for (push, key) in [
+            ("url = \"agent:9000\"\ndlq = \"d\"", "push.url"),
+            ("url = \"http://\"\ndlq = \"d\"", "push.url"),
+            ("url = \"ftp://agent/\"\ndlq = \"d\"", "push.url"),
+            ("url = \"http://a/\"\ndlq = \"turns\"", "push.dlq"),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\ngroup = \"workers\"",
+                "push.group",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\nconcurrency = 0",
+                "push.concurrency",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\nconcurrency = 1000000",
+                "push.concurrency",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\nmax_attempts = 0",
+                "push.max_attempts",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\ntimeout = \"0s\"",
+                "push.timeout",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\nstart = \"middle\"",
+                "push.start",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\nformat = \"protobuf\"",
+                "push.format",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\n[push.headers]\nIdempotency-Key = \"x\"",
+                "push.headers",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\n[push.headers]\n\"x y\" = \"v\"",
+                "push.headers",
+            ),
+            (
+                "url = \"http://a/\"\ndlq = \"d\"\n[push.headers]\nx = \"a\\nb\"",
+                "push.headers",
+            ),
+        ] {
+            assert_eq!(refused(push).0, key, "{push}");
+        }
     }
 }

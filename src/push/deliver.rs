@@ -1,6 +1,6 @@
 //! One turn's delivery: POSTs with `Idempotency-Key: <turn_id>`, retried on
 //! 408, 429, 5xx, connection errors and timeouts with exponential backoff and
-//! full jitter (`Retry-After` in seconds honoured), until `max_attempts` or
+//! jitter (`Retry-After` in seconds honoured), until `max_attempts` or
 //! `max_elapsed`; any other status but 2xx is a rejection at once
 //! (`docs/push.md`).
 
@@ -94,14 +94,16 @@ impl Backoff {
         if attempts >= self.max_attempts {
             return None;
         }
-        let delay = retry_after.unwrap_or_else(|| {
-            let doubled = self
-                .first
-                .saturating_mul(1 << attempts.saturating_sub(1).min(20));
-            let delay = doubled.min(self.max);
-            delay / 2 + delay.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
-        });
-        (elapsed + delay <= self.max_elapsed).then_some(delay)
+        let delay = retry_after
+            .map(|d| d.min(self.max_elapsed))
+            .unwrap_or_else(|| {
+                let doubled = self
+                    .first
+                    .saturating_mul(1 << attempts.saturating_sub(1).min(20));
+                let delay = doubled.min(self.max);
+                delay / 2 + delay.mul_f64(jitter.clamp(0.0, 1.0) / 2.0)
+            });
+        (elapsed.saturating_add(delay) <= self.max_elapsed).then_some(delay)
     }
 }
 
@@ -125,11 +127,20 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs(secs))
 }
 
-/// The first bytes of an answer, for the dead letter.
-fn excerpt(body: &[u8]) -> String {
-    const MAX: usize = 512;
-    let text = String::from_utf8_lossy(&body[..body.len().min(MAX)]);
-    text.into_owned()
+/// The most of an answer's body kept (for the dead letter); the rest is
+/// not read.
+const EXCERPT: usize = 512;
+
+/// The first [`EXCERPT`] bytes of an answer's body.
+async fn excerpt(mut response: reqwest::Response) -> Result<String, reqwest::Error> {
+    let mut kept = Vec::new();
+    while kept.len() < EXCERPT {
+        match response.chunk().await? {
+            Some(chunk) => kept.extend_from_slice(&chunk[..chunk.len().min(EXCERPT - kept.len())]),
+            None => break,
+        }
+    }
+    Ok(String::from_utf8_lossy(&kept).into_owned())
 }
 
 /// The agent's endpoint and how to call it.
@@ -188,12 +199,11 @@ impl Deliverer {
                 let response = request.send().await?;
                 let status = response.status().as_u16();
                 let wait = retry_after(response.headers());
-                let body = response.bytes().await?;
-                Ok::<_, reqwest::Error>((status, wait, body))
+                Ok::<_, reqwest::Error>((status, wait, excerpt(response).await?))
             }
             .await;
             let (status, wait, text) = match answer {
-                Ok((status, wait, body)) => (Some(status), wait, excerpt(&body)),
+                Ok((status, wait, body)) => (Some(status), wait, body),
                 Err(e) => (None, None, format!("{e}")),
             };
             crate::metrics::push_attempt(status_class(status), call.elapsed());
@@ -268,10 +278,14 @@ mod tests {
         assert_eq!(b.next(6, Duration::ZERO, None, 0.0), None, "max_attempts");
         let late = Duration::from_millis(9_990);
         assert_eq!(b.next(1, late, None, 0.0), None, "max_elapsed");
-        // Retry-After replaces the delay, within the same bounds.
+        // Retry-After replaces the delay, within the same bounds, and an
+        // absurd one neither overflows nor waits past them.
         let after = Some(Duration::from_secs(3));
         assert_eq!(b.next(1, Duration::ZERO, after, 0.5), after);
         assert_eq!(b.next(1, Duration::from_secs(8), after, 0.5), None);
+        let absurd = Some(Duration::from_secs(u64::MAX));
+        assert_eq!(b.next(1, Duration::from_secs(1), absurd, 0.5), None);
+        assert_eq!(b.next(1, Duration::ZERO, absurd, 0.5), Some(b.max_elapsed));
     }
 
     #[test]

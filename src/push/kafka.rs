@@ -102,6 +102,12 @@ pub fn open(
     c.set("group.id", &push.group)
         .set("auto.offset.reset", &push.start)
         .set("enable.partition.eof", "false");
+    // The reader stops polling while the read-ahead is full (one key's
+    // turn retrying for `max_elapsed`, the agent down): librdkafka's
+    // default five minutes would drop the consumer from the group then.
+    if !kafka.properties.contains_key("max.poll.interval.ms") {
+        c.set("max.poll.interval.ms", "86400000");
+    }
     let consumer: Arc<StreamConsumer> =
         Arc::new(c.create().context("creating the Kafka consumer")?);
     consumer

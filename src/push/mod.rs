@@ -193,7 +193,7 @@ pub async fn run(config: &Config, shutdown: impl Future<Output = ()>) -> anyhow:
     }
     let format = config.output_format();
     let deliverer = Arc::new(Deliverer::new(section, format.content_type())?);
-    let max_buffered = (section.concurrency * 64).max(1_000);
+    let max_buffered = section.concurrency.saturating_mul(64).max(1_000);
     let (tx, mut turns) = mpsc::channel(max_buffered);
     let (mut side, dead) = match config.source {
         SourceKind::Kafka => {
@@ -339,10 +339,20 @@ async fn deliver_one(
     seq: u64,
     stopping: watch::Receiver<bool>,
 ) -> Done {
-    let durable = outcome(&deliverer, &dead, &turn, stopping).await;
+    let durable = outcome(&deliverer, &dead, &turn, stopping.clone()).await;
     if let (true, Some(acker), At::Redis { stream, id }) = (durable, &acker, &turn.at) {
-        if let Err(e) = acker.settled(stream, id).await {
-            tracing::warn!(error = %format!("{e:#}"), "acking a delivered turn failed; it is delivered again after a restart");
+        // Retried like a dead letter: an entry left pending is delivered
+        // again only after a restart.
+        let mut stopping = stopping.clone();
+        while let Err(e) = acker.settled(stream, id).await {
+            tracing::warn!(error = %format!("{e:#}"), "acking a delivered turn failed; retrying");
+            if *stopping.borrow() {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stopping.wait_for(|s| *s) => break,
+            }
         }
     }
     Done { turn, seq, durable }

@@ -65,10 +65,7 @@ pub async fn open(
         .collect();
     streams.sort();
     streams.dedup();
-    let consumer = push
-        .consumer
-        .clone()
-        .unwrap_or_else(crate::wall_clock::hostname);
+    let consumer = push.consumer.clone().unwrap_or_else(|| "push".to_owned());
     // Longer than any delivery of a live consumer can take.
     let stale = push.max_elapsed.as_duration()
         + push.timeout.as_duration()
