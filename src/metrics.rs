@@ -424,6 +424,10 @@ pub static READINESS: Readiness = Readiness {
     cause: std::sync::Mutex::new(None),
 };
 
+/// How long a turn reader (the gateway's, push's) may fail before
+/// `/readyz` says not ready: a blip is not an outage.
+pub const READER_FAILING_AFTER_MS: i64 = 5_000;
+
 /// One owned partition's failing state for `/readyz`: failing once its calls
 /// have failed for [`FAILING_AFTER`] without a success in between; clears on
 /// the next success and when dropped (the partition left the worker).
@@ -557,12 +561,22 @@ pub fn install_recorder() -> anyhow::Result<PrometheusHandle> {
             )
         })
         .and_then(|b| {
-            // Request latencies (the gateway's wait and agent calls, push
-            // deliveries): histograms, so replicas can be summed.
+            // Request latencies (the gateway's agent calls, push attempts):
+            // histograms, so replicas can be summed.
             b.set_buckets_for_metric(Matcher::Suffix("_call_seconds".to_owned()), LATENCY_BUCKETS)
         })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(GATEWAY_WAIT.to_owned()), LATENCY_BUCKETS)
+        })
+        .and_then(|b| {
+            // Retries included: up to `push.max_elapsed` (5 min by default).
+            b.set_buckets_for_metric(
+                Matcher::Full(PUSH_DELIVERY.to_owned()),
+                &[
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    120.0, 300.0, 600.0,
+                ],
+            )
         })
         .context("building the Prometheus recorder")?
         .install_recorder()

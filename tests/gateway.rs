@@ -511,7 +511,8 @@ fn the_agent_answers_the_request_holding_the_turn() {
 fn two_replicas_each_answer_the_requests_they_hold() {
     let server = RedisServer::start();
     let (a, b) = (free_port(), free_port());
-    let window = "gap = \"1s\"\nidle_timeout = \"100ms\"";
+    // Room for the max_held check between the burst's messages.
+    let window = "gap = \"3s\"\nidle_timeout = \"100ms\"";
     let config_a = redis_config(&server, "two", window, 2, a, "");
     let config_b = redis_config(&server, "two", window, 2, b, "max_held = 1\n");
     let _gateway_a = Worker::start_command(&["gateway"], &config_a);
@@ -586,7 +587,7 @@ async fn the_gateway_serves_https_with_the_configured_certificate() {
     let tls =
         format!("tls_cert = \"{fixtures}/tls-cert.pem\"\ntls_key = \"{fixtures}/tls-key.pem\"\n");
     let config = redis_config(&server, "tls", "", 1, port, &tls);
-    let _gateway = Worker::start_command(&["gateway"], &config);
+    let mut gateway = Worker::start_command(&["gateway"], &config);
     let cert = std::fs::read(format!("{fixtures}/tls-cert.pem")).unwrap();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&cert).unwrap())
@@ -605,12 +606,15 @@ async fn the_gateway_serves_https_with_the_configured_certificate() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let response = client
-        .post(format!("{url}/v1/events"))
-        .bearer_auth(TOKEN)
-        .header("content-type", "application/json")
-        .body(event("s1", "alice", true))
-        .send()
+    let post = |path: &str, body: String| {
+        client
+            .post(format!("{url}{path}"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let response = post("/v1/events", event("s1", "alice", true))
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
@@ -621,4 +625,28 @@ async fn the_gateway_serves_https_with_the_configured_certificate() {
         plain.as_ref().is_none_or(|(status, _)| *status != 200),
         "plain HTTP is not served: {plain:?}"
     );
+
+    // SIGTERM with a request held (no worker: no turn comes): the HTTPS
+    // server answers it pending too, and exits 0.
+    let held = tokio::spawn(post("/v1/events?wait=30s", event("s2", "bob", true)));
+    loop {
+        let metrics = client.get(format!("{url}/metrics")).send().await.unwrap();
+        let body = metrics.text().await.unwrap();
+        if support::metric(&body, sessionizer::metrics::GATEWAY_HELD, &[]) == 1.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the request was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = tokio::task::spawn_blocking(move || gateway.terminate())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let answer = held.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 202);
+    let body: serde_json::Value = serde_json::from_slice(&answer.bytes().await.unwrap()).unwrap();
+    assert_eq!(body["status"], "pending");
 }

@@ -187,12 +187,15 @@ mod tests {
     }
 
     /// RS256 and ES256 tokens verified by a JWKS file's keys (chosen by
-    /// `kid`, or tried in turn without one); a key of the wrong kind, a
-    /// foreign key, `alg: none` and an HS256 token keyed with a public key
-    /// (algorithm confusion) are all refused.
+    /// `kid`, or tried in turn without one), beside an HS256 secret; a key
+    /// of the wrong kind, a foreign key, `alg: none` and an HS256 token
+    /// keyed with the RSA public key (algorithm confusion) are all refused.
     #[test]
     fn jwks_keys_verify_rs256_and_es256_tokens_and_nothing_else() {
+        let secret = "an-hs256-secret-of-at-least-thirty-two-bytes";
+        std::env::set_var("SESSIONIZER_TEST_AUTH_HS256", secret);
         let section = AuthSection {
+            jwt_hs256_secret_env: Some("SESSIONIZER_TEST_AUTH_HS256".into()),
             jwks_file: Some(format!("{FIXTURES}/jwks.json")),
             jwt_audience: Some("sessionizer".into()),
             jwt_user_claim: Some("sub".into()),

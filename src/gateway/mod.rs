@@ -272,7 +272,7 @@ async fn ingest(
                 () = tokio::time::sleep(wait) => None,
                 _ = stopping.wait_for(|s| *s) => None,
             };
-            gateway.holds.release(&hold);
+            drop(hold);
             crate::metrics::gateway_wait(
                 match &outcome {
                     Some(wait::Outcome::Turn(_)) => "turn",
@@ -286,7 +286,7 @@ async fn ingest(
             }
             return held_answer(&gateway, outcome, records.len());
         }
-        gateway.holds.release(&hold);
+        drop(hold);
     }
     match published {
         Ok(()) => answer(

@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 
 use crate::codec::{proto, OutputFormat};
 use crate::config::{Config, SourceKind};
+use crate::redis::entry::parse_read_reply;
 use crate::redis::keys::ShardKeys;
 
 /// A turn as the gateway needs it.
@@ -47,6 +48,19 @@ pub struct Hold {
     answer: Mutex<Option<oneshot::Sender<Outcome>>>,
 }
 
+/// A held request's registration; released when dropped.
+#[derive(Debug)]
+pub struct HoldGuard {
+    holds: Arc<Holds>,
+    hold: Arc<Hold>,
+}
+
+impl Drop for HoldGuard {
+    fn drop(&mut self) {
+        self.holds.release(&self.hold);
+    }
+}
+
 /// A message: (user id, message id); message ids are unique per user only.
 type MessageKey = (String, String);
 
@@ -59,13 +73,14 @@ pub struct Holds {
 
 impl Holds {
     /// Holds a request for these messages of `user_id`, unless `max` are
-    /// held already (`None`).
+    /// held already (`None`). Dropping the guard releases the hold, also
+    /// when the client goes away and its handler is dropped mid-wait.
     pub fn hold(
-        &self,
+        self: &Arc<Self>,
         user_id: &str,
         message_ids: Vec<String>,
         max: usize,
-    ) -> Option<(Arc<Hold>, oneshot::Receiver<Outcome>)> {
+    ) -> Option<(HoldGuard, oneshot::Receiver<Outcome>)> {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
         if *count >= max {
             return None;
@@ -85,7 +100,11 @@ impl Holds {
                 .or_default()
                 .push(hold.clone());
         }
-        Some((hold, rx))
+        let guard = HoldGuard {
+            holds: self.clone(),
+            hold,
+        };
+        Some((guard, rx))
     }
 
     /// Forgets a hold (answered, timed out, or its request gone).
@@ -200,38 +219,42 @@ pub async fn start_reader(config: &Config, holds: Arc<Holds>) -> anyhow::Result<
     match config.source {
         SourceKind::Redis => {
             let section = config.redis.as_ref().expect("checked by the publisher");
-            // A connection of its own: a blocking read holds its connection.
-            let mut conn = crate::redis::connection::connect_command(section).await?;
             let mut streams: Vec<String> = ShardKeys::all(section)
                 .into_iter()
                 .map(|k| k.output)
                 .collect();
+            streams.sort();
             streams.dedup();
-            let mut ids = Vec::new();
-            for s in &streams {
-                let last = crate::redis::status::last_entry_id(&mut conn, s).await?;
-                ids.push(last.unwrap_or_else(|| "0-0".to_owned()));
-            }
-            tokio::spawn(async move {
-                loop {
-                    let read: redis::RedisResult<redis::Value> = redis::cmd("XREAD")
-                        .arg("COUNT")
-                        .arg(500)
-                        .arg("BLOCK")
-                        .arg(1000)
-                        .arg("STREAMS")
-                        .arg(&streams)
-                        .arg(&ids)
-                        .query_async(&mut conn)
-                        .await;
-                    // Not ready while turns cannot be read: a held
-                    // request could not get its turn.
-                    crate::metrics::READINESS.set_connected(read.is_ok());
-                    match read {
-                        Ok(reply) => {
-                            for (i, stream) in streams.iter().enumerate() {
-                                for entry in stream_entries(&reply, stream) {
-                                    ids[i] = entry.id.clone();
+            // One reader per stream: on a cluster the output shards live in
+            // different slots, and one XREAD may not span them.
+            for stream in streams {
+                // A connection of its own: a blocking read holds it.
+                let mut conn = crate::redis::connection::connect_command(section).await?;
+                let mut id = crate::redis::status::last_entry_id(&mut conn, &stream)
+                    .await?
+                    .unwrap_or_else(|| "0-0".to_owned());
+                let holds = holds.clone();
+                tokio::spawn(async move {
+                    // Not ready while turns cannot be read (for a while): a
+                    // held request could not get its turn.
+                    let mut failing =
+                        crate::metrics::FailingMark::after(crate::metrics::READER_FAILING_AFTER_MS);
+                    loop {
+                        let read: redis::RedisResult<redis::Value> = redis::cmd("XREAD")
+                            .arg("COUNT")
+                            .arg(500)
+                            .arg("BLOCK")
+                            .arg(1000)
+                            .arg("STREAMS")
+                            .arg(&stream)
+                            .arg(&id)
+                            .query_async(&mut conn)
+                            .await;
+                        match read.map_err(|e| e.to_string()).and_then(parse_read_reply) {
+                            Ok(entries) => {
+                                failing.ok();
+                                for entry in entries {
+                                    id = entry.id.clone();
                                     if let Some(turn) =
                                         entry.field("turn").and_then(|b| parse_turn(b, format))
                                     {
@@ -239,14 +262,15 @@ pub async fn start_reader(config: &Config, holds: Arc<Holds>) -> anyhow::Result<
                                     }
                                 }
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "reading turns failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            Err(e) => {
+                                failing.failed(crate::wall_clock::now_ms());
+                                tracing::warn!(error = %e, %stream, "reading turns failed; retrying");
+                                tokio::time::sleep(Duration::from_millis(500)).await;
+                            }
                         }
                     }
-                }
-            });
+                });
+            }
         }
         SourceKind::Kafka => {
             let kafka = config.kafka.as_ref().expect("checked by the publisher");
@@ -292,27 +316,22 @@ pub async fn start_reader(config: &Config, holds: Arc<Holds>) -> anyhow::Result<
     Ok(())
 }
 
-/// The entries of one stream in an `XREAD` reply.
-fn stream_entries(reply: &redis::Value, stream: &str) -> Vec<crate::redis::entry::Entry> {
-    let pairs: Vec<(redis::Value, redis::Value)> = match reply {
-        redis::Value::Array(items) => items
-            .iter()
-            .filter_map(|item| match item {
-                redis::Value::Array(kv) if kv.len() == 2 => Some((kv[0].clone(), kv[1].clone())),
-                _ => None,
-            })
-            .collect(),
-        redis::Value::Map(map) => map.clone(),
-        _ => Vec::new(),
-    };
-    pairs
-        .into_iter()
-        .filter(|(name, _)| {
-            crate::redis::entry::bulk_string(name.clone())
-                .ok()
-                .as_deref()
-                == Some(stream)
-        })
-        .flat_map(|(_, entries)| crate::redis::entry::parse_entries(entries).unwrap_or_default())
-        .collect()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose client went away mid-wait (its handler dropped)
+    /// frees its slot: `max_held` is not used up by the departed.
+    #[test]
+    fn a_dropped_hold_is_released() {
+        let holds = Arc::new(Holds::default());
+        let (guard, _answer) = holds.hold("alice", vec!["m1".into()], 1).unwrap();
+        assert!(
+            holds.hold("bob", vec!["m2".into()], 1).is_none(),
+            "at max_held"
+        );
+        drop(guard);
+        assert!(holds.is_empty());
+        assert!(holds.hold("bob", vec!["m2".into()], 1).is_some());
+    }
 }

@@ -84,6 +84,23 @@ pub async fn run(
         }));
     }
 
+    // One poison record for sure (the producer's are random): the demo
+    // always shows a dead letter.
+    {
+        let kafka = config
+            .kafka
+            .as_ref()
+            .expect("the demo's config has [kafka]");
+        let producer: rdkafka::producer::FutureProducer =
+            super::client::producer_config(kafka, crate::config::Acks::All, None).create()?;
+        let record = rdkafka::producer::FutureRecord::to("chat")
+            .key("demo-poison")
+            .payload(r#"{"message_id":"p1","user_id":"demo-poison","text":"#);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)?;
+    }
     let (http_tx, mut http_lines) = tokio::sync::mpsc::unbounded_channel();
     let gateway = {
         let mut stop = stop_rx.clone();
@@ -94,7 +111,7 @@ pub async fn run(
             })
             .await
             {
-                let _ = http_tx.send(format!("the HTTP gateway failed: {e:#}"));
+                let _ = http_tx.send(format!("http       the gateway failed: {e:#}"));
             }
         })
     };
@@ -259,9 +276,13 @@ async fn http_burst(
         .await
         .is_ok_and(|r| r.status().is_success())
     {
+        if server.is_finished() {
+            server.await.context("the gateway task")??;
+            anyhow::bail!("the gateway stopped before it was ready");
+        }
         anyhow::ensure!(
-            tokio::time::Instant::now() < deadline && !server.is_finished(),
-            "the gateway did not get ready"
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not get ready within 30 s"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

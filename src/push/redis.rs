@@ -161,6 +161,8 @@ impl Reader {
     /// taken over), then new ones, until the receiver is gone.
     async fn run(mut self) {
         let mut pending_from = Some("0-0".to_owned());
+        let mut failing =
+            crate::metrics::FailingMark::after(crate::metrics::READER_FAILING_AFTER_MS);
         loop {
             let mut read = redis::cmd("XREADGROUP");
             read.arg("GROUP")
@@ -175,10 +177,13 @@ impl Reader {
                 .arg(&self.stream)
                 .arg(pending_from.as_deref().unwrap_or(">"));
             let reply: redis::RedisResult<Value> = read.query_async(&mut self.conn).await;
-            crate::metrics::READINESS.set_connected(reply.is_ok());
             let entries = match reply.map_err(|e| e.to_string()).and_then(parse_read_reply) {
-                Ok(entries) => entries,
+                Ok(entries) => {
+                    failing.ok();
+                    entries
+                }
                 Err(e) => {
+                    failing.failed(crate::wall_clock::now_ms());
                     tracing::warn!(error = %e, stream = %self.stream, "reading turns failed; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                     continue;
