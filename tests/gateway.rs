@@ -395,70 +395,24 @@ fn jwt_tokens_are_checked_and_bound_to_their_user() {
     assert_eq!(written(&mut conn, &shards).len(), 1);
 }
 
-/// A small agent the test starts: records each call (headers lowercased,
-/// body) and answers 201 with a reply, or never answers while `hang` is set.
-struct Agent {
-    port: u16,
-    calls: std::sync::mpsc::Receiver<(Vec<(String, String)>, String)>,
-    hang: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Agent {
-    fn start() -> Agent {
-        use std::io::{BufRead, Read, Write};
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (tx, calls) = std::sync::mpsc::channel();
-        let hang = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let hanging = hang.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { return };
-                let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
-                let mut headers = Vec::new();
-                let mut line = String::new();
-                reader.read_line(&mut line).unwrap();
-                loop {
-                    line.clear();
-                    reader.read_line(&mut line).unwrap();
-                    let Some((k, v)) = line.trim_end().split_once(':') else {
-                        break;
-                    };
-                    headers.push((k.trim().to_ascii_lowercase(), v.trim().to_owned()));
-                }
-                let length: usize = headers
-                    .iter()
-                    .find(|(k, _)| k == "content-length")
-                    .map_or(0, |(_, v)| v.parse().unwrap());
-                let mut body = vec![0; length];
-                reader.read_exact(&mut body).unwrap();
-                let _ = tx.send((headers, String::from_utf8(body).unwrap()));
-                if hanging.load(std::sync::atomic::Ordering::SeqCst) {
-                    // Never answer: hold the connection until the gateway gives up.
-                    let mut rest = Vec::new();
-                    let _ = stream.read_to_end(&mut rest);
-                    continue;
-                }
-                let reply = r#"{"reply":"hello"}"#;
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 201 Created\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{reply}",
-                    reply.len()
-                );
-            }
-        });
-        Agent { port, calls, hang }
-    }
-}
-
 /// `[gateway.agent]`: the request holding the turn's last message gets the
 /// agent's own status and body; the agent sees the turn, its id as the
 /// `Idempotency-Key` and the configured headers. An agent that does not
 /// answer in time: 504 with the turn id.
 #[test]
 fn the_agent_answers_the_request_holding_the_turn() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use support::agent::{Agent, Reply};
     let server = RedisServer::start();
-    let agent = Agent::start();
+    let hang = std::sync::Arc::new(AtomicBool::new(false));
+    let hanging = hang.clone();
+    let agent = Agent::start(move |_, _| {
+        if hanging.load(Ordering::SeqCst) {
+            Reply::Hold
+        } else {
+            Reply::Status(201)
+        }
+    });
     let port = free_port();
     let agent_section = format!(
         "[gateway.agent]\nurl = \"http://127.0.0.1:{}/agent\"\ntimeout = \"500ms\"\n[gateway.agent.headers]\nx-agent-key = \"k1\"\n",
@@ -476,32 +430,21 @@ fn the_agent_answers_the_request_holding_the_turn() {
         &event("a1", "alice", true),
     );
     assert_eq!(response.status, 201, "{}", response.body);
-    assert_eq!(response.body, r#"{"reply":"hello"}"#);
-    let (headers, body) = agent.calls.recv_timeout(TIMEOUT).unwrap();
-    let turn: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(response.body, r#"{"status":201}"#, "the agent's own body");
+    let call = agent.calls()[0].clone();
+    let turn = call.turn();
     assert_eq!(turn["messages"][0]["message_id"], "a1");
-    let header = |name: &str| {
-        headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-    };
-    assert_eq!(
-        header("idempotency-key").as_deref(),
-        turn["turn_id"].as_str()
-    );
-    assert_eq!(header("x-agent-key").as_deref(), Some("k1"));
+    assert_eq!(call.header("idempotency-key"), turn["turn_id"].as_str());
+    assert_eq!(call.header("x-agent-key"), Some("k1"));
 
-    agent.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    hang.store(true, Ordering::SeqCst);
     let (status, body) = post_wait(port, "/v1/events?wait=30s", &event("a2", "bob", true));
     assert_eq!(
         (status, &body["status"]),
         (504, &"agent_timeout".into()),
         "{body}"
     );
-    let (_, called) = agent.calls.recv_timeout(TIMEOUT).unwrap();
-    let turn: serde_json::Value = serde_json::from_str(&called).unwrap();
-    assert_eq!(body["turn_id"], turn["turn_id"]);
+    assert_eq!(body["turn_id"], agent.calls()[1].turn()["turn_id"]);
 }
 
 /// Two gateway replicas behind one address, as behind a load balancer: one

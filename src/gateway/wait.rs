@@ -219,15 +219,9 @@ pub async fn start_reader(config: &Config, holds: Arc<Holds>) -> anyhow::Result<
     match config.source {
         SourceKind::Redis => {
             let section = config.redis.as_ref().expect("checked by the publisher");
-            let mut streams: Vec<String> = ShardKeys::all(section)
-                .into_iter()
-                .map(|k| k.output)
-                .collect();
-            streams.sort();
-            streams.dedup();
             // One reader per stream: on a cluster the output shards live in
             // different slots, and one XREAD may not span them.
-            for stream in streams {
+            for stream in ShardKeys::output_streams(section) {
                 // A connection of its own: a blocking read holds it.
                 let mut conn = crate::redis::connection::connect_command(section).await?;
                 let mut id = crate::redis::status::last_entry_id(&mut conn, &stream)

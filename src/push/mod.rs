@@ -140,35 +140,39 @@ enum DeadLetters {
 }
 
 impl DeadLetters {
-    /// Writes the dead letter, retrying until it is durable; `false` when
-    /// stopped first (the turn is then not settled).
-    async fn write_durably(
+    async fn write(
         &self,
         turn: &Turn,
         reason: DeadLetterReason,
         error: &str,
         status: Option<u16>,
         attempts: u32,
-        stopping: &mut watch::Receiver<bool>,
-    ) -> bool {
-        loop {
-            let written = match self {
-                DeadLetters::Kafka(d) => d.write(turn, reason, error, status).await,
-                DeadLetters::Redis(d) => d.write(turn, reason, error, status, attempts).await,
-            };
-            match written {
-                Ok(()) => return true,
-                Err(e) => {
-                    tracing::warn!(error = %format!("{e:#}"), turn_id = %turn.turn_id, "writing a dead letter failed; retrying")
-                }
-            }
-            if *stopping.borrow() {
-                return false;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stopping.wait_for(|s| *s) => return false,
-            }
+    ) -> anyhow::Result<()> {
+        match self {
+            DeadLetters::Kafka(d) => d.write(turn, reason, error, status).await,
+            DeadLetters::Redis(d) => d.write(turn, reason, error, status, attempts).await,
+        }
+    }
+}
+
+/// Runs `step` until it succeeds (`true`), a second apart, or until
+/// `stopping` (`false`: the turn is then not settled, and comes again).
+async fn until_done<F, Fut>(what: &str, stopping: &mut watch::Receiver<bool>, mut step: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    loop {
+        match step().await {
+            Ok(()) => return true,
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "{what} failed; retrying"),
+        }
+        if *stopping.borrow() {
+            return false;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopping.wait_for(|s| *s) => return false,
         }
     }
 }
@@ -341,19 +345,12 @@ async fn deliver_one(
 ) -> Done {
     let durable = outcome(&deliverer, &dead, &turn, stopping.clone()).await;
     if let (true, Some(acker), At::Redis { stream, id }) = (durable, &acker, &turn.at) {
-        // Retried like a dead letter: an entry left pending is delivered
-        // again only after a restart.
-        let mut stopping = stopping.clone();
-        while let Err(e) = acker.settled(stream, id).await {
-            tracing::warn!(error = %format!("{e:#}"), "acking a delivered turn failed; retrying");
-            if *stopping.borrow() {
-                break;
-            }
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stopping.wait_for(|s| *s) => break,
-            }
-        }
+        // An entry left pending is delivered again only after a restart.
+        let mut stopping = stopping;
+        until_done("acking a delivered turn", &mut stopping, || {
+            acker.settled(stream, id)
+        })
+        .await;
     }
     Done { turn, seq, durable }
 }
@@ -418,6 +415,8 @@ async fn outcome(
         }
     };
     tracing::warn!(turn_id = %turn.turn_id, at = %turn.at.describe(), reason = reason.as_str(), %error, "a turn goes to the push DLQ");
-    dead.write_durably(turn, reason, &error, status, attempts, &mut stopping)
-        .await
+    until_done("writing a dead letter", &mut stopping, || {
+        dead.write(turn, reason, &error, status, attempts)
+    })
+    .await
 }

@@ -59,12 +59,6 @@ pub async fn open(
     let section = config.redis.as_ref().context("[redis] is missing")?;
     let conn = crate::redis::connection::connect_command(section).await?;
     let client = crate::redis::connection::client(section)?;
-    let mut streams: Vec<String> = ShardKeys::all(section)
-        .into_iter()
-        .map(|k| k.output)
-        .collect();
-    streams.sort();
-    streams.dedup();
     let consumer = push.consumer.clone().unwrap_or_else(|| "push".to_owned());
     // Longer than any delivery of a live consumer can take.
     let stale = push.max_elapsed.as_duration()
@@ -72,7 +66,7 @@ pub async fn open(
         + push.shutdown_grace.as_duration()
         + Duration::from_secs(60);
     let start = if push.start == "latest" { "$" } else { "0" };
-    for stream in streams {
+    for stream in ShardKeys::output_streams(section) {
         let mut setup = conn.clone();
         let created: redis::RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")

@@ -94,16 +94,10 @@ impl RedisDlq {
         decoder: Decoder,
     ) -> anyhow::Result<RedisDlq> {
         let conn = super::connection::connect_command(section).await?;
-        let mut outputs: Vec<String> = ShardKeys::all(section)
-            .into_iter()
-            .map(|k| k.output)
-            .collect();
-        outputs.sort();
-        outputs.dedup();
         Ok(RedisDlq {
             conn,
             streams: vec![dlq.to_owned()],
-            inputs: outputs,
+            inputs: ShardKeys::output_streams(section),
             decoder,
             // A turn goes back to the output stream it came from.
             keep_source: true,

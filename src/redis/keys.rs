@@ -66,6 +66,18 @@ impl ShardKeys {
             .map(|i| ShardKeys::new(config, i))
             .collect()
     }
+
+    /// The distinct turn output streams (one, or one per shard on a
+    /// cluster), sorted.
+    pub fn output_streams(config: &RedisSection) -> Vec<String> {
+        let mut streams: Vec<String> = ShardKeys::all(config)
+            .into_iter()
+            .map(|k| k.output)
+            .collect();
+        streams.sort();
+        streams.dedup();
+        streams
+    }
 }
 
 /// The sorted set of live workers (member = worker id, score = last
