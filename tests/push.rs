@@ -60,6 +60,25 @@ fn delivered(agent: &Agent) -> BTreeMap<String, usize> {
     out
 }
 
+/// The turns whose calls got no answer (yet).
+fn unanswered(agent: &Agent) -> BTreeSet<String> {
+    agent
+        .calls()
+        .iter()
+        .filter(|c| c.answered.is_none())
+        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The turns that got a 2xx more than once.
+fn delivered_twice(agent: &Agent) -> BTreeSet<String> {
+    delivered(agent)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, _)| id)
+        .collect()
+}
+
 /// Per key, the agent saw each turn only after the previous one got its
 /// 2xx, in output order; and every call carried its turn's id as the
 /// Idempotency-Key.
@@ -307,12 +326,7 @@ fn kill_9_mid_stream_redelivers_only_what_was_in_flight() {
         (agent.calls().len() == 14).then_some(())
     });
     push.kill9();
-    let in_flight: BTreeSet<String> = agent
-        .calls()
-        .iter()
-        .filter(|c| c.answered.is_none())
-        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
-        .collect();
+    let in_flight = unanswered(&agent);
     assert_eq!(in_flight.len(), 4);
     hold.store(false, Ordering::SeqCst);
     agent.release();
@@ -321,11 +335,7 @@ fn kill_9_mid_stream_redelivers_only_what_was_in_flight() {
         (delivered(&agent).len() == turns.len() && pending(&mut conn, "k9-turns") == 0)
             .then_some(())
     });
-    let twice: BTreeSet<String> = delivered(&agent)
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|(id, _)| id)
-        .collect();
+    let twice = delivered_twice(&agent);
     assert!(
         twice.is_subset(&in_flight),
         "only turns in flight at the kill come twice: {twice:?} vs {in_flight:?}"
@@ -422,29 +432,6 @@ async fn kafka_push_commits_after_delivery_and_dead_letters_refusals() {
     );
 }
 
-/// The group's commit (offset, metadata) per partition of `topic`.
-fn commits(config: rdkafka::ClientConfig, topic: &str, partitions: i32) -> Vec<(i64, String)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let mut config = config;
-    let consumer: BaseConsumer = config.set("group.id", "sessionizer-push").create().unwrap();
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition(topic, p);
-    }
-    let read = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .unwrap();
-    (0..partitions)
-        .map(|p| {
-            let e = read.find_partition(topic, p).unwrap();
-            match e.offset() {
-                rdkafka::Offset::Offset(o) => (o, e.metadata().to_owned()),
-                _ => (0, String::new()),
-            }
-        })
-        .collect()
-}
-
 /// Whether a commit leaves the record out of the next run: before the
 /// committed offset, or listed in its metadata as settled.
 fn settled_by(commit: &(i64, String), offset: i64) -> bool {
@@ -511,7 +498,7 @@ async fn kill_9_on_kafka(
         .collect();
     if exact {
         wait_for("the answered turns committed", TIMEOUT, || {
-            let commits = commits(client.clone(), "k9-turns", 2);
+            let commits = support::commits(client.clone(), "sessionizer-push", "k9-turns", 2);
             answered_ids
                 .iter()
                 .all(|id| {
@@ -522,25 +509,16 @@ async fn kill_9_on_kafka(
         });
     }
     push.kill9();
-    let in_flight: BTreeSet<String> = agent
-        .calls()
-        .iter()
-        .filter(|c| c.answered.is_none())
-        .map(|c| c.turn()["turn_id"].as_str().unwrap().to_owned())
-        .collect();
+    let in_flight = unanswered(&agent);
     assert_eq!(in_flight, BTreeSet::from(["u0-t0".to_owned()]));
-    let at_kill = commits(client.clone(), "k9-turns", 2);
+    let at_kill = support::commits(client.clone(), "sessionizer-push", "k9-turns", 2);
     hold.store(false, Ordering::SeqCst);
     agent.release();
     let _push = Worker::start_command(&["push"], &config);
     wait_for("every turn delivered", TIMEOUT, || {
         (delivered(&agent).len() == turns.len()).then_some(())
     });
-    let twice: BTreeSet<String> = delivered(&agent)
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|(id, _)| id)
-        .collect();
+    let twice = delivered_twice(&agent);
     for id in &twice {
         let (p, o) = offset_of[id];
         assert!(

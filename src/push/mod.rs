@@ -13,6 +13,7 @@ mod kafka;
 pub mod keyed;
 mod redis;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -72,19 +73,28 @@ impl At {
     }
 }
 
+/// The fields of a JSON turn push needs (the rest is skipped, not built).
+#[derive(serde::Deserialize)]
+struct TurnHead<'a> {
+    #[serde(borrow)]
+    turn_id: Cow<'a, str>,
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    conversation_id: Option<Cow<'a, str>>,
+}
+
 impl Turn {
     /// A turn from its bytes; one that does not parse is poison.
     pub fn parse(body: Vec<u8>, at: At, format: OutputFormat) -> Turn {
         let parsed = match format {
-            OutputFormat::Json => serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|t| {
-                    Some((
-                        t["turn_id"].as_str()?.to_owned(),
-                        t["user_id"].as_str()?.to_owned(),
-                        t["conversation_id"].as_str().map(str::to_owned),
-                    ))
-                }),
+            OutputFormat::Json => serde_json::from_slice::<TurnHead<'_>>(&body).ok().map(|t| {
+                (
+                    t.turn_id.into_owned(),
+                    t.user_id.into_owned(),
+                    t.conversation_id.map(Cow::into_owned),
+                )
+            }),
             OutputFormat::Protobuf => proto::Turn::decode(body.as_slice()).ok().map(|t| {
                 (
                     t.turn_id,
@@ -419,4 +429,43 @@ async fn outcome(
         dead.write(turn, reason, &error, status, attempts)
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at() -> At {
+        At::Redis {
+            stream: "turns".into(),
+            id: "1-0".into(),
+        }
+    }
+
+    #[test]
+    fn a_json_turn_gives_its_id_and_session_key_and_anything_else_is_poison() {
+        let body = br#"{"turn_id":"t1","user_id":"al\"ice","conversation_id":"c1","messages":[]}"#;
+        let turn = Turn::parse(body.to_vec(), at(), OutputFormat::Json);
+        assert_eq!(
+            (turn.turn_id.as_str(), turn.key.as_str()),
+            ("t1", "al\"ice\u{1f}c1")
+        );
+        assert!(turn.poison.is_none());
+        let alone = Turn::parse(
+            br#"{"turn_id":"t2","user_id":"bob","conversation_id":null}"#.to_vec(),
+            at(),
+            OutputFormat::Json,
+        );
+        assert_eq!(alone.key, "bob");
+        for bad in [
+            &br#"{"user_id":"bob"}"#[..],
+            br#"{"turn_id":"","user_id":"bob"}"#,
+            br#"{"turn_id":3,"user_id":"bob"}"#,
+            b"not json",
+        ] {
+            let turn = Turn::parse(bad.to_vec(), at(), OutputFormat::Json);
+            assert!(turn.poison.is_some(), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(turn.body, bad, "the dead letter keeps the bytes");
+        }
+    }
 }

@@ -510,6 +510,20 @@ pub fn print_percentiles(what: &str, delays: &mut [i64]) {
 
 /// The group's committed offsets of a topic's partitions (no group join).
 pub fn committed(config: ClientConfig, group: &str, topic: &str, partitions: i32) -> Vec<i64> {
+    commits(config, group, topic, partitions)
+        .into_iter()
+        .map(|(offset, _)| offset)
+        .collect()
+}
+
+/// The group's commits of a topic's partitions: offset (-1 for none) and
+/// metadata.
+pub fn commits(
+    config: ClientConfig,
+    group: &str,
+    topic: &str,
+    partitions: i32,
+) -> Vec<(i64, String)> {
     let mut config = config;
     let consumer: BaseConsumer = config.set("group.id", group).create().unwrap();
     let mut list = TopicPartitionList::new();
@@ -520,12 +534,13 @@ pub fn committed(config: ClientConfig, group: &str, topic: &str, partitions: i32
         .committed_offsets(list, Duration::from_secs(10))
         .unwrap();
     (0..partitions)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => -1,
+        .map(|p| match committed.find_partition(topic, p) {
+            Some(e) => match e.offset() {
+                Offset::Offset(o) => (o, e.metadata().to_owned()),
+                _ => (-1, String::new()),
             },
-        )
+            None => (-1, String::new()),
+        })
         .collect()
 }
 
